@@ -1,0 +1,333 @@
+"""The ``kiln`` command line: thin typer commands that parse, call the library, render.
+
+No logic lives here. Heavy modules (torch, transformers) are imported inside
+the commands that need them, so ``kiln --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modelkiln import __version__
+from modelkiln.errors import KilnError
+from modelkiln.pipeline import PLANNED, STAGES
+from modelkiln.progress import Progress
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
+    from modelkiln.config import PipelineConfig
+    from modelkiln.pipeline import PipelineResult
+
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+QUICKSTART = Path("configs/quickstart.yaml")
+
+
+def _stages_epilog() -> str:
+    rows = [f"  {n:<10} {s.description}" for n, s in STAGES.items()]
+    rows += [f"  {n:<10} {d} — not built yet" for n, d in PLANNED.items()]
+    # "\b" stops click from re-wrapping the paragraph.
+    return "Pipeline stages (kiln pipeline run CONFIG runs them in order):\n\n\b\n" + "\n".join(
+        rows
+    )
+
+
+app = typer.Typer(
+    name="kiln",
+    help="modelkiln: fine-tune, compress, serve, benchmark and monitor transformer models.\n\n"
+    "Start with: kiln doctor, then kiln quickstart.",
+    epilog=_stages_epilog(),
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(
+    help="Build the offline code datasets and the tokenizer.", no_args_is_help=True
+)
+pipeline_app = typer.Typer(help="Run pipelines from YAML configs.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(pipeline_app, name="pipeline")
+
+
+class RichProgress(Progress):
+    """Draws library progress as rich progress bars."""
+
+    def __init__(self, con: Console) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+        from rich.progress import Progress as Bars
+
+        self.console = con
+        self.bars = Bars(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=con,
+            transient=True,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def start(self, task: str, total: float | None = None) -> None:
+        if not self.tasks:
+            self.bars.start()
+        self.tasks[task] = self.bars.add_task(task, total=total)
+
+    def advance(self, task: str, amount: float = 1.0) -> None:
+        if task in self.tasks:
+            self.bars.advance(self.tasks[task], amount)
+
+    def finish(self, task: str) -> None:
+        if task in self.tasks:
+            self.bars.remove_task(self.tasks.pop(task))
+        if not self.tasks:
+            self.bars.stop()
+
+    def message(self, text: str) -> None:
+        self.console.print(f"[dim]·[/dim] {text}", highlight=False)
+
+
+@contextlib.contextmanager
+def guard() -> Iterator[None]:
+    """Turn library errors into one red line and exit code 2 (traceback with --debug)."""
+    try:
+        yield
+    except KilnError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print(
+            "[yellow]interrupted[/yellow] — finished stages are kept; re-run to resume"
+        )
+        raise typer.Exit(130) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"modelkiln {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """modelkiln: fine-tune, compress, serve, benchmark and monitor transformer models."""
+    _state["debug"] = debug
+
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Pipeline YAML file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override a config value: --set data.max_files=50 (repeatable)."
+    ),
+]
+RunOpt = Annotated[str | None, typer.Option("--run", help="Run name (default: from the config).")]
+RunsDirOpt = Annotated[
+    Path | None, typer.Option("--runs-dir", help="Where runs live (default: runs).")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run stages even when cached.")]
+
+
+def _load(
+    config: Path | None,
+    sets: list[str] | None,
+    run: str | None,
+    runs_dir: Path | None,
+    stages: list[str] | None = None,
+) -> PipelineConfig:
+    from modelkiln.config import load_config
+
+    # Named flags win over YAML and --set (STYLE rule 7).
+    return load_config(config, sets, {"run": run, "runs_dir": runs_dir, "stages": stages})
+
+
+def _summary(result: PipelineResult) -> None:
+    from modelkiln.report import key_figures, stage_seconds
+
+    colours = {
+        "ran": "green",
+        "cached": "cyan",
+        "unavailable": "yellow",
+        "blocked": "yellow",
+        "failed": "red",
+    }
+    table = Table(title=f"run {result.run_dir}", title_justify="left")
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("seconds", justify="right")
+    table.add_column("key figures / note", overflow="fold")
+    for o in result.outcomes:
+        c = colours[o.status]
+        table.add_row(o.stage, f"[{c}]{o.status}[/{c}]", f"{stage_seconds(o):.1f}", key_figures(o))
+    console.print(table)
+    if result.report:
+        console.print(f"report: {result.report}")
+
+
+def _run(cfg: PipelineConfig, force: bool) -> None:
+    from modelkiln.pipeline import run_pipeline
+
+    with guard():
+        result = run_pipeline(cfg, force=force, progress=RichProgress(console))
+    _summary(result)
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML file.")],
+    set_: SetOpt = None,
+    run: RunOpt = None,
+    runs_dir: RunsDirOpt = None,
+    stages: Annotated[
+        str | None, typer.Option("--stages", help="Comma-separated subset, e.g. data,tokenizer.")
+    ] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Run a pipeline config stage by stage; finished stages are skipped.
+
+    Example: kiln pipeline run configs/quickstart.yaml --set data.max_files=200
+    """
+    with guard():
+        cfg = _load(config, set_, run, runs_dir, stages.split(",") if stages else None)
+    _run(cfg, force)
+
+
+@app.command()
+def quickstart(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    runs_dir: RunsDirOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Run the quickstart pipeline end to end (what `make demo` runs).
+
+    Example: kiln quickstart
+    """
+    with guard():
+        cfg = _load(config or _quickstart_config(), set_, None, runs_dir)
+    _run(cfg, force)
+
+
+def _quickstart_config() -> Path:
+    if QUICKSTART.is_file():
+        return QUICKSTART
+    from importlib import resources
+
+    return Path(str(resources.files("modelkiln") / "recipes" / "quickstart.yaml"))
+
+
+@data_app.command("build")
+def data_build(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run: RunOpt = None,
+    runs_dir: RunsDirOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Build the code corpus, code-search pairs and HumanEval into runs/<run>/data.
+
+    Example: kiln data build --run mydata --set data.max_files=300
+    """
+    with guard():
+        cfg = _load(config, set_, run, runs_dir, ["data"])
+    _run(cfg, force)
+
+
+@data_app.command("tokenizer")
+def data_tokenizer(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run: RunOpt = None,
+    runs_dir: RunsDirOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Train the byte-level BPE tokenizer (building the corpus first if needed).
+
+    Example: kiln data tokenizer --run mydata --set tokenizer.vocab_size=16000
+    """
+    with guard():
+        cfg = _load(config, set_, run, runs_dir, ["data", "tokenizer"])
+    _run(cfg, force)
+
+
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write a throughput PNG here.")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Skip the throughput and smoke tests.")
+    ] = False,
+    size: Annotated[int, typer.Option("--size", min=64, help="Matmul size for throughput.")] = 2048,
+) -> None:
+    """Check this environment and measure its hardware baseline; exit 1 if it cannot run.
+
+    Example: kiln doctor --plot doctor.png
+    """
+    from modelkiln.doctor import plot_doctor, run_doctor
+
+    with guard():
+        if not as_json:
+            console.print("[dim]checking the environment and measuring matmul throughput ...[/dim]")
+        report = run_doctor(measure=not quick, matmul_size=size)
+        if plot is not None:
+            plot_doctor(report, plot)
+    if as_json:
+        sys.stdout.write(json.dumps(json.loads(report.model_dump_json()), indent=2) + "\n")
+    else:
+        _doctor_table(report)
+        if plot is not None:
+            console.print(f"plot: {plot}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _doctor_table(report: object) -> None:
+    from modelkiln.doctor import DoctorReport
+
+    assert isinstance(report, DoctorReport)
+    colours = {"pass": "green", "warn": "yellow", "fail": "red", "": "white"}
+    table = Table(title="kiln doctor", title_justify="left")
+    for col in ("section", "item", "value", "status"):
+        table.add_column(col, overflow="fold")
+    for section, item, value, status in report.rows():
+        c = colours.get(status, "white")
+        table.add_row(section, item, value, f"[{c}]{status}[/{c}]" if status else "")
+    console.print(table)
+    console.print(report.summary_line())
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
