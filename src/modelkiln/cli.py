@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from modelkiln import __version__
@@ -184,7 +185,9 @@ def _summary(result: PipelineResult) -> None:
     table.add_column("key figures / note", overflow="fold")
     for o in result.outcomes:
         c = colours[o.status]
-        table.add_row(o.stage, f"[{c}]{o.status}[/{c}]", f"{stage_seconds(o):.1f}", key_figures(o))
+        table.add_row(
+            o.stage, f"[{c}]{o.status}[/{c}]", f"{stage_seconds(o):.1f}", escape(key_figures(o))
+        )
     console.print(table)
     if result.report:
         console.print(f"report: {result.report}")
@@ -319,9 +322,11 @@ def _doctor_table(report: object) -> None:
         table.add_column(col, overflow="fold")
     for section, item, value, status in report.rows():
         c = colours.get(status, "white")
-        table.add_row(section, item, value, f"[{c}]{status}[/{c}]" if status else "")
+        table.add_row(
+            escape(section), escape(item), escape(value), f"[{c}]{status}[/{c}]" if status else ""
+        )
     console.print(table)
-    console.print(report.summary_line())
+    console.print(report.summary_line(), markup=False)
 
 
 def main() -> None:

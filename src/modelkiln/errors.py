@@ -50,11 +50,13 @@ class DataError(KilnError):
 class DependencyMissingError(KilnError):
     """An optional dependency is not installed."""
 
-    def __init__(self, package: str, extra: str, *, purpose: str = "") -> None:
+    def __init__(
+        self, package: str, extra: str, *, purpose: str = "", hint: str | None = None
+    ) -> None:
         what = f" (needed for {purpose})" if purpose else ""
         super().__init__(
             f"the Python package '{package}' is not installed{what}",
-            hint=f"pip install 'modelkiln[{extra}]'",
+            hint=hint or f"pip install 'modelkiln[{extra}]'",
         )
         self.package = package
         self.extra = extra

@@ -73,6 +73,7 @@ class StageSpec:
     requires: tuple[str, ...] = ()
     description: str = ""
     version: int = 1
+    key_metrics: tuple[str, ...] = ()
 
     def load(self) -> Callable[[StageContext], None]:
         """Import and return the stage function."""
@@ -86,12 +87,14 @@ STAGES: dict[str, StageSpec] = {
         "data",
         "modelkiln.data.stage:run_data_stage",
         description="offline code corpus, code-search pairs and HumanEval",
+        key_metrics=("total.files", "total.bytes", "total.tokens", "total.pairs"),
     ),
     "tokenizer": StageSpec(
         "tokenizer",
         "modelkiln.data.tokenizer:run_tokenizer_stage",
         requires=("data",),
         description="byte-level BPE tokenizer with FIM tokens",
+        key_metrics=("vocab_size", "validation_bytes_per_token", "roundtrip_failures"),
     ),
 }
 

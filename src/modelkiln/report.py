@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from modelkiln import __version__
 from modelkiln.artifacts import write_text_atomic
@@ -30,16 +30,30 @@ def stage_seconds(outcome: StageOutcome) -> float:
     return (datetime.fromisoformat(m.finished) - datetime.fromisoformat(m.started)).total_seconds()
 
 
+def _lookup(metrics: dict[str, Any], dotted: str) -> Any:
+    node: Any = metrics
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def key_figures(outcome: StageOutcome, limit: int = 4) -> str:
-    """A few top-level scalar metrics of a stage, as ``name=value`` text."""
+    """The stage's declared key metrics (else its first scalars), as ``name=value`` text."""
     if outcome.artifact is None:
         return outcome.message
-    scalars = [
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-        for k, v in outcome.artifact.metrics.items()
-        if isinstance(v, int | float | str) and not isinstance(v, bool)
-    ]
-    return ", ".join(scalars[:limit])
+    from modelkiln.pipeline import STAGES
+
+    metrics = outcome.artifact.metrics
+    spec = STAGES.get(outcome.stage)
+    names = list(spec.key_metrics) if spec and spec.key_metrics else list(metrics)
+    shown = []
+    for name in names:
+        v = _lookup(metrics, name)
+        if isinstance(v, int | float | str) and not isinstance(v, bool):
+            shown.append(f"{name}={v:.4g}" if isinstance(v, float) else f"{name}={v}")
+    return ", ".join(shown[:limit])
 
 
 def _plot_stage_times(result: PipelineResult, path: Path) -> Path | None:
