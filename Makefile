@@ -10,6 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,train,onnx,serve,monitor
 STAMP := $(VENV)/.modelkiln-installed
 PYTEST_ARGS ?=
+LINT_PATHS := $(wildcard src tests benchmarks examples)
 
 # Nothing here may reach a model or dataset hub.
 export HF_HUB_OFFLINE := 1
@@ -53,13 +54,13 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests benchmarks examples
-	$(BIN)/ruff check --fix src tests benchmarks examples
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
