@@ -1,0 +1,48 @@
+"""Generation serving: continuous-batching engine for causal LMs.
+
+Three layers, each testable alone: :mod:`.scheduler` (pure logic, fake clock),
+:mod:`.backend` (the torch model runner with a shared KV cache) and
+:mod:`.engine` (the asyncio step loop the HTTP layer talks to through the
+contract in :mod:`.api`); :mod:`.sampling` picks tokens and turns them into
+text. Importing this package does not import torch.
+
+Example:
+    >>> from modelkiln.serve.generation import TorchGenerationEngine
+    >>> engine = TorchGenerationEngine.from_path("runs/x/train/model", max_num_seqs=32)
+"""
+
+from __future__ import annotations
+
+from modelkiln.serve.generation.api import (
+    FinishReason,
+    GenerationEngine,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
+from modelkiln.serve.generation.backend import TorchCausalLMBackend
+from modelkiln.serve.generation.engine import TorchGenerationEngine
+from modelkiln.serve.generation.scheduler import (
+    DEADLINE_EXCEEDED,
+    FakeClock,
+    MonotonicClock,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
+
+__all__ = [
+    "DEADLINE_EXCEEDED",
+    "FakeClock",
+    "FinishReason",
+    "GenerationEngine",
+    "GenerationRequest",
+    "MonotonicClock",
+    "SamplingParams",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "TokenEvent",
+    "TorchCausalLMBackend",
+    "TorchGenerationEngine",
+]

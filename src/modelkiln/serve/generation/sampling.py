@@ -1,0 +1,201 @@
+"""Token choice and text output: sampling, incremental detokenization, stop strings.
+
+- :func:`sample_tokens` picks one token per row of a logits batch: greedy
+  (``temperature == 0``, ``torch.argmax`` like ``generate(do_sample=False)``) or
+  sampling with temperature, top-k and top-p. Each sampled row draws its random
+  number from its own ``torch.Generator`` (seeded from ``SamplingParams.seed``),
+  and every transform is row-wise, so a seeded request gives the same tokens
+  whatever else is in the batch.
+- :class:`IncrementalDetokenizer` turns a request's tokens into text deltas that
+  never end in half a UTF-8 character, detects stop strings on the decoded text,
+  trims them (and anything after) from the output, and holds back a tail that
+  might still become a stop string, so no stop text is ever streamed.
+
+Example:
+    >>> params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=1)]
+    >>> sample_tokens(logits, params, [make_generator(p) for p in params])  # one id per row
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from modelkiln.serve.generation.api import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["IncrementalDetokenizer", "is_greedy", "make_generator", "sample_tokens"]
+
+#: Prompt tokens decoded as context so the first output token gets its leading space right.
+_PROMPT_CONTEXT = 5
+_REPLACEMENT = "\ufffd"
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    """Whether ``params`` means argmax decoding (temperature 0 or top_k 1)."""
+    return params.temperature <= 0.0 or params.top_k == 1
+
+
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """A CPU generator seeded from ``params.seed`` (random seed when None); None when greedy."""
+    import torch
+
+    if is_greedy(params):
+        return None
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    return torch.Generator().manual_seed(seed)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> list[int]:
+    """One token per row of ``logits`` ``[B, vocab]`` (fp32), following each row's params.
+
+    Args:
+        logits: next-token logits, one row per request.
+        params: each row's sampling settings.
+        generators: each row's generator (from :func:`make_generator`; None for greedy rows).
+    """
+    import torch
+
+    assert logits.shape[0] == len(params) == len(generators)
+    tokens = logits.argmax(dim=-1).tolist()
+    rows = [i for i, p in enumerate(params) if not is_greedy(p)]
+    if not rows:
+        return [int(t) for t in tokens]
+    # Each row's path depends only on its own params, so batch composition never matters.
+    plain = [i for i in rows if params[i].top_k <= 0 and params[i].top_p >= 1.0]
+    filtered = [i for i in rows if i not in plain]
+    for group, pick in ((plain, _sample_plain), (filtered, _sample_filtered)):
+        if group:
+            chosen = [params[i] for i in group]
+            index = torch.tensor(group, device=logits.device)
+            temps = torch.tensor([p.temperature for p in chosen], device=logits.device)
+            scaled = logits.index_select(0, index).float() / temps.unsqueeze(1)
+            # One uniform draw per row, from that row's own generator.
+            uniform = torch.stack([torch.rand((), generator=generators[i]) for i in group])
+            picked = pick(scaled, chosen, uniform.to(logits.device)).tolist()
+            for row, token in zip(group, picked, strict=True):
+                tokens[row] = token
+    return [int(t) for t in tokens]
+
+
+def _sample_plain(
+    scaled: torch.Tensor, params: Sequence[SamplingParams], uniform: torch.Tensor
+) -> torch.Tensor:
+    """Sample from the full softmax of temperature-scaled logits."""
+    import torch
+
+    return _inverse_cdf(torch.softmax(scaled, dim=-1), uniform)
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row, the ``k`` with ``cdf[k-1] <= u * total < cdf[k]`` (never a zero-mass token)."""
+    import torch
+
+    cdf = probs.cumsum(dim=-1)
+    target = (uniform * cdf[:, -1]).unsqueeze(1)
+    picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return picked.clamp(max=probs.shape[-1] - 1)
+
+
+def _sample_filtered(
+    scaled: torch.Tensor, params: Sequence[SamplingParams], uniform: torch.Tensor
+) -> torch.Tensor:
+    """Sample with top-k then top-p (nucleus) filtering, HF ``generate`` semantics."""
+    import torch
+
+    sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
+    vocab = scaled.shape[-1]
+    ranks = torch.arange(vocab, device=scaled.device).unsqueeze(0)
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=scaled.device)
+    probs = torch.softmax(sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), -torch.inf), -1)
+    top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=scaled.device)
+    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it does.
+    mass_before = probs.cumsum(dim=-1) - probs
+    probs = probs.masked_fill((mass_before >= top_p.unsqueeze(1)) & (ranks > 0), 0.0)
+    picked = _inverse_cdf(probs, uniform)
+    return sorted_ids.gather(1, picked.unsqueeze(1)).squeeze(1)
+
+
+class IncrementalDetokenizer:
+    """Text deltas for a growing token sequence, with stop-string handling.
+
+    Args:
+        tokenizer: a transformers tokenizer.
+        prompt_ids: the prompt (its last tokens give the first output token its context).
+        stop: stop strings; output ends before the first one that appears.
+
+    Example:
+        >>> detok = IncrementalDetokenizer(tok, prompt_ids, stop=("\\n\\n",))
+        >>> "".join(detok.push(t) for t in ids) + detok.flush()
+        'def f():'
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.stopped = False
+        self.text = ""  # output text so far (held-back tail included, stop string excluded)
+        self._ids = list(prompt_ids[-_PROMPT_CONTEXT:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._emitted = 0  # chars of self.text already returned
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that is now safe to emit ("" while incomplete)."""
+        if self.stopped:
+            return ""
+        self._ids.append(token_id)
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith(_REPLACEMENT):
+            return ""  # an incomplete UTF-8 sequence (or nothing new): wait for more tokens
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return self._add(full[len(prefix) :])
+
+    def flush(self) -> str:
+        """At the end of generation: return every character still held back."""
+        if not self.stopped and self._read_offset < len(self._ids):
+            prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+            full = self._decode(self._ids[self._prefix_offset :])
+            self._read_offset = len(self._ids)
+            tail = self._add(full[len(prefix) :])
+        else:
+            tail = ""
+        if self.stopped:
+            return tail
+        rest, self._emitted = self.text[self._emitted :], len(self.text)
+        return tail + rest
+
+    def _add(self, delta: str) -> str:
+        self.text += delta
+        if self.stop:
+            hits = [i for s in self.stop if (i := self.text.find(s, self._emitted)) >= 0]
+            if hits:
+                self.stopped = True
+                self.text = self.text[: min(hits)]
+                out, self._emitted = self.text[self._emitted :], len(self.text)
+                return out
+        safe = len(self.text) - self._held_back()
+        out, self._emitted = self.text[self._emitted : safe], max(self._emitted, safe)
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        tail = self.text[self._emitted :]
+        best = 0
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, len(tail)), best, -1):
+                if tail.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
