@@ -43,11 +43,13 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects no test: that is a failure of the suite here.
 test: $(STAMP)
+	@bash scripts/ensure-test-services.sh
 	@$(BIN)/python -m pytest -m "not gpu and not slow" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is empty or mis-configured" >&2; fi; \
 	exit $$rc
 
 test-all: $(STAMP)
+	@bash scripts/ensure-test-services.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -279,6 +279,24 @@ def data_tokenizer(
     _run(cfg, force)
 
 
+@app.command(
+    context_settings={
+        "allow_extra_args": True,
+        "ignore_unknown_options": True,
+        "help_option_names": [],
+    },
+    add_help_option=False,
+)
+def serve(ctx: typer.Context) -> None:
+    """Serve models over an OpenAI-compatible HTTP API (kiln serve --help lists the flags).
+
+    Example: kiln serve --model-path runs/quickstart/train/model --port 8000
+    """
+    from modelkiln.serve.__main__ import main as serve_main
+
+    raise typer.Exit(serve_main(list(ctx.args), prog="kiln serve"))
+
+
 @app.command()
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,

@@ -53,6 +53,7 @@ def test_console_script_runs() -> None:
         ["data", "tokenizer", "--help"],
         ["quickstart", "--help"],
         ["doctor", "--help"],
+        ["serve", "--help"],
     ],
 )
 def test_every_command_has_help_with_an_example(args: list[str]) -> None:
@@ -86,3 +87,9 @@ def test_bad_set_and_stage_names(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "bad override 'oops'" in result.stderr
     result = runner.invoke(app, ["pipeline", "run", str(cfg), "--stages", "data,trian"])
     assert result.exit_code == 2 and "unknown stage 'trian'" in result.stderr
+
+
+def test_serve_without_a_model_is_a_clear_error() -> None:
+    result = runner.invoke(app, ["serve"])
+    assert result.exit_code == 2
+    assert "pass --model-path DIR" in result.stderr

@@ -1,0 +1,132 @@
+"""The FastAPI application: OpenAI-compatible routes, probes, metrics, docs.
+
+Layers (outermost first): metrics (counts every model request and its
+status) -> auth (401) -> body limit (413) -> FastAPI with OpenAI-shaped error
+handlers -> routes. Models load in the background after startup, so
+``/health`` answers at once and ``/ready`` turns 200 when every engine is warm.
+
+Example:
+    >>> app = create_app(ServeConfig(models=[ModelSpec(path=minilm_dir)]))
+    >>> uvicorn.run(app, port=8000)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from modelkiln.serve import completions, embedding_routes
+from modelkiln.serve.auth import AuthMiddleware
+from modelkiln.serve.config import ServeConfig
+from modelkiln.serve.http_errors import install_error_handlers
+from modelkiln.serve.limits import BodyLimitMiddleware
+from modelkiln.serve.metrics import CONTENT_TYPE, MetricsMiddleware
+from modelkiln.serve.schemas import ModelCard, ModelList
+from modelkiln.serve.state import ServerState
+
+log = logging.getLogger(__name__)
+
+_DESCRIPTION = """OpenAI-compatible serving of causal LMs and encoders
+(continuous batching for generation, dynamic batching for embeddings),
+with the handbook's `/inference`, probes and Prometheus metrics.
+Errors use the OpenAI shape `{"error": {"message", "type", "param", "code"}}`."""
+
+
+def create_app(
+    cfg: ServeConfig,
+    *,
+    engines: dict[str, Any] | None = None,
+    started: float | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """Build the app serving ``cfg.models`` (or the prebuilt ``engines`` by name).
+
+    Args:
+        cfg: the server config.
+        engines: prebuilt engines (a generation engine or an :class:`EmbeddingEngine`)
+            by served name; they are started, warmed and shut down by the app.
+        started: ``time.monotonic()`` at process start, for the cold-start figure.
+        on_fatal: called if loading fails (the server should exit).
+    """
+    state = ServerState(cfg, engines, started=started, on_fatal=on_fatal)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(state.load(), name="kiln-load-models")
+        try:
+            yield
+        finally:
+            state.draining = True
+            if not loader.done():
+                loader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loader
+            # uvicorn already spent part of the drain budget waiting for connections.
+            left = cfg.drain_timeout_s
+            if state.drain_deadline is not None:
+                left = max(0.0, state.drain_deadline - time.monotonic())
+            await state.shutdown(left)
+
+    app = FastAPI(
+        title="modelkiln model server",
+        version="1.0.0",
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.kiln = state
+    app.state.on_rejection = lambda reason: state.metrics.rejections.labels(reason).inc()
+    install_error_handlers(app)
+    app.include_router(completions.router)
+    app.include_router(embedding_routes.router)
+    _add_probes(app, state)
+    # add_middleware wraps: the last added runs first.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=cfg.max_body_bytes,
+        on_reject=lambda: state.metrics.rejections.labels("too_large").inc(),
+    )
+    app.add_middleware(
+        AuthMiddleware,
+        keys=state.keys,
+        on_reject=lambda: state.metrics.rejections.labels("unauthorized").inc(),
+    )
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    return app
+
+
+def _add_probes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health", tags=["probes"])
+    async def health() -> dict[str, Any]:
+        """Liveness: the process answers (models may still be loading)."""
+        return {"status": "healthy", "timestamp": time.time()}
+
+    @app.get("/ready", tags=["probes"])
+    async def ready() -> JSONResponse:
+        """Readiness: 200 when every model is loaded and warm; 503 while loading or draining."""
+        if state.draining:
+            status = "draining"
+        elif state.load_error is not None:
+            status = f"failed: {state.load_error}"
+        elif not state.ready:
+            status = "loading"
+        else:
+            return JSONResponse({"status": "ready", "models": sorted(state.models)})
+        return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.get("/metrics", tags=["probes"])
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", response_model=ModelList, tags=["models"])
+    async def list_models(request: Request) -> ModelList:
+        """The served models (OpenAI shape)."""
+        cards = [ModelCard(id=m.name, created=m.created) for m in state.models.values()]
+        return ModelList(data=cards)

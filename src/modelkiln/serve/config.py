@@ -1,0 +1,171 @@
+"""Validated configuration of the serving stage (``kiln serve`` / ``python -m modelkiln.serve``).
+
+One :class:`ServeConfig` describes one server process: which model directories
+it serves, where it listens, who may call it, how much work it queues, how
+encoder batches are formed and where responses are cached.
+
+Example:
+    >>> cfg = ServeConfig(models=[ModelSpec(path="runs/x/train/model")], port=8000)
+    >>> cfg.models[0].served_name
+    'model'
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+
+from modelkiln.config import KilnModel, apply_overrides, format_validation_error, read_yaml
+from modelkiln.hardware import Precision
+
+#: Environment variable holding comma-separated API keys (added to ``api_keys``).
+API_KEYS_ENV = "MODELKILN_API_KEYS"
+
+
+class ModelSpec(KilnModel):
+    """One model directory to serve."""
+
+    path: Path = Field(
+        description="Directory written by save_pretrained (or holding model.onnx + tokenizer)."
+    )
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        description="Name clients pass as 'model'; defaults to the directory's name.",
+    )
+    kind: Literal["auto", "causal_lm", "encoder"] = Field(
+        "auto",
+        description="'auto' reads config.json: *ForCausalLM / *LMHeadModel -> causal_lm, "
+        "anything else (or an ONNX file) -> encoder.",
+    )
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto",
+        description="Execution backend; 'onnx' runs model.onnx with onnxruntime; 'auto' picks "
+        "onnx for a directory holding an .onnx file and no torch weights, else torch.",
+    )
+    precision: Precision = Field(
+        "auto", description="Weights precision; 'auto' picks bf16 only where it is fast."
+    )
+    adapter: Path | None = Field(
+        None, description="PEFT adapter directory merged into a causal LM at load time."
+    )
+    version: str = Field("1", description="Version label of the model in metrics and /v1/models.")
+
+    @property
+    def served_name(self) -> str:
+        """The name clients use: ``name`` or the directory's name."""
+        return self.name or Path(self.path).resolve().name
+
+
+class EmbeddingBatchConfig(KilnModel):
+    """Dynamic batching of encoder requests (token budget, max wait, length buckets)."""
+
+    max_batch_tokens: int = Field(
+        8192, ge=1, description="Padded tokens per forward pass (batch size x bucket length)."
+    )
+    max_batch_size: int = Field(64, ge=1, description="Most sequences in one forward pass.")
+    max_wait_ms: float = Field(
+        50.0, ge=0.0, description="Longest a queued input waits for its batch to fill."
+    )
+    buckets: list[int] = Field(
+        default_factory=lambda: [16, 32, 64, 128, 256, 512],
+        description="Length bucket limits: inputs are batched with others of the same bucket.",
+    )
+
+    @field_validator("buckets")
+    @classmethod
+    def _sorted_positive(cls, value: list[int]) -> list[int]:
+        if not value or any(b < 1 for b in value):
+            raise ValueError("buckets must be a non-empty list of positive lengths")
+        return sorted(set(value))
+
+
+class GenerationConfig(KilnModel):
+    """Continuous-batching budgets of the generation engine."""
+
+    max_num_seqs: int = Field(32, ge=1, description="Most sequences decoded together.")
+    max_batched_tokens: int = Field(
+        2048, ge=1, description="Most tokens per engine step (prompt tokens + 1 per decode)."
+    )
+
+
+class CacheConfig(KilnModel):
+    """Response cache for deterministic requests (temperature 0, embeddings)."""
+
+    enabled: bool = Field(True, description="Cache deterministic responses.")
+    url: str | None = Field(
+        None,
+        pattern=r"^rediss?://",
+        description="redis:// URL: use Redis instead of the in-process LRU.",
+    )
+    ttl_s: float = Field(3600.0, gt=0, description="Seconds a cached response stays valid.")
+    max_entries: int = Field(4096, ge=1, description="Size of the in-process LRU cache.")
+
+
+class ServeConfig(KilnModel):
+    """A whole server process."""
+
+    models: list[ModelSpec] = Field(min_length=1, description="Models to serve (one or more).")
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description=f"Accepted API keys (plus those in ${API_KEYS_ENV}); empty = no auth.",
+    )
+    max_queued_requests: int = Field(
+        256, ge=1, description="Admitted, unfinished requests per model before 429."
+    )
+    max_queued_tokens: int = Field(
+        262_144, ge=1, description="Their tokens (prompt + max_tokens; inputs) before 429."
+    )
+    max_body_bytes: int = Field(4_000_000, ge=1024, description="Largest request body (413).")
+    max_input_tokens: int = Field(
+        8192, ge=1, description="Longest prompt / embedding input in tokens (400)."
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="Deadline of one request; past it the answer is 504."
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, time in-flight requests get to finish."
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads (None: torch's default)."
+    )
+    embedding: EmbeddingBatchConfig = Field(default_factory=EmbeddingBatchConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ServeConfig:
+        names = [m.served_name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"two models are served as {dupes[0]!r}; give each a distinct name")
+        return self
+
+    def resolved_api_keys(self) -> list[str]:
+        """``api_keys`` plus the comma-separated keys of ``$MODELKILN_API_KEYS``."""
+        env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+        return [*(k.get_secret_value() for k in self.api_keys), *env]
+
+
+def load_serve_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    named: dict[str, Any] | None = None,
+) -> ServeConfig:
+    """Load a :class:`ServeConfig` from YAML (optional) + ``a.b=value`` overrides + named flags.
+
+    Raises:
+        ConfigError: the file is missing or malformed, or a field is unknown or invalid.
+    """
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    data.update({k: v for k, v in (named or {}).items() if v is not None})
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise format_validation_error(exc, str(path) if path else "serve config") from None

@@ -1,0 +1,109 @@
+"""``POST /v1/embeddings``: tokenize, cache, admit, batch dynamically, format.
+
+``dimensions`` keeps the first N components and renormalizes them (the
+Matryoshka convention OpenAI uses); ``encoding_format="base64"`` packs
+little-endian float32, which is what the official client decodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from modelkiln.serve.cache import cache_key
+from modelkiln.serve.completions import JSON, admit, cached, state_of
+from modelkiln.serve.http_errors import bad_request, deadline_exceeded
+from modelkiln.serve.limits import cancel_on_disconnect
+from modelkiln.serve.schemas import EmbeddingRequest, EmbeddingResponse
+from modelkiln.serve.state import ServedModel
+
+if TYPE_CHECKING:
+    import numpy as np
+
+router = APIRouter(tags=["embeddings"])
+
+
+def _inputs(served: ServedModel, body: EmbeddingRequest, max_tokens: int) -> list[list[int]]:
+    """Token ids of every input, validated against the vocabulary and the length limit."""
+    raw = body.input
+    if isinstance(raw, str):
+        raw = [raw]
+    texts = [x for x in raw if isinstance(x, str)]
+    ids: list[list[int]]
+    if len(texts) == len(raw):
+        ids = [list(x) for x in served.tokenizer(texts)["input_ids"]]
+    elif all(isinstance(x, int) for x in raw):
+        ids = [[x for x in raw if isinstance(x, int)]]
+    else:
+        ids = [x for x in raw if isinstance(x, list)]
+    vocab = served.vocab_size
+    for i, seq in enumerate(ids):
+        if not seq:
+            raise bad_request(f"input {i} is empty", param="input")
+        if len(seq) > max_tokens:
+            raise bad_request(
+                f"input {i} has {len(seq)} tokens; the limit of {served.name!r} is {max_tokens}",
+                param="input",
+                code="context_length_exceeded",
+            )
+        bad = next((t for t in seq if t >= vocab), None)
+        if bad is not None:
+            raise bad_request(f"input {i}: token id {bad} is outside the vocabulary ({vocab})")
+    return ids
+
+
+def _format(vectors: np.ndarray, dimensions: int | None, encoding: str) -> list[Any]:
+    import numpy as np
+
+    if dimensions is not None:
+        vectors = vectors[:, :dimensions]
+        vectors = vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
+    vectors = np.ascontiguousarray(vectors, dtype="<f4")
+    if encoding == "base64":
+        return [base64.b64encode(row.tobytes()).decode("ascii") for row in vectors]
+    return [row.tolist() for row in vectors]
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse)
+async def create_embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    """OpenAI embeddings (float or base64; ``dimensions`` truncation)."""
+    state = state_of(request)
+    served = state.model(request, body.model, "encoder")
+    engine = served.engine
+    if body.dimensions is not None and body.dimensions > engine.dim:
+        raise bad_request(
+            f"dimensions={body.dimensions} exceeds the model's {engine.dim}", param="dimensions"
+        )
+    limit = min(state.cfg.max_input_tokens, engine.max_length)
+    ids = _inputs(served, body, limit)
+    key = cache_key(
+        served.name, served.version, "embeddings",
+        {"ids": ids, "format": body.encoding_format, "dimensions": body.dimensions},
+    )  # fmt: skip
+    hit = await cached(state, served, key)
+    if hit is not None:
+        return Response(hit, media_type=JSON)
+    tokens = sum(len(s) for s in ids)
+    timeout = state.cfg.request_timeout_s
+    with admit(state, served, tokens):
+        try:
+            vectors = await cancel_on_disconnect(
+                request, asyncio.wait_for(engine.embed(ids), timeout)
+            )
+        except TimeoutError:
+            raise deadline_exceeded(timeout) from None
+    state.metrics.tokens.labels(served.name, "in").inc(tokens)
+    data = [
+        {"object": "embedding", "index": i, "embedding": e}
+        for i, e in enumerate(_format(vectors, body.dimensions, body.encoding_format))
+    ]
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    payload = {"object": "list", "data": data, "model": served.name, "usage": usage}
+    encoded = json.dumps(payload, separators=(",", ":")).encode()
+    await state.cache.set(key, encoded)
+    return Response(encoded, media_type=JSON)

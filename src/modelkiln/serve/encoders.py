@@ -1,0 +1,264 @@
+"""Execution layer for encoders: PyTorch and ONNX Runtime backends of the embedding engine.
+
+Both pool the last hidden state the way the model's sentence-transformers
+files say (``1_Pooling/config.json``: mean by default, or CLS) and L2-normalize
+when ``modules.json`` lists a Normalize layer — all-MiniLM-L6-v2's recipe. A
+plain Hugging Face encoder directory without those files gets mean pooling +
+normalization.
+
+Example:
+    >>> backend = TorchEncoderBackend.from_path(minilm_dir)
+    >>> ids = backend.tokenizer(["hello"])["input_ids"]
+    >>> backend.encode(ids).shape
+    (1, 384)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from modelkiln.errors import DependencyMissingError, ServingError
+from modelkiln.hardware import Precision, resolve_precision, torch_dtype
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How token states become one vector."""
+
+    mode: Literal["mean", "cls"] = "mean"
+    normalize: bool = True
+    max_length: int | None = None  # sentence-transformers' max_seq_length, if given
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> Pooling:
+        """Read the sentence-transformers files of ``model_dir`` (defaults when absent)."""
+        mode: Literal["mean", "cls"] = "mean"
+        pooling_cfg = model_dir / "1_Pooling" / "config.json"
+        if pooling_cfg.is_file():
+            data = json.loads(pooling_cfg.read_text(encoding="utf-8"))
+            if data.get("pooling_mode_cls_token") and not data.get("pooling_mode_mean_tokens"):
+                mode = "cls"
+        normalize = True
+        modules = model_dir / "modules.json"
+        if modules.is_file():
+            types = [m.get("type", "") for m in json.loads(modules.read_text(encoding="utf-8"))]
+            normalize = any(t.endswith("Normalize") for t in types)
+        max_length = None
+        st_cfg = model_dir / "sentence_bert_config.json"
+        if st_cfg.is_file():
+            max_length = json.loads(st_cfg.read_text(encoding="utf-8")).get("max_seq_length")
+        return cls(mode, normalize, max_length)
+
+    def apply(self, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """``[B, T, D]`` states and ``[B, T]`` mask -> ``[B, D]`` float32 vectors."""
+        import numpy as np
+
+        if self.mode == "cls":
+            out = hidden[:, 0, :]
+        else:
+            m = mask[:, :, None].astype(hidden.dtype)
+            out = (hidden * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
+        out = out.astype(np.float32)
+        if self.normalize:
+            out /= np.clip(np.linalg.norm(out, axis=1, keepdims=True), 1e-12, None)
+        return out
+
+
+def pad_batch(batch: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token ids to the longest: (``input_ids``, ``attention_mask``), int64 ``[B, T]``."""
+    import numpy as np
+
+    width = max((len(s) for s in batch), default=1)
+    ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(batch), width), dtype=np.int64)
+    for row, seq in enumerate(batch):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def _load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise ServingError(
+            f"cannot load the tokenizer from '{model_dir}': {exc}",
+            hint="save the tokenizer next to the model (tokenizer.save_pretrained(dir))",
+        ) from exc
+
+
+def _max_length(tokenizer: Any, pooling: Pooling, config_limit: int | None) -> int:
+    limits = [pooling.max_length, config_limit]
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and tok_limit < 1_000_000:
+        limits.append(tok_limit)
+    known = [int(x) for x in limits if x]
+    return min(known) if known else 512
+
+
+class TorchEncoderBackend:
+    """A transformers encoder (``AutoModel``) run with torch under ``inference_mode``.
+
+    Args:
+        model: the encoder, on CPU, in its serving dtype.
+        tokenizer: its tokenizer.
+        pooling: pooling and normalization.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, pooling: Pooling | None = None) -> None:
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.tokenizer = tokenizer
+        self.pooling = pooling or Pooling()
+        self.dim = int(model.config.hidden_size)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        self.max_length = _max_length(tokenizer, self.pooling, limit)
+        self.pad_id = int(tokenizer.pad_token_id or 0)
+
+    @classmethod
+    def from_path(
+        cls, model_dir: str | Path, precision: Precision = "auto", device: str | None = None
+    ) -> TorchEncoderBackend:
+        """Load an encoder saved with ``save_pretrained`` plus its tokenizer.
+
+        ``device`` defaults to CUDA when available, else CPU; ``precision="auto"``
+        picks bf16 only where it is fast (fp32 on AVX2-only CPUs).
+
+        Raises:
+            ServingError: the directory holds no loadable encoder or tokenizer.
+        """
+        from transformers import AutoModel
+
+        from modelkiln.hardware import device_name
+
+        path = Path(model_dir)
+        device = device or device_name()
+        dtype = torch_dtype(resolve_precision(precision, device))
+        try:
+            model = AutoModel.from_pretrained(str(path), dtype=dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ServingError(
+                f"cannot load an encoder from '{path}': {exc}",
+                hint="pass a directory written by save_pretrained (config.json + weights)",
+            ) from exc
+        return cls(model.to(device), _load_tokenizer(path), Pooling.from_dir(path))
+
+    def encode(self, batch: list[list[int]]) -> np.ndarray:
+        """Embed a batch of token-id sequences (right-padded here)."""
+        import torch
+
+        ids, mask = pad_batch(batch, self.pad_id)
+        with torch.inference_mode():
+            mask_t = torch.from_numpy(mask).to(self.device)
+            out = self.model(input_ids=torch.from_numpy(ids).to(self.device), attention_mask=mask_t)
+            hidden = out.last_hidden_state.float()  # [B, T, D]
+            if self.pooling.mode == "cls":
+                vectors = hidden[:, 0]
+            else:
+                m = mask_t.unsqueeze(-1).to(hidden.dtype)
+                vectors = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            if self.pooling.normalize:
+                vectors = torch.nn.functional.normalize(vectors, dim=1)
+            return vectors.cpu().numpy()
+
+    def warmup(self) -> None:
+        """Two small forward passes (the first one allocates)."""
+        for n in (1, 2):
+            self.encode([[self.pad_id] * 8] * n)
+
+
+class OnnxEncoderBackend:
+    """An encoder exported to ONNX (``model.onnx`` + tokenizer) run with onnxruntime.
+
+    The graph's first output must be the last hidden state ``[B, T, D]``.
+    """
+
+    def __init__(
+        self, session: Any, tokenizer: Any, pooling: Pooling, max_length: int | None = None
+    ) -> None:
+        self.session = session
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self._inputs = [i.name for i in session.get_inputs()]
+        unknown = sorted(set(self._inputs) - {"input_ids", "attention_mask", "token_type_ids"})
+        if unknown:
+            raise ServingError(
+                f"the ONNX graph has inputs this backend cannot feed: {unknown}",
+                hint="export with inputs input_ids, attention_mask (and token_type_ids)",
+            )
+        shape = session.get_outputs()[0].shape
+        if not isinstance(shape[-1], int):
+            raise ServingError(
+                "the ONNX graph's first output has no fixed hidden size",
+                hint="export the encoder with last_hidden_state [batch, seq, hidden] first",
+            )
+        self.dim = int(shape[-1])
+        self.max_length = _max_length(tokenizer, pooling, max_length)
+        self.pad_id = int(tokenizer.pad_token_id or 0)
+
+    @classmethod
+    def from_path(cls, model_dir: str | Path, threads: int | None = None) -> OnnxEncoderBackend:
+        """Load ``model.onnx`` (or the only ``*.onnx``) of ``model_dir`` and its tokenizer.
+
+        Raises:
+            DependencyMissingError: onnxruntime is not installed.
+            ServingError: no ONNX file, or it cannot be loaded.
+        """
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise DependencyMissingError("onnxruntime", "onnx", purpose="ONNX serving") from exc
+        path = Path(model_dir)
+        onnx_file = find_onnx(path)
+        if onnx_file is None:
+            raise ServingError(
+                f"no .onnx file in '{path}'", hint="export the encoder (kiln optimize) first"
+            )
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        try:
+            session = ort.InferenceSession(
+                str(onnx_file), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ServingError(f"cannot load '{onnx_file}': {exc}") from exc
+        limit = None
+        config = path / "config.json"
+        if config.is_file():
+            limit = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+        return cls(session, _load_tokenizer(path), Pooling.from_dir(path), limit)
+
+    def encode(self, batch: list[list[int]]) -> np.ndarray:
+        """Embed a batch of token-id sequences."""
+        import numpy as np
+
+        ids, mask = pad_batch(batch, self.pad_id)
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        hidden = self.session.run(None, {k: feeds[k] for k in self._inputs})[0]
+        return self.pooling.apply(np.asarray(hidden), mask)
+
+    def warmup(self) -> None:
+        """Two small forward passes."""
+        for n in (1, 2):
+            self.encode([[self.pad_id] * 8] * n)
+
+
+def find_onnx(model_dir: Path) -> Path | None:
+    """``model.onnx`` in ``model_dir``, else its only ``*.onnx`` file, else None."""
+    preferred = model_dir / "model.onnx"
+    if preferred.is_file():
+        return preferred
+    found = sorted(model_dir.glob("*.onnx"))
+    return found[0] if len(found) == 1 else None

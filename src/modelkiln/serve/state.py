@@ -1,0 +1,308 @@
+"""What one server holds: its models and engines, caches, metrics and lifecycle flags.
+
+Models are loaded after the server starts listening (so ``/health`` answers
+while weights load) on a worker thread; ``/ready`` turns 200 once every engine
+is loaded and warm, and 503 again as soon as draining starts.
+
+The kind of a directory is read from its ``config.json``: an architecture
+named ``*ForCausalLM`` / ``*LMHeadModel`` is served by the generation engine,
+anything else (or a directory holding only an ONNX graph) by the embedding
+engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from starlette.requests import Request
+
+from modelkiln.errors import ServingError
+from modelkiln.serve.admission import AdmissionController
+from modelkiln.serve.auth import APIKeys
+from modelkiln.serve.cache import ResponseCache, make_cache
+from modelkiln.serve.config import ModelSpec, ServeConfig
+from modelkiln.serve.embeddings import BatchPolicy, BatchStats, EmbeddingEngine
+from modelkiln.serve.http_errors import APIError, bad_request, model_not_found, unavailable
+from modelkiln.serve.metrics import ServeMetrics
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["causal_lm", "encoder"]
+_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+@dataclass
+class ServedModel:
+    """One model as the HTTP layer sees it."""
+
+    name: str
+    version: str
+    kind: Kind
+    engine: Any  # GenerationEngine (causal_lm) or EmbeddingEngine (encoder)
+    admission: AdmissionController
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def tokenizer(self) -> Any:
+        """The engine's tokenizer."""
+        return self.engine.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids below this are valid: the smaller of the tokenizer's and the model's."""
+        sizes = [len(self.tokenizer)]
+        backend = getattr(self.engine, "backend", None)
+        for owner in (backend, getattr(backend, "model", None)):
+            value = getattr(getattr(owner, "config", None), "vocab_size", None)
+            if isinstance(value, int):
+                sizes.append(value)
+                break
+        return min(sizes)
+
+    @property
+    def max_model_len(self) -> int | None:
+        """Longest prompt + completion a causal LM takes (None if unknown)."""
+        for owner in (self.engine, getattr(self.engine, "backend", None)):
+            value = getattr(owner, "max_model_len", None)
+            if isinstance(value, int):
+                return value
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        return limit if isinstance(limit, int) and limit < 1_000_000 else None
+
+
+def detect_kind(spec: ModelSpec) -> Kind:
+    """The kind of ``spec`` (see the module docstring).
+
+    Raises:
+        ServingError: the directory does not exist or holds neither config nor ONNX graph.
+    """
+    if spec.kind != "auto":
+        return spec.kind
+    path = Path(spec.path)
+    if not path.is_dir():
+        raise ServingError(
+            f"model directory '{path}' does not exist", hint="pass --model-path of a saved model"
+        )
+    config = path / "config.json"
+    if config.is_file():
+        archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+        if any(a.endswith(_LM_SUFFIXES) for a in archs):
+            return "causal_lm"
+        return "encoder"
+    if any(path.glob("*.onnx")):
+        return "encoder"
+    raise ServingError(
+        f"'{path}' holds no config.json and no .onnx file",
+        hint="pass a directory written by save_pretrained or by the ONNX export",
+    )
+
+
+def resolve_backend(spec: ModelSpec) -> Literal["torch", "onnx"]:
+    """``spec.backend``, with ``auto`` = onnx when the directory has an ONNX graph and no
+    torch weights (an export from the optimization stage), else torch."""
+    if spec.backend != "auto":
+        return spec.backend
+    path = Path(spec.path)
+    has_onnx = any(path.glob("*.onnx"))
+    has_torch = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+    return "onnx" if has_onnx and not has_torch else "torch"
+
+
+def load_engine(spec: ModelSpec, cfg: ServeConfig, on_batch: Callable[[BatchStats], None]) -> Any:
+    """Build the engine of one model (blocking: call it on a worker thread).
+
+    Raises:
+        ServingError: the model cannot be loaded or its backend is unsupported.
+    """
+    kind = detect_kind(spec)
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    if kind == "encoder":
+        from modelkiln.serve.encoders import OnnxEncoderBackend, TorchEncoderBackend
+
+        backend: Any
+        if resolve_backend(spec) == "onnx":
+            backend = OnnxEncoderBackend.from_path(spec.path, threads=cfg.threads)
+        else:
+            backend = TorchEncoderBackend.from_path(spec.path, spec.precision)
+        e = cfg.embedding
+        policy = BatchPolicy(
+            e.max_batch_tokens, e.max_batch_size, e.max_wait_ms / 1000, tuple(e.buckets)
+        )
+        return EmbeddingEngine(backend, policy, model_name=spec.served_name, on_batch=on_batch)
+    if resolve_backend(spec) != "torch":
+        raise ServingError(
+            f"causal LM '{spec.path}' cannot run on backend 'onnx'",
+            hint="serve causal LMs with backend: torch",
+        )
+    try:
+        from modelkiln.serve.generation.engine import TorchGenerationEngine
+    except ImportError as exc:  # the engine lives in its own package; guard partial installs
+        raise ServingError(f"the generation engine is unavailable: {exc}") from exc
+    return TorchGenerationEngine.from_path(
+        spec.path,
+        adapter=spec.adapter,
+        precision=spec.precision,
+        max_num_seqs=cfg.generation.max_num_seqs,
+        max_batched_tokens=cfg.generation.max_batched_tokens,
+        threads=cfg.threads,
+        model_name=spec.served_name,
+    )
+
+
+class ServerState:
+    """Models, engines, cache, metrics and lifecycle of one app.
+
+    Args:
+        cfg: the server config.
+        engines: prebuilt engines by served name (tests, embedding in other apps);
+            models not in it are loaded from ``cfg.models``.
+        started: process start (``time.monotonic``) for the cold-start figure.
+        on_fatal: called when loading fails (the server then exits).
+    """
+
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        engines: dict[str, Any] | None = None,
+        *,
+        started: float | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = ServeMetrics()
+        self.cache: ResponseCache = make_cache(cfg.cache)
+        self.keys = APIKeys(cfg.resolved_api_keys())
+        self.models: dict[str, ServedModel] = {}
+        self.ready = False
+        self.draining = False
+        self.drain_deadline: float | None = None  # monotonic time by which draining must end
+        self.load_error: BaseException | None = None
+        self.started = started if started is not None else time.monotonic()
+        self.on_fatal = on_fatal
+        self._given = dict(engines or {})
+        self._ready_event = asyncio.Event()
+        self.metrics.watch_engines(self._engine_stats)
+
+    # ------------------------------------------------------------ lifecycle
+    async def load(self) -> None:
+        """Load (or adopt) every engine, start and warm it, then turn ready."""
+        try:
+            for name, engine in self._given.items():
+                spec = next((s for s in self.cfg.models if s.served_name == name), None)
+                await self._adopt(name, spec.version if spec else "1", engine)
+            for spec in self.cfg.models:
+                if spec.served_name in self._given:
+                    continue
+                t0 = time.monotonic()
+                engine = await asyncio.to_thread(
+                    load_engine, spec, self.cfg, self._on_batch_for(spec.served_name)
+                )
+                await self._adopt(spec.served_name, spec.version, engine)
+                log.info(
+                    "loaded %s from %s in %.2f s",
+                    spec.served_name,
+                    spec.path,
+                    time.monotonic() - t0,
+                )
+        except Exception as exc:  # boundary: report the failure, let the server exit
+            self.load_error = exc
+            log.error("cannot start serving: %s", exc)
+            if self.on_fatal is not None:
+                self.on_fatal(exc)
+            return
+        self.ready = True
+        self._ready_event.set()
+        cold = time.monotonic() - self.started
+        self.metrics.ready.set(1)
+        self.metrics.cold_start.set(cold)
+        log.info("ready: serving %s (cold start %.2f s)", ", ".join(self.models), cold)
+
+    async def _adopt(self, name: str, version: str, engine: Any) -> None:
+        kind: Kind = "encoder" if hasattr(engine, "embed") else "causal_lm"
+        if kind == "encoder" and getattr(engine, "on_batch", None) is None:
+            engine.on_batch = self._on_batch_for(name)
+        await engine.start()
+        gate = AdmissionController(self.cfg.max_queued_requests, self.cfg.max_queued_tokens)
+        self.models[name] = ServedModel(name, version, kind, engine, gate)
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until ready (True) or the timeout passes (False)."""
+        try:
+            await asyncio.wait_for(self._ready_event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def shutdown(self, drain_timeout: float) -> None:
+        """Drain every engine within ``drain_timeout`` s, then close the cache."""
+        self.draining = True
+        self.ready = False
+        self.metrics.ready.set(0)
+        deadline = time.monotonic() + drain_timeout
+        for served in self.models.values():
+            try:
+                await served.engine.shutdown(max(0.0, deadline - time.monotonic()))
+            except Exception:  # boundary: one engine failing to stop must not block the others
+                log.exception("engine %s did not shut down cleanly", served.name)
+        await self.cache.close()
+
+    # -------------------------------------------------------------- lookups
+    def model(self, request: Request, name: str | None, kind: Kind) -> ServedModel:
+        """The served model a request names, checked for kind and lifecycle.
+
+        Raises:
+            APIError: 503 draining or not ready, 404 unknown model, 400 wrong kind.
+        """
+        if self.draining:
+            raise unavailable("the server is shutting down", "draining")
+        if name is None:
+            first = next((m for m in self.models.values() if m.kind == kind), None)
+            if first is None:
+                if not self.ready:
+                    raise unavailable("the models are still loading", "not_ready")
+                raise bad_request(f"this server serves no {kind.replace('_', ' ')} model")
+            name = first.name
+        served = self.models.get(name)
+        if served is None:
+            if not self.ready and name in {s.served_name for s in self.cfg.models}:
+                raise unavailable(f"the model {name!r} is still loading", "not_ready")
+            raise model_not_found(name, sorted(self.models))
+        request.scope.setdefault("state", {})["model"] = (served.name, served.version)
+        if served.kind != kind:
+            route = "/v1/embeddings" if served.kind == "encoder" else "/v1/completions"
+            what = "an encoder" if served.kind == "encoder" else "a causal LM"
+            raise APIError(
+                400,
+                f"the model {name!r} is {what}; use {route}",
+                code="wrong_model_kind",
+                param="model",
+            )
+        return served
+
+    # --------------------------------------------------------------- metrics
+    def _on_batch_for(self, name: str) -> Callable[[BatchStats], None]:
+        def record(stats: BatchStats) -> None:
+            self.metrics.batch_size.labels(name).observe(stats.size)
+            for q in stats.queue_seconds:
+                self.metrics.queue_time.labels(name).observe(q)
+
+        return record
+
+    def _engine_stats(self) -> list[tuple[str, dict[str, float]]]:
+        out = []
+        for served in list(self.models.values()):
+            try:
+                out.append((served.name, dict(served.engine.stats())))
+            except Exception:  # boundary: a scrape must not fail because of one engine
+                log.debug("stats() of %s failed", served.name, exc_info=True)
+        return out
