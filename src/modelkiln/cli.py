@@ -59,7 +59,14 @@ data_app = typer.Typer(
     help="Build the offline code datasets and the tokenizer.", no_args_is_help=True
 )
 pipeline_app = typer.Typer(help="Run pipelines from YAML configs.", no_args_is_help=True)
+train_app = typer.Typer(
+    help="Pretrain / fine-tune (full, LoRA, QLoRA, AdaLoRA, prompt tuning, IA3); merge adapters."
+    "\n\nWith no sub-command: run the train stage (data and tokenizer first if needed); "
+    "a killed run resumes from its last checkpoint."
+    "\n\nExample: kiln train --config configs/quickstart.yaml --set train.finetune.method.r=8"
+)
 app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
 app.add_typer(pipeline_app, name="pipeline")
 
 
@@ -277,6 +284,51 @@ def data_tokenizer(
     with guard():
         cfg = _load(config, set_, run, runs_dir, ["data", "tokenizer"])
     _run(cfg, force)
+
+
+@train_app.callback(invoke_without_command=True)
+def train(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run: RunOpt = None,
+    runs_dir: RunsDirOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Run the train stage (building data and tokenizer first if needed); resumes if killed.
+
+    Example: kiln train --config configs/quickstart.yaml --set train.finetune.method.r=8
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    with guard():
+        cfg = _load(
+            config or _quickstart_config(), set_, run, runs_dir, ["data", "tokenizer", "train"]
+        )
+    _run(cfg, force)
+
+
+@train_app.command("merge")
+def train_merge(
+    artifact: Annotated[Path, typer.Argument(help="A train stage directory (runs/<run>/train).")],
+    out: Annotated[Path, typer.Argument(help="Where to write the merged HF model.")],
+    atol: Annotated[float, typer.Option(help="Max |logit| difference allowed.")] = 1e-4,
+) -> None:
+    """Merge a trained adapter into its base and check merged-vs-adapter logits.
+
+    Example: kiln train merge runs/quickstart/train merged-model
+    """
+    from modelkiln.train.api import merge
+
+    with guard():
+        report = merge(artifact, out, atol=atol)
+    console.print(
+        f"merged {report.method} model: {report.path}; max |logit diff| "
+        f"{report.max_abs_diff:.2e} in memory, {report.reload_max_abs_diff:.2e} after reload "
+        f"(tolerance {report.atol:.0e})",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command(

@@ -16,15 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from modelkiln.configbase import KilnModel
 from modelkiln.errors import ConfigError
+from modelkiln.train.config import TrainConfig
 
-
-class KilnModel(BaseModel):
-    """Base of every config model: unknown keys are errors, values are checked on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+__all__ = ["KilnModel", "PipelineConfig", "load_config"]
 
 
 DEFAULT_EXCLUDES = ["test", "tests", "idle_test", "site-packages", "__pycache__", "test_*.py"]
@@ -117,6 +115,10 @@ class PipelineConfig(KilnModel):
     )
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    train: TrainConfig = Field(
+        default_factory=TrainConfig,
+        description="Pretraining and (PEFT) fine-tuning (stage 'train').",
+    )
 
     @field_validator("stages")
     @classmethod

@@ -96,11 +96,22 @@ STAGES: dict[str, StageSpec] = {
         description="byte-level BPE tokenizer with FIM tokens",
         key_metrics=("vocab_size", "validation_bytes_per_token", "roundtrip_failures"),
     ),
+    "train": StageSpec(
+        "train",
+        "modelkiln.train.stage:run_train_stage",
+        requires=("data", "tokenizer"),
+        description="pretrain a small code LM, then (PEFT) fine-tune it on held-out domain modules",
+        key_metrics=(
+            "pretrain.perplexity_after",
+            "finetune.perplexity_before",
+            "finetune.perplexity_after",
+            "finetune.tokens_per_s",
+        ),
+    ),
 }
 
 #: Stages the pipeline knows about but this version does not ship yet.
 PLANNED: dict[str, str] = {
-    "train": "pretraining and (PEFT) fine-tuning",
     "optimize": "quantization, pruning, distillation and ONNX export",
     "serve": "batched OpenAI-compatible serving with a load benchmark",
 }

@@ -14,7 +14,23 @@ from modelkiln.data import load_corpus
 from modelkiln.data.tokenizer import load_tokenizer
 
 runner = CliRunner()
-TINY = ["--set", "data.max_files=40", "--set", "tokenizer.vocab_size=400"]
+_SMALL = {
+    "data.max_files": "40",
+    "tokenizer.vocab_size": "400",
+    "train.model.size": "tiny",
+    "train.data.domain_modules": "[]",
+    "train.data.block_size": "64",
+    "train.data.max_eval_tokens": "1024",
+    "train.pretrain.max_steps": "4",
+    "train.pretrain.batch_size": "2",
+    "train.pretrain.eval_steps": "2",
+    "train.pretrain.save_steps": "2",
+    "train.finetune.max_steps": "2",
+    "train.finetune.batch_size": "2",
+    "train.finetune.eval_steps": "2",
+    "train.finetune.save_steps": "2",
+}
+TINY = [arg for key, value in _SMALL.items() for arg in ("--set", f"{key}={value}")]
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +43,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_quickstart_builds_existing_stages_and_says_which_are_missing(runs: Path) -> None:
     run = runs / "quickstart"
-    for stage in ("data", "tokenizer"):
+    for stage in ("data", "tokenizer", "train"):
         manifest = json.loads((run / stage / "manifest.json").read_text())
         assert manifest["stage"] == stage
         assert manifest["outputs"], "outputs are recorded with their sha256"
-    for stage in ("train", "optimize", "serve"):
+    for stage in ("optimize", "serve"):
         assert not (run / stage).exists()
     report = (run / "report.md").read_text()
-    assert "| train | unavailable |" in report
-    assert "## Data" in report and "## Tokenizer" in report
+    assert "| train | ran |" in report
+    assert "| optimize | unavailable |" in report
+    assert "## Data" in report and "## Tokenizer" in report and "## Train" in report
 
 
 def test_tokenizer_round_trips_every_corpus_file(runs: Path) -> None:
@@ -54,7 +71,7 @@ def test_tokenizer_round_trips_every_corpus_file(runs: Path) -> None:
 def test_second_quickstart_is_all_cached(runs: Path) -> None:
     result = runner.invoke(app, ["quickstart", "--runs-dir", str(runs), *TINY])
     assert result.exit_code == 0, result.output
-    assert result.output.count("cached") >= 2
+    assert result.output.count("cached") >= 3
     assert "│ ran" not in result.output
 
 
@@ -71,3 +88,14 @@ def test_doctor_quick_json() -> None:
     report = json.loads(result.stdout)
     assert report["ok"] is True
     assert report["python"]["version"].startswith("3.")
+
+
+def test_train_merge_writes_a_plain_transformers_model(runs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["train", "merge", str(runs / "quickstart" / "train"), str(out)])
+    assert result.exit_code == 0, result.output
+    assert "max |logit diff|" in result.stdout
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.num_parameters() > 0

@@ -54,6 +54,8 @@ def test_console_script_runs() -> None:
         ["quickstart", "--help"],
         ["doctor", "--help"],
         ["serve", "--help"],
+        ["train", "--help"],
+        ["train", "merge", "--help"],
     ],
 )
 def test_every_command_has_help_with_an_example(args: list[str]) -> None:

@@ -96,19 +96,17 @@ def test_force_and_tampered_artifact_rerun(
 def test_planned_stages_are_reported_not_faked(
     tmp_path: Path, fake_stages: dict[str, StageSpec]
 ) -> None:
-    result = run_pipeline(_cfg(tmp_path, stages=["data", "train", "optimize"]))
+    result = run_pipeline(_cfg(tmp_path, stages=["data", "optimize", "serve"]))
     assert [o.status for o in result.outcomes] == ["ran", "unavailable", "unavailable"]
-    assert "not built yet" in result.outcome("train").message
-    assert not (tmp_path / "t" / "train").exists()
+    assert "not built yet" in result.outcome("optimize").message
+    assert not (tmp_path / "t" / "optimize").exists()
 
 
 def test_dependents_of_unavailable_stage_are_blocked(
     tmp_path: Path, fake_stages: dict[str, StageSpec]
 ) -> None:
-    fake_stages["optimize"] = StageSpec(
-        "optimize", "fake_stages_mod:fake_data", requires=("train",)
-    )
-    result = run_pipeline(_cfg(tmp_path, stages=["train", "optimize"]))
+    fake_stages["serve"] = StageSpec("serve", "fake_stages_mod:fake_data", requires=("optimize",))
+    result = run_pipeline(_cfg(tmp_path, stages=["optimize", "serve"]))
     assert [o.status for o in result.outcomes] == ["unavailable", "blocked"]
 
 
@@ -150,11 +148,11 @@ def test_stage_errors_leave_no_artifact_and_report_failure(
 def test_run_report_includes_stage_sections(
     tmp_path: Path, fake_stages: dict[str, StageSpec]
 ) -> None:
-    result = run_pipeline(_cfg(tmp_path, stages=["data", "tokenizer", "train"]))
+    result = run_pipeline(_cfg(tmp_path, stages=["data", "tokenizer", "optimize"]))
     assert result.report == tmp_path / "t" / "report.md"
     text = result.report.read_text()
     assert "| data | ran |" in text
-    assert "| train | unavailable |" in text
+    assert "| optimize | unavailable |" in text
     assert "files=3" in text
     assert "![plot](data/p.png)" in text, "stage image links point into the stage directory"
     assert (tmp_path / "t" / "stage_times.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,260 @@
+"""Library entry points: :func:`train`, :func:`load_trained`, :func:`merge`, and the
+handbook's :class:`CodeModelTrainer` facade.
+
+Example:
+    >>> art = train(TrainConfig(), data="runs/q/data", tokenizer="runs/q/tokenizer",
+    ...             run_dir=Path("runs/q"))
+    >>> report = merge(art.path, Path("runs/q/merged"))
+    >>> report.max_abs_diff <= report.atol
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from modelkiln.artifacts import Artifact, hash_json, load_artifact, stage_writer
+from modelkiln.config import apply_overrides, format_validation_error
+from modelkiln.errors import ArtifactError, ConfigError, KilnError, QualityGateError
+from modelkiln.progress import QUIET, Progress
+from modelkiln.train.config import TrainConfig
+from modelkiln.train.outputs import TRAIN_JSON
+from modelkiln.train.stage import STAGE, train_into
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, TrainerCallback
+
+MERGE_ATOL = 1e-4
+"""Max abs logit difference allowed between the merged model and base + adapter (fp32)."""
+
+
+def _maybe_artifact(path: str | Path | None) -> Artifact | None:
+    if path is None:
+        return None
+    try:
+        return load_artifact(path, verify=False)
+    except KilnError:
+        return None
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    data: str | Path,
+    tokenizer: str | Path | None = None,
+    run_dir: str | Path = Path("runs/train"),
+    seed: int = 0,
+    resume: bool | None = None,
+    progress: Progress = QUIET,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> Artifact:
+    """Train as configured and write the artifact ``<run_dir>/train`` atomically.
+
+    Args:
+        cfg: the train config.
+        data: data artifact directory (with ``corpus/``) or a corpus ``DatasetDict`` folder.
+        tokenizer: tokenizer artifact or folder; may be None when the model brings its own.
+        run_dir: run directory; checkpoints go to ``<run_dir>/checkpoints/train``.
+        seed: seed used when ``cfg.seed`` is None.
+        resume: override ``cfg.resume`` (continue from the latest complete checkpoint).
+        progress: progress sink.
+        callbacks: extra ``transformers.TrainerCallback`` objects.
+
+    Returns:
+        The finished artifact (layout: :mod:`modelkiln.train.outputs`).
+    """
+    run = Path(run_dir)
+    inputs = {k: a for k, p in (("data", data), ("tokenizer", tokenizer))
+              if (a := _maybe_artifact(p)) is not None}  # fmt: skip
+    effective_seed = cfg.seed if cfg.seed is not None else seed
+    key = hash_json({"config": cfg.model_dump(mode="json"), "seed": effective_seed,
+                     "data": str(data), "tokenizer": str(tokenizer)})  # fmt: skip
+    with stage_writer(
+        run, STAGE, config=cfg.model_dump(mode="json"), cache_key=key, inputs=inputs
+    ) as pending:
+        result = train_into(
+            cfg, pending.path, data=data, tokenizer=tokenizer, run_dir=run,
+            seed=effective_seed, resume=resume, progress=progress, callbacks=callbacks,
+        )  # fmt: skip
+        pending.metrics.update(result.metrics())
+    return load_artifact(run / STAGE)
+
+
+def load_trained(path: str | Path, *, merged: bool = False) -> tuple[Any, PreTrainedTokenizerBase]:
+    """Load a train artifact's model (base + adapter as a ``PeftModel`` when it has one).
+
+    Args:
+        path: the train artifact directory.
+        merged: merge the adapter into the base and return a plain HF model.
+
+    Raises:
+        ArtifactError: the directory is not a train artifact.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = Path(path)
+    if not (root / TRAIN_JSON).is_file():
+        raise ArtifactError(
+            f"{root} is not a train artifact (no {TRAIN_JSON})", hint="run the train stage"
+        )
+    layout = json.loads((root / TRAIN_JSON).read_text(encoding="utf-8"))
+    base_ref = layout["model"]
+    base_path = root / base_ref if (root / base_ref).is_dir() else Path(base_ref)
+    source = str(base_path) if base_path.is_dir() else base_ref
+    model: Any = AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(root / layout["tokenizer"]))
+    if layout.get("adapter"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(root / layout["adapter"]))
+        if merged:
+            model = model.merge_and_unload()
+    model.eval()
+    return model, tokenizer
+
+
+@dataclass
+class MergeReport:
+    """Result of :func:`merge`: where the merged model is and how close it is."""
+
+    path: str
+    method: str
+    max_abs_diff: float
+    reload_max_abs_diff: float
+    atol: float
+
+
+def merge(artifact: str | Path, out_dir: str | Path, *, atol: float = MERGE_ATOL) -> MergeReport:
+    """Merge a train artifact's adapter into its base and save a full HF model.
+
+    The merged model's logits on a fixed probe batch must match base + adapter
+    within ``atol`` (max abs difference, fp32), both in memory and after
+    reloading the saved folder with plain ``transformers``. A QLoRA adapter is
+    merged into the full-precision base (the 4-bit base is only for training).
+
+    Raises:
+        ConfigError: the artifact has no mergeable adapter (full model, prompt tuning).
+        QualityGateError: the merged logits differ by more than ``atol``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root, out = Path(artifact), Path(out_dir)
+    model, tokenizer = load_trained(root)
+    layout = json.loads((root / TRAIN_JSON).read_text(encoding="utf-8"))
+    if not layout.get("adapter"):
+        raise ConfigError(f"{root} holds a full model: nothing to merge", hint="use model/ as is")
+    if layout["method"] == "prompt_tuning":
+        raise ConfigError(
+            "a prompt-tuning adapter cannot be merged (its virtual tokens are inputs, not weights)",
+            hint="serve it as base + adapter",
+        )
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(tokenizer), (2, min(64, layout["block_size"])), generator=gen)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        merged = model.merge_and_unload()
+        diff = float((merged(input_ids=ids).logits - reference).abs().max())
+    if diff > atol:
+        raise QualityGateError(
+            f"merged model differs from base + adapter by {diff:.3g} (> atol {atol:g})",
+            hint="serve base + adapter instead, or check the adapter",
+        )
+    tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp)).eval()
+    with torch.no_grad():
+        reload_diff = float((reloaded(input_ids=ids).logits - reference).abs().max())
+    report = MergeReport(str(out), layout["method"], diff, reload_diff, atol)
+    if reload_diff > atol:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise QualityGateError(
+            f"reloaded merged model differs from base + adapter by {reload_diff:.3g}",
+            hint="check the saved files",
+        )
+    (tmp / "merge.json").write_text(json.dumps(asdict(report), indent=2), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return report
+
+
+class CodeModelTrainer:
+    """The handbook's trainer: a code LM fine-tuned with LoRA, QLoRA or fully.
+
+    A thin facade over :func:`train`: the arguments become a :class:`TrainConfig`
+    (``config`` shows it). ``model_name="scratch"`` pretrains a small model on
+    the corpus first, then fine-tunes it on the domain modules; any other name
+    (HF id or local directory) is fine-tuned directly.
+
+    Example:
+        >>> trainer = CodeModelTrainer(model_name="scratch", use_lora=True, r=16, alpha=32)
+        >>> art = trainer.train(data="runs/q/data", tokenizer="runs/q/tokenizer")
+        >>> trainer.merge()  # full HF model in <output_dir>/merged
+    """
+
+    def __init__(
+        self,
+        model_name: str = "scratch",
+        use_lora: bool = True,
+        r: int = 16,
+        alpha: int = 32,
+        *,
+        use_qlora: bool = False,
+        num_epochs: float | None = None,
+        learning_rate: float | None = None,
+        output_dir: str | Path = "runs/code-model",
+        seed: int = 0,
+        overrides: Sequence[str] = (),
+    ) -> None:
+        method: dict[str, Any] = {"method": "full"}
+        if use_lora or use_qlora:
+            method = {"method": "qlora" if use_qlora else "lora", "r": r, "alpha": alpha}
+        finetune: dict[str, Any] = {"method": method}
+        if num_epochs is not None:
+            finetune.update(max_steps=0, epochs=num_epochs)
+        if learning_rate is not None:
+            finetune["learning_rate"] = learning_rate
+        raw: dict[str, Any] = {
+            "model": {"source": model_name},
+            "pretrain": {"enabled": model_name == "scratch"},
+            "finetune": finetune,
+        }
+        try:
+            self.config = TrainConfig.model_validate(apply_overrides(raw, list(overrides)))
+        except ValidationError as exc:
+            raise format_validation_error(exc, "CodeModelTrainer") from None
+        self.output_dir = Path(output_dir)
+        self.seed = seed
+        self.artifact: Artifact | None = None
+
+    def train(
+        self,
+        data: str | Path,
+        tokenizer: str | Path | None = None,
+        *,
+        resume: bool | None = None,
+        progress: Progress = QUIET,
+    ) -> Artifact:
+        """Train into ``<output_dir>/train`` and return the artifact."""
+        self.artifact = train(
+            self.config, data=data, tokenizer=tokenizer, run_dir=self.output_dir,
+            seed=self.seed, resume=resume, progress=progress,
+        )  # fmt: skip
+        return self.artifact
+
+    def merge(self, out_dir: str | Path | None = None) -> MergeReport:
+        """Merge the trained adapter into a full model (default ``<output_dir>/merged``)."""
+        if self.artifact is None:
+            raise ArtifactError("nothing trained yet", hint="call train() first")
+        return merge(self.artifact.path, out_dir or self.output_dir / "merged")
