@@ -42,42 +42,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from modelkiln.errors import ServingError
+from modelkiln.serve.clock import Clock, MonotonicClock
 
 if TYPE_CHECKING:
     import numpy as np
 
 log = logging.getLogger(__name__)
-
-
-class Clock(Protocol):
-    """Monotonic seconds."""
-
-    def now(self) -> float:
-        """The current time."""
-        ...
-
-
-class MonotonicClock:
-    """``time.monotonic``."""
-
-    def now(self) -> float:
-        """The current time."""
-        return time.monotonic()
-
-
-class FakeClock:
-    """A clock that moves only when ``advance`` is called (tests)."""
-
-    def __init__(self, start: float = 0.0) -> None:
-        self.time = start
-
-    def now(self) -> float:
-        """The current (fake) time."""
-        return self.time
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward."""
-        self.time += seconds
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ from modelkiln.errors import ConfigError
 from modelkiln.serve.admission import AdmissionController, Overloaded
 from modelkiln.serve.auth import APIKeys
 from modelkiln.serve.cache import LRUCache, cache_key
+from modelkiln.serve.clock import FakeClock
 from modelkiln.serve.config import API_KEYS_ENV, ModelSpec, ServeConfig, load_serve_config
-from modelkiln.serve.embeddings import BatchPolicy, DynamicBatcher, EmbedItem, FakeClock
+from modelkiln.serve.embeddings import BatchPolicy, DynamicBatcher, EmbedItem
 
 
 def batcher(**kw: object) -> tuple[DynamicBatcher, FakeClock]:

@@ -31,13 +31,13 @@ Example:
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 from modelkiln.errors import ConfigError, ServingError
+from modelkiln.serve.clock import Clock, FakeClock, MonotonicClock
 from modelkiln.serve.generation.api import FinishReason, GenerationRequest, SamplingParams
 
 #: ``error`` text of a request that passed its deadline (finish_reason "cancelled").
@@ -54,37 +54,6 @@ __all__ = [
     "SchedulerOutput",
     "SequenceState",
 ]
-
-
-class Clock(Protocol):
-    """A source of time in seconds (monotonic)."""
-
-    def now(self) -> float:
-        """The current time."""
-        ...
-
-
-class MonotonicClock:
-    """The real clock: ``time.monotonic``."""
-
-    def now(self) -> float:
-        """The current time."""
-        return time.monotonic()
-
-
-class FakeClock:
-    """A clock that moves only when told to (tests)."""
-
-    def __init__(self, start: float = 0.0) -> None:
-        self.time = start
-
-    def now(self) -> float:
-        """The current (fake) time."""
-        return self.time
-
-    def advance(self, seconds: float) -> None:
-        """Move the clock forward."""
-        self.time += seconds
 
 
 @dataclass(frozen=True)
