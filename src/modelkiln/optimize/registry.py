@@ -1,0 +1,144 @@
+"""Optimization variants chosen by name: the registry and the contract a variant implements.
+
+A variant turns the fp32 reference model into a saved artifact directory
+(:meth:`Variant.build`) and loads that directory back as a
+:class:`~modelkiln.optimize.runners.Runner` (:meth:`Variant.load`). Adding a
+method = one class registered here + a row in the shared test matrix::
+
+    @VARIANTS.register("onnx-fp32")
+    class OnnxFp32Variant(Variant):
+        family = "export"
+        ...
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+
+from modelkiln.errors import ConfigError
+from modelkiln.optimize.config import Family, OptimizeConfig, Tolerance
+
+if TYPE_CHECKING:
+    import torch
+
+    from modelkiln.optimize.runners import ModelSpec, Runner
+
+T = TypeVar("T")
+VARIANT_JSON = "variant.json"
+"""Written into every variant directory: its name, backend, task and build facts."""
+
+
+class Registry(Generic[T]):
+    """Name -> object, filled by the ``@register(name)`` decorator.
+
+    Example:
+        >>> REG: Registry[type] = Registry("widget")
+        >>> @REG.register("blue")
+        ... class Blue: ...
+        >>> REG.get("blue") is Blue
+        True
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator registering its target under ``name`` (a duplicate name is a bug)."""
+
+        def decorate(obj: T) -> T:
+            assert name not in self._items, f"{self.kind} {name!r} registered twice"
+            self._items[name] = obj
+            if isinstance(obj, type) and hasattr(obj, "name"):
+                obj.name = name
+            return obj
+
+        return decorate
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (tests register throwaway entries)."""
+        self._items.pop(name, None)
+
+    def names(self) -> list[str]:
+        """Registered names, in registration order."""
+        _load_builtin_variants()
+        return list(self._items)
+
+    def _unknown(self, name: str) -> str:
+        return f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}"
+
+    def check(self, name: str) -> str:
+        """Return ``name`` if registered, else raise ``ValueError`` listing the valid names."""
+        if name not in self.names():
+            raise ValueError(self._unknown(name))
+        return name
+
+    def get(self, name: str) -> T:
+        """The object registered as ``name``.
+
+        Raises:
+            ConfigError: ``name`` is not registered (the message lists the valid names).
+        """
+        if name not in self.names():
+            raise ConfigError(self._unknown(name), hint="pick one of the valid names")
+        return self._items[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names()
+
+
+@dataclass
+class BuildContext:
+    """What a variant gets to build from.
+
+    Attributes:
+        spec: the source model directory and its kind.
+        reference: the fp32 reference model (eval mode); variants must not modify it.
+        cfg: the optimize config.
+        samples: real (tokenized) input batches, for calibration and checks.
+    """
+
+    spec: ModelSpec
+    reference: torch.nn.Module
+    cfg: OptimizeConfig
+    samples: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+class Variant:
+    """One way to run the model: a build step writing a directory and a loader reading it back."""
+
+    name: ClassVar[str] = ""
+    family: ClassVar[Family] = "quantization"
+    backend: ClassVar[Literal["torch", "onnxruntime"]] = "torch"
+    tolerance: ClassVar[Tolerance] = Tolerance(atol=1e-5)
+    summary: ClassVar[str] = ""
+
+    def unsupported(self, spec: ModelSpec) -> str | None:
+        """Why this variant cannot handle ``spec`` (one line), or None when it can."""
+        return None
+
+    def not_default_here(self) -> str | None:
+        """Why this variant is left out of the default candidates on this machine, or None."""
+        return None
+
+    def build(self, ctx: BuildContext, out: Path) -> dict[str, Any]:
+        """Write the variant into ``out`` (an empty directory); return facts for its card."""
+        raise NotImplementedError
+
+    def load(self, path: Path, threads: int | None = None) -> Runner:
+        """Load the directory written by :meth:`build` as a runner."""
+        raise NotImplementedError
+
+
+VARIANTS: Registry[type[Variant]] = Registry("optimization method")
+"""Every optimization variant, by name (``torch-fp32``, ``onnx-int8-dynamic``, ...)."""
+
+
+def _load_builtin_variants() -> None:
+    """Import the modules whose classes register themselves (light: no torch at import)."""
+    import modelkiln.optimize.quantize  # noqa: F401
