@@ -15,6 +15,7 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +110,7 @@ class BuildContext:
     samples: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
-class Variant:
+class Variant(ABC):
     """One way to run the model: a build step writing a directory and a loader reading it back."""
 
     name: ClassVar[str] = ""
@@ -126,13 +127,13 @@ class Variant:
         """Why this variant is left out of the default candidates on this machine, or None."""
         return None
 
+    @abstractmethod
     def build(self, ctx: BuildContext, out: Path) -> dict[str, Any]:
         """Write the variant into ``out`` (an empty directory); return facts for its card."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load(self, path: Path, threads: int | None = None) -> Runner:
         """Load the directory written by :meth:`build` as a runner."""
-        raise NotImplementedError
 
 
 VARIANTS: Registry[type[Variant]] = Registry("optimization method")

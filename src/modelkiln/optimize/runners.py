@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -184,7 +185,7 @@ class RunnerOutput:
         return self.main
 
 
-class Runner(torch.nn.Module):
+class Runner(torch.nn.Module, ABC):
     """Run one variant: ``runner(**batch) -> RunnerOutput``; subclasses implement :meth:`run`."""
 
     def __init__(self, spec: ModelSpec, input_names: tuple[str, ...] | None = None) -> None:
@@ -194,9 +195,9 @@ class Runner(torch.nn.Module):
         # An empty parameter, so ``next(runner.parameters()).device`` works (CPU).
         self._anchor = torch.nn.Parameter(torch.empty(0), requires_grad=False)
 
+    @abstractmethod
     def run(self, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         """The main output for ``feed`` (only the inputs this runner declares)."""
-        raise NotImplementedError
 
     def forward(self, **inputs: torch.Tensor) -> RunnerOutput:
         """Call with HF-style keyword inputs; unknown inputs are ignored."""

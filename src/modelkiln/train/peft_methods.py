@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -81,7 +82,7 @@ class MethodContext:
     gradient_checkpointing: bool = False
 
 
-class TrainingMethod:
+class TrainingMethod(ABC):
     """A training method: extra load arguments, model wrapping and callbacks."""
 
     name: ClassVar[str] = ""
@@ -91,9 +92,9 @@ class TrainingMethod:
         """Extra ``from_pretrained`` arguments for the base model."""
         return {}
 
+    @abstractmethod
     def apply(self, model: nn.Module, cfg: Any, ctx: MethodContext) -> nn.Module:
         """Return the model to train (the base itself, or a ``PeftModel`` around it)."""
-        raise NotImplementedError
 
     def callbacks(self, cfg: Any, ctx: MethodContext) -> list[TrainerCallback]:
         """Trainer callbacks the method needs."""
