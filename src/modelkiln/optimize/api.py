@@ -131,7 +131,10 @@ def build_variant(
     main = "logits" if ctx.spec.task == "causal-lm" else "last_hidden_state"
     tol = ctx.cfg.tolerances.get(name, variant.tolerance)
     parity = check_parity(
-        torch_outputs(ctx.reference, [main]), lambda b: {main: runner(**b).main}, parity_inputs, tol
+        torch_outputs(variant.parity_reference(ctx), [main]),
+        lambda b: {main: runner(**b).main},
+        parity_inputs,
+        tol,
     )
     return BuiltVariant(variant, out, runner, info, parity)
 
@@ -229,6 +232,7 @@ def optimize(
     eval_fn: EvalFn,
     out_dir: str | Path,
     progress: Progress = QUIET,
+    train_batches: list[dict[str, Any]] | None = None,
 ) -> OptimizeResult:
     """Build, check, benchmark, gate and promote optimized variants of an HF model directory.
 
@@ -240,6 +244,8 @@ def optimize(
             (higher is better).
         out_dir: where variants, cards and the report go.
         progress: progress sink.
+        train_batches: tokenized training batches for methods that train (pruning recovery,
+            distillation, QAT); never the held-out data ``eval_fn`` measures on.
 
     Raises:
         QualityGateError: ``target`` names a variant and it fails the gate (its card is
@@ -259,7 +265,7 @@ def optimize(
     torch.manual_seed(cfg.seed)
     reference = load_torch_model(spec)
     samples = metric.samples or [synthetic_batch(spec, 4, 32, seed=cfg.seed, pad_last=True)]
-    ctx = BuildContext(spec, reference, cfg, samples)
+    ctx = BuildContext(spec, reference, cfg, samples, list(train_batches or []))
     with torch_threads(cfg.bench.threads):
         built, failed = _build_all(names, ctx, out, explicit, progress)
         runners = {n: _call(b.runner) for n, b in built.items()}
@@ -361,22 +367,28 @@ class ModelOptimizer:
         eval_fn: EvalFn,
         cfg: OptimizeConfig | None = None,
         progress: Progress = QUIET,
+        train_batches: list[dict[str, Any]] | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.eval_fn = eval_fn
         self.cfg = cfg or OptimizeConfig()
         self.progress = progress
+        self.train_batches = train_batches
 
     def auto(self, out_dir: str | Path) -> OptimizeResult:
         """Benchmark the candidates and promote the fastest one that passes the gate."""
         cfg = self.cfg.model_copy(update={"target": "auto"})
-        return optimize(self.model_dir, cfg, self.eval_fn, out_dir, self.progress)
+        return optimize(
+            self.model_dir, cfg, self.eval_fn, out_dir, self.progress, self.train_batches
+        )
 
     def quantize(self, out_dir: str | Path, method: str = "onnx-int8-dynamic") -> OptimizeResult:
         """Build one variant by name; raises QualityGateError if it fails the gate."""
         VARIANTS.get(method)
         cfg = self.cfg.model_copy(update={"target": method})
-        return optimize(self.model_dir, cfg, self.eval_fn, out_dir, self.progress)
+        return optimize(
+            self.model_dir, cfg, self.eval_fn, out_dir, self.progress, self.train_batches
+        )
 
     def export_onnx(self, out_dir: str | Path) -> OptimizeResult:
         """fp32 ONNX export with the parity check (``quantize(method="onnx-fp32")``)."""

@@ -102,12 +102,18 @@ class BuildContext:
         reference: the fp32 reference model (eval mode); variants must not modify it.
         cfg: the optimize config.
         samples: real (tokenized) input batches, for calibration and checks.
+        train_batches: tokenized training batches (``input_ids``, ``attention_mask``; never
+            the held-out evaluation data) for methods that train: recovery fine-tuning after
+            pruning, distillation, quantization-aware training. Causal LMs use the inputs as
+            labels; encoders learn from the reference model's outputs (no labels needed).
+            Empty when the caller has none; such methods then raise a ConfigError.
     """
 
     spec: ModelSpec
     reference: torch.nn.Module
     cfg: OptimizeConfig
     samples: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    train_batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
 class Variant(ABC):
@@ -122,6 +128,15 @@ class Variant(ABC):
     def unsupported(self, spec: ModelSpec) -> str | None:
         """Why this variant cannot handle ``spec`` (one line), or None when it can."""
         return None
+
+    def parity_reference(self, ctx: BuildContext) -> torch.nn.Module:
+        """The model the saved variant must reproduce within :attr:`tolerance`.
+
+        The fp32 source by default. Methods that change the function on purpose
+        (pruning, distillation) return their own in-memory result, so parity checks
+        save-and-reload, while the quality gate judges the change itself.
+        """
+        return ctx.reference
 
     def not_default_here(self) -> str | None:
         """Why this variant is left out of the default candidates on this machine, or None."""

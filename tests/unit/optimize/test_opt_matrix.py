@@ -60,7 +60,8 @@ def test_variant_builds_saves_reloads_and_matches(
     spec = h.spec_of(models[model_name])
     reference = load_torch_model(spec)
     samples = [synthetic_batch(spec, 2, 12, seed=5, pad_last=True)]
-    ctx = BuildContext(spec, reference, h.fast_config(), samples)
+    train = [synthetic_batch(spec, 4, 16, seed=10 + i) for i in range(4)]
+    ctx = BuildContext(spec, reference, h.fast_config(), samples, train)
     inputs = [*samples, synthetic_batch(spec, 1, 7, seed=6), synthetic_batch(spec, 3, 20, seed=7)]
     variant = VARIANTS.get(variant_name)
 
