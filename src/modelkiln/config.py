@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from modelkiln.configbase import KilnModel
 from modelkiln.errors import ConfigError
+from modelkiln.optimize.config import OptimizeConfig
 from modelkiln.train.config import TrainConfig
 
 __all__ = ["KilnModel", "PipelineConfig", "load_config"]
@@ -118,6 +119,10 @@ class PipelineConfig(KilnModel):
     train: TrainConfig = Field(
         default_factory=TrainConfig,
         description="Pretraining and (PEFT) fine-tuning (stage 'train').",
+    )
+    optimize: OptimizeConfig = Field(
+        default_factory=OptimizeConfig,
+        description="Quantize / prune / distill / export behind quality gates (stage 'optimize').",
     )
 
     @field_validator("stages")

@@ -108,11 +108,17 @@ STAGES: dict[str, StageSpec] = {
             "finetune.tokens_per_s",
         ),
     ),
+    "optimize": StageSpec(
+        "optimize",
+        "modelkiln.optimize.stage:run_optimize_stage",
+        requires=("data", "train"),
+        description="quantize / prune / distill / export the trained model behind quality gates",
+        key_metrics=("chosen", "chosen_speedup", "chosen_quality_ratio", "baseline_quality"),
+    ),
 }
 
 #: Stages the pipeline knows about but this version does not ship yet.
 PLANNED: dict[str, str] = {
-    "optimize": "quantization, pruning, distillation and ONNX export",
     "serve": "batched OpenAI-compatible serving with a load benchmark",
 }
 
@@ -254,7 +260,8 @@ def run_pipeline(
                 outcome = StageOutcome(
                     name,
                     "unavailable",
-                    message=f"not built yet in modelkiln {__version__} ({PLANNED[name]})",
+                    message=f"not built yet in modelkiln {__version__} "
+                    f"({PLANNED.get(name, 'no stage registered')})",
                 )
             elif blockers := [r for r in spec.requires if r in unavailable]:
                 unavailable.add(name)

@@ -29,6 +29,13 @@ _SMALL = {
     "train.finetune.batch_size": "2",
     "train.finetune.eval_steps": "2",
     "train.finetune.save_steps": "2",
+    "optimize.bench.batch_sizes": "[1,2]",
+    "optimize.bench.seq_lengths": "[32]",
+    "optimize.bench.max_seconds": "1",
+    "optimize.bench.min_runs": "1",
+    "optimize.bench.max_runs": "2",
+    "optimize.data.eval_texts": "4",
+    "optimize.data.max_length": "32",
 }
 TINY = [arg for key, value in _SMALL.items() for arg in ("--set", f"{key}={value}")]
 
@@ -41,18 +48,28 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return runs
 
 
-def test_quickstart_builds_existing_stages_and_says_which_are_missing(runs: Path) -> None:
+def test_quickstart_builds_every_stage(runs: Path) -> None:
     run = runs / "quickstart"
-    for stage in ("data", "tokenizer", "train"):
+    for stage in ("data", "tokenizer", "train", "optimize"):
         manifest = json.loads((run / stage / "manifest.json").read_text())
         assert manifest["stage"] == stage
         assert manifest["outputs"], "outputs are recorded with their sha256"
-    for stage in ("optimize", "serve"):
-        assert not (run / stage).exists()
     report = (run / "report.md").read_text()
-    assert "| train | ran |" in report
-    assert "| optimize | unavailable |" in report
-    assert "## Data" in report and "## Tokenizer" in report and "## Train" in report
+    assert "| train | ran |" in report and "| optimize | ran |" in report
+    for section in ("## Data", "## Tokenizer", "## Train", "## Optimize"):
+        assert section in report
+
+
+def test_optimize_stage_compares_variants_of_the_fine_tuned_model(runs: Path) -> None:
+    opt = load_artifact(runs / "quickstart" / "optimize")
+    variants = opt.metrics["variants"]
+    assert set(variants) == {"torch-fp32", "onnx-fp32", "onnx-int8-dynamic"}
+    assert variants["torch-fp32"]["status"] in {"baseline", "chosen"}
+    assert variants["torch-fp32"]["quality"] > 1.0, "held-out perplexity was measured"
+    assert abs(variants["onnx-fp32"]["quality_ratio"] - 1.0) < 1e-3
+    assert (opt.path / "source" / "merge.json").is_file(), "the LoRA adapter was merged first"
+    report = (runs / "quickstart" / "report.md").read_text()
+    assert "| variant | status | size MB |" in report and "| `onnx-int8-dynamic` |" in report
 
 
 def test_tokenizer_round_trips_every_corpus_file(runs: Path) -> None:

@@ -50,6 +50,8 @@ def fake_stages(monkeypatch: pytest.MonkeyPatch) -> dict[str, StageSpec]:
         "tokenizer": StageSpec("tokenizer", "fake_stages_mod:fake_tokenizer", requires=("data",)),
     }
     monkeypatch.setattr(pipeline, "STAGES", stages)
+    planned = {"optimize": "fake optimization", "serve": "fake serving"}
+    monkeypatch.setattr(pipeline, "PLANNED", planned)
     CALLS.clear()
     return stages
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from modelkiln.config import KilnModel, apply_overrides, format_validation_error, read_yaml
+from modelkiln.configbase import KilnModel
 
 Family = Literal["baseline", "export", "quantization", "pruning", "distillation"]
 
@@ -149,6 +149,32 @@ class OnnxConfig(KilnModel):
     )
 
 
+class OptimizeDataConfig(KilnModel):
+    """Which real data the ``optimize`` stage measures quality on and trains with.
+
+    Quality is measured on held-out data the model never trained on: the corpus
+    ``test`` split (causal LMs: perplexity) or the code-search pairs' ``test``
+    split (encoders: MRR@10). Methods that train (pruning recovery, distillation,
+    QAT) get batches from the ``train`` split.
+    """
+
+    eval_texts: int = Field(
+        48, ge=2, description="Held-out corpus chunks for perplexity (causal LMs)."
+    )
+    eval_pairs: int = Field(
+        400, ge=2, description="Held-out docstring->code pairs for MRR@10 (encoders)."
+    )
+    max_length: int = Field(128, ge=8, description="Tokens per evaluation text.")
+    chunk_chars: int = Field(
+        1500, ge=100, description="Corpus files are cut into chunks of this many characters."
+    )
+    train_batches: int = Field(
+        32, ge=0, description="Training batches offered to methods that train (0: none)."
+    )
+    train_batch_size: int = Field(8, ge=1, description="Sequences per training batch.")
+    train_seq_len: int = Field(128, ge=8, description="Tokens per training sequence.")
+
+
 class OptimizeConfig(KilnModel):
     """Stage ``optimize``: build variants, check parity, benchmark, gate, choose, report."""
 
@@ -180,6 +206,10 @@ class OptimizeConfig(KilnModel):
     )
     layer_error: bool = Field(
         True, description="Write a per-layer int8 error report (MSE, SNR, max abs) for int8."
+    )
+    data: OptimizeDataConfig = Field(
+        default_factory=OptimizeDataConfig,
+        description="Held-out evaluation data and training batches (pipeline stage and CLI).",
     )
     seed: int = Field(0, description="Seed of synthetic inputs.")
 
@@ -232,6 +262,9 @@ def load_optimize_config(
         ConfigError: the file is missing or malformed, or a field (e.g. a method name) is invalid;
             the message names the field, the bad value and the valid choices.
     """
+    # Imported here: modelkiln.config imports this module for PipelineConfig.optimize.
+    from modelkiln.config import apply_overrides, format_validation_error, read_yaml
+
     if isinstance(source, dict):
         data, label = dict(source), "optimize config"
     elif source is None:

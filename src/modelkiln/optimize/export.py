@@ -372,7 +372,14 @@ def ort_outputs(onnx_path: Path) -> tuple[list[str], Callable[[Batch], dict]]:
     names = [o.name for o in session.get_outputs()]
 
     def run(batch: Batch) -> dict[str, torch.Tensor]:
-        feed = {k: v.cpu().numpy() for k, v in batch.items() if k in inputs}
+        # A tokenizer may not return every graph input (token_type_ids): fill the default,
+        # as the model's own forward does.
+        from modelkiln.optimize.runners import _default_input
+
+        full = {k: batch.get(k) for k in inputs}
+        ids = batch["input_ids"]
+        feed = {k: (v if v is not None else _default_input(k, ids)).cpu().numpy()
+                for k, v in full.items()}  # fmt: skip
         return {n: torch.from_numpy(o) for n, o in zip(names, session.run(None, feed), strict=True)}
 
     return names, run

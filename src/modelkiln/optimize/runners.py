@@ -212,6 +212,7 @@ class Runner(torch.nn.Module, ABC):
 
 
 def _default_input(name: str, ids: torch.Tensor) -> torch.Tensor:
+    """The value a model assumes for an omitted input: an all-ones mask, else zeros."""
     return torch.ones_like(ids) if name == "attention_mask" else torch.zeros_like(ids)
 
 
