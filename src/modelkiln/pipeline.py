@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import platform
 import time
@@ -74,6 +75,9 @@ class StageSpec:
     description: str = ""
     version: int = 1
     key_metrics: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    """Stages whose artifacts are passed in when this run has them (e.g. serve uses the
+    optimize stage's promoted model when there is one, else the trained model)."""
 
     def load(self) -> Callable[[StageContext], None]:
         """Import and return the stage function."""
@@ -225,6 +229,13 @@ def _resolve_inputs(
                 f"which run {cfg.run!r} does not have",
                 hint=f"add '{req}' to 'stages' (it runs before '{spec.name}')",
             ) from None
+    for opt in spec.optional:
+        outcome = done.get(opt)
+        if outcome is not None and outcome.artifact is not None:
+            inputs[opt] = outcome.artifact
+        elif opt not in cfg.stages:  # not part of this run: an earlier run's artifact, if any
+            with contextlib.suppress(ArtifactError):
+                inputs[opt] = load_artifact(cfg.run_dir / opt)
     return inputs
 
 

@@ -158,3 +158,17 @@ def test_run_report_includes_stage_sections(
     assert "files=3" in text
     assert "![plot](data/p.png)" in text, "stage image links point into the stage directory"
     assert (tmp_path / "t" / "stage_times.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_optional_inputs_are_passed_when_present(
+    tmp_path: Path, fake_stages: dict[str, StageSpec]
+) -> None:
+    seen: list[list[str]] = []
+    mod = sys.modules["fake_stages_mod"]
+    mod.record = lambda ctx: seen.append(sorted(ctx.inputs))  # type: ignore[attr-defined]
+    fake_stages["train"] = StageSpec(
+        "train", "fake_stages_mod:record", requires=("data",), optional=("tokenizer",)
+    )
+    run_pipeline(_cfg(tmp_path, stages=["data", "train"]))
+    run_pipeline(_cfg(tmp_path, stages=["data", "tokenizer", "train"]))
+    assert seen == [["data"], ["data", "tokenizer"]]
