@@ -117,7 +117,7 @@ def merge_adapter_dir(adapter: Path, out: Path, atol: float = MERGE_ATOL) -> dic
     import torch
     from peft import PeftConfig, PeftModel
 
-    from modelkiln.optimize.runners import auto_class
+    from modelkiln.optimize.runners import Task, auto_class
 
     cfg = PeftConfig.from_pretrained(str(adapter))
     if cfg.is_prompt_learning:
@@ -127,7 +127,8 @@ def merge_adapter_dir(adapter: Path, out: Path, atol: float = MERGE_ATOL) -> dic
             hint="serve it as base + adapter instead of optimizing it",
         )
     base_id = cfg.base_model_name_or_path
-    task = "causal-lm" if str(cfg.task_type) in {"CAUSAL_LM", "TaskType.CAUSAL_LM"} else "encoder"
+    causal = str(cfg.task_type) in {"CAUSAL_LM", "TaskType.CAUSAL_LM"}
+    task: Task = "causal-lm" if causal else "encoder"
     try:
         base = auto_class(task).from_pretrained(base_id).eval()
     except OSError as exc:
