@@ -244,3 +244,16 @@ def run_optimize_stage(ctx: StageContext) -> None:
     )
     source = SOURCE_DIR if (ctx.out / SOURCE_DIR).is_dir() else "train/model"
     ctx.metrics.update(stage_metrics(result, source))
+    _final_paths(ctx.out, ctx.pipeline.run_dir / "optimize")
+
+
+def _final_paths(tmp: Path, final: Path) -> None:
+    """Point paths written while the stage ran (in its temporary directory) at its final one."""
+    texts = [tmp / "report.md", tmp / "optimize.json"]
+    texts += [*tmp.glob("variants/*/eval_card.json"), *tmp.glob("variants/*/variant.json")]
+    texts += [*tmp.glob("*/merge.json"), *tmp.glob("variants/*/merge.json")]
+    texts += [tmp / "model" / "eval_card.json", tmp / "model" / "variant.json"]
+    for path in texts:
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            path.write_text(text.replace(str(tmp), str(final)), encoding="utf-8")
