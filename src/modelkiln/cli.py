@@ -393,6 +393,38 @@ def optimize_model(
     console.print(f"promoted: {result.chosen or 'nothing'}; report: {result.report_path}")
 
 
+@optimize_app.command("cnn")
+def optimize_cnn_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("runs/cnn"),
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            help="A plain nn.Module checkpoint (module.json + model.safetensors, or a "
+            "torch.export .pt2) to optimize instead of training the digits CNN.",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML with CNN settings.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override: --set prune_ratio=0.25 (repeatable)."),
+    ] = None,
+) -> None:
+    """The plain-PyTorch path on scikit-learn's digits: fusion, static int8, pruning, distillation.
+
+    Example: kiln optimize cnn --out runs/cnn --set prune_criterion=taylor
+    """
+    from modelkiln.optimize.vision.config import load_cnn_config
+    from modelkiln.optimize.vision.pipeline import optimize_cnn
+
+    with guard():
+        cfg = load_cnn_config(config, set_ or [])
+        result = optimize_cnn(cfg, out, checkpoint=checkpoint)
+    console.print(result.table, highlight=False, soft_wrap=True)
+
+
 @optimize_app.command("methods")
 def optimize_methods() -> None:
     """List the optimization methods (variants) by name, family and backend."""

@@ -162,3 +162,13 @@ def test_cli_optimize_model_reports_and_rejects_bad_method(
     assert bad.exit_code == 2 and "unknown optimization method 'int3'" in bad.output
     listed = runner.invoke(app, ["optimize", "methods"])
     assert listed.exit_code == 0 and "onnx-int8-dynamic" in listed.output
+
+
+def test_cli_optimize_cnn_runs_the_plain_pytorch_path(tmp_path: Path) -> None:
+    runner = CliRunner()
+    bad = runner.invoke(app, ["optimize", "cnn", "--out", str(tmp_path), "--set", "prune_ratio=2"])
+    assert bad.exit_code == 2 and "prune_ratio = 2 is invalid" in bad.output
+    quick = ["--set", "epochs=1", "--set", "finetune_epochs=0", "--set", "kd_epochs=1"]
+    done = runner.invoke(app, ["optimize", "cnn", "--out", str(tmp_path / "cnn"), *quick])
+    assert done.exit_code == 0, done.output
+    assert "int8" in done.output and (tmp_path / "cnn" / "comparison.md").is_file()

@@ -1,0 +1,173 @@
+"""ONNX export of a CNN and ONNX Runtime static int8 (QDQ) with calibration images.
+
+``quantize_static`` calibrates activation ranges (MinMax) on real training images, then
+writes a QDQ graph with per-channel symmetric int8 weights and uint8 activations; ONNX
+Runtime folds the Q/DQ pairs into ``QLinearConv`` / ``QGemm`` kernels. Without VNNI /
+AMX-int8 the weights use 7 bits (``reduce_range``): ORT's AVX2 u8s8 kernel (VPMADDUBSW)
+can saturate its 16-bit sums with full 8-bit weights. ``torch.ao.quantization`` is
+deprecated and torch's int8 CPU kernels are slow here, hence ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from modelkiln.errors import ConfigError, StageError
+from modelkiln.optimize.vision.model import eval_mode
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnxruntime as ort
+
+INPUT, OUTPUT = "images", "logits"
+
+
+def export_cnn_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 17) -> Path:
+    """Export ``model`` (eval, fp32) to ``path`` with a dynamic batch axis.
+
+    Raises:
+        StageError: the exporter fails (the message names the model class).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    eval_mode(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example[:2],),
+                str(path),
+                input_names=[INPUT],
+                output_names=[OUTPUT],
+                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                opset_version=opset,
+                dynamo=False,
+            )
+    except Exception as exc:  # boundary: any exporter failure becomes one clear error
+        raise StageError(
+            f"ONNX export of {type(model).__name__} failed: {exc}",
+            hint="keep the forward pass free of data-dependent Python control flow",
+        ) from exc
+    finally:
+        nn.Module.train(model, was_training)
+    return path
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    # ONNX Runtime's quantizer logs a 'consider pre-processing' warning on every call.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_cnn_static(
+    src: Path,
+    dst: Path,
+    calibration: Iterable[torch.Tensor],
+    *,
+    reduce_range: bool | None = None,
+    per_channel: bool = True,
+) -> dict[str, Any]:
+    """Static int8 QDQ ``quantize_static`` of the fp32 graph ``src`` into ``dst``.
+
+    Args:
+        src: the fp32 ONNX model (input ``images``).
+        dst: where the int8 model goes.
+        calibration: image batches (N, C, H, W) whose activation ranges are recorded.
+        reduce_range: 7-bit weights; None = on when the CPU has no int8 dot products.
+        per_channel: one weight scale per output channel.
+
+    Returns:
+        What was done (for reports): calibration images, reduce_range, per_channel.
+
+    Raises:
+        ConfigError: no calibration batches.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from modelkiln.optimize.quantize import cpu_has_int8_dot
+
+    feeds = [{INPUT: b.detach().float().cpu().numpy()} for b in calibration]
+    if not feeds:
+        raise ConfigError(
+            "static int8 needs calibration images, got 0 batches",
+            hint="pass a few training batches (e.g. calibration_batches: 8)",
+        )
+    reduce = (not cpu_has_int8_dot()) if reduce_range is None else reduce_range
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    # The calibrator writes an augmented model next to its input: work on a copy in tmp.
+    with tempfile.TemporaryDirectory(prefix="kiln-cnn-calib-") as tmp, _quiet_root_logger():
+        local = Path(tmp) / "model.onnx"
+        shutil.copyfile(src, local)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        quantize_static(
+            str(local),
+            str(dst),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            reduce_range=reduce,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+        )
+    return {
+        "calibration_images": sum(len(f[INPUT]) for f in feeds),
+        "reduce_range": reduce,
+        "per_channel": per_channel,
+    }
+
+
+def ort_session(path: Path, threads: int = 2) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session with all graph optimizations and ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning ORT workers would steal the shared cores from the torch variants timed next.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_logits(session: ort.InferenceSession, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Logits of an exported CNN on ``x``, in batches."""
+    import numpy as np
+
+    arr = x.detach().float().cpu().numpy()
+    outs = [
+        session.run([OUTPUT], {INPUT: arr[i : i + batch_size]})[0]
+        for i in range(0, len(arr), batch_size)
+    ]
+    return np.concatenate(outs)
