@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, field_validator
 from modelkiln.configbase import KilnModel
 from modelkiln.errors import ConfigError
 from modelkiln.optimize.config import OptimizeConfig
+from modelkiln.serve.stage import ServeStageConfig
 from modelkiln.train.config import TrainConfig
 
 __all__ = ["KilnModel", "PipelineConfig", "load_config"]
@@ -123,6 +124,10 @@ class PipelineConfig(KilnModel):
     optimize: OptimizeConfig = Field(
         default_factory=OptimizeConfig,
         description="Quantize / prune / distill / export behind quality gates (stage 'optimize').",
+    )
+    serve: ServeStageConfig = Field(
+        default_factory=ServeStageConfig,
+        description="Serve the run's model over HTTP and load-test it (stage 'serve').",
     )
 
     @field_validator("stages")

@@ -119,12 +119,23 @@ STAGES: dict[str, StageSpec] = {
         description="quantize / prune / distill / export the trained model behind quality gates",
         key_metrics=("chosen", "chosen_speedup", "chosen_quality_ratio", "baseline_quality"),
     ),
+    "serve": StageSpec(
+        "serve",
+        "modelkiln.serve.stage:run_serve_stage",
+        requires=("train",),
+        optional=("optimize",),
+        description="serve the model over HTTP, load-test it, drain and stop",
+        key_metrics=(
+            "closed.output_tokens_per_s",
+            "closed.ttft_p50_ms",
+            "closed.tpot_p50_ms",
+            "errors",
+        ),
+    ),
 }
 
 #: Stages the pipeline knows about but this version does not ship yet.
-PLANNED: dict[str, str] = {
-    "serve": "batched OpenAI-compatible serving with a load benchmark",
-}
+PLANNED: dict[str, str] = {}
 
 
 @dataclass

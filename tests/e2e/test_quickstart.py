@@ -36,6 +36,9 @@ _SMALL = {
     "optimize.bench.max_runs": "2",
     "optimize.data.eval_texts": "4",
     "optimize.data.max_length": "32",
+    "serve.requests": "4",
+    "serve.concurrency": "2",
+    "serve.max_tokens": "4",
 }
 TINY = [arg for key, value in _SMALL.items() for arg in ("--set", f"{key}={value}")]
 
@@ -50,14 +53,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_quickstart_builds_every_stage(runs: Path) -> None:
     run = runs / "quickstart"
-    for stage in ("data", "tokenizer", "train", "optimize"):
+    for stage in ("data", "tokenizer", "train", "optimize", "serve"):
         manifest = json.loads((run / stage / "manifest.json").read_text())
         assert manifest["stage"] == stage
         assert manifest["outputs"], "outputs are recorded with their sha256"
     report = (run / "report.md").read_text()
     assert "| train | ran |" in report and "| optimize | ran |" in report
-    for section in ("## Data", "## Tokenizer", "## Train", "## Optimize"):
+    assert "| serve | ran |" in report
+    for section in ("## Data", "## Tokenizer", "## Train", "## Optimize", "## Serv"):
         assert section in report
+
+
+def test_serve_stage_served_the_model_and_stopped_cleanly(runs: Path) -> None:
+    serve = load_artifact(runs / "quickstart" / "serve")
+    assert serve.metrics["errors"] == 0
+    assert serve.metrics["closed"]["output_tokens_per_s"] > 0
 
 
 def test_optimize_stage_compares_variants_of_the_fine_tuned_model(runs: Path) -> None:

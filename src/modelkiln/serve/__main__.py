@@ -38,6 +38,10 @@ def build_parser(prog: str = "python -m modelkiln.serve") -> argparse.ArgumentPa
     p.add_argument("--port", type=int, help="TCP port (default 8000)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="accepted API key (repeatable; also $MODELKILN_API_KEYS)")  # fmt: skip
+    p.add_argument("--admin-key", action="append", default=[], metavar="KEY",
+                   help="/admin routes key (repeatable; also $MODELKILN_ADMIN_KEYS)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder models (off by default)")  # fmt: skip
     p.add_argument("--cache-url", metavar="URL", help="redis://host:port/db response cache")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="weights precision of every model (default auto)")  # fmt: skip
@@ -70,15 +74,18 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                 spec["precision"] = args.precision
             if args.backend:
                 spec["backend"] = args.backend
+            if args.compile:
+                spec["compile"] = True
             models.append(spec)
         named["models"] = models
     overrides = list(args.overrides)
     if args.cache_url:
         overrides.append(f"cache.url={args.cache_url}")
     cfg = load_serve_config(args.config, overrides, named)
-    if args.api_key:
+    if args.api_key or args.admin_key:
         keys = [k.get_secret_value() for k in cfg.api_keys] + list(args.api_key)
-        cfg = ServeConfig.model_validate(cfg.model_dump() | {"api_keys": keys})
+        admin = [k.get_secret_value() for k in cfg.admin_keys] + list(args.admin_key)
+        cfg = ServeConfig.model_validate(cfg.model_dump() | {"api_keys": keys, "admin_keys": admin})
     return cfg
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from modelkiln.serve import completions, embedding_routes
+from modelkiln.serve import admin, completions, embedding_routes
 from modelkiln.serve.auth import AuthMiddleware
 from modelkiln.serve.config import ServeConfig
 from modelkiln.serve.http_errors import install_error_handlers
@@ -85,6 +85,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(completions.router)
     app.include_router(embedding_routes.router)
+    app.include_router(admin.router)
     _add_probes(app, state)
     # add_middleware wraps: the last added runs first.
     app.add_middleware(
@@ -129,4 +130,9 @@ def _add_probes(app: FastAPI, state: ServerState) -> None:
     async def list_models(request: Request) -> ModelList:
         """The served models (OpenAI shape)."""
         cards = [ModelCard(id=m.name, created=m.created) for m in state.models.values()]
+        cards += [
+            ModelCard(id=f"{m.name}:{a}", created=m.created, owned_by=f"{m.name} (LoRA adapter)")
+            for m in state.models.values()
+            for a in sorted(getattr(m.engine, "adapters", {}))
+        ]
         return ModelList(data=cards)

@@ -23,6 +23,8 @@ from modelkiln.serve.http_errors import error_body
 
 #: Routes that answer without a key (liveness / readiness probes).
 OPEN_PATHS = frozenset({"/health", "/ready"})
+#: Routes checked against the admin keys (by the admin router) instead of the API keys.
+ADMIN_PREFIX = "/admin/"
 
 
 def _digest(key: str) -> bytes:
@@ -74,7 +76,13 @@ class AuthMiddleware:
         self.on_reject = on_reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys.enabled or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or not self.keys.enabled
+            or path in OPEN_PATHS
+            or path.startswith(ADMIN_PREFIX)
+        ):
             await self.app(scope, receive, send)
             return
         header = None

@@ -23,6 +23,8 @@ from modelkiln.hardware import Precision
 
 #: Environment variable holding comma-separated API keys (added to ``api_keys``).
 API_KEYS_ENV = "MODELKILN_API_KEYS"
+#: Environment variable holding comma-separated admin keys (added to ``admin_keys``).
+ADMIN_KEYS_ENV = "MODELKILN_ADMIN_KEYS"
 
 
 class ModelSpec(KilnModel):
@@ -53,6 +55,11 @@ class ModelSpec(KilnModel):
         None, description="PEFT adapter directory merged into a causal LM at load time."
     )
     version: str = Field("1", description="Version label of the model in metrics and /v1/models.")
+    compile: bool = Field(
+        False,
+        description="Run the torch encoder through torch.compile (encoders only; off by "
+        "default: the first batches of each new shape compile, see docs/BENCHMARKS.md).",
+    )
 
     @property
     def served_name(self) -> str:
@@ -115,6 +122,10 @@ class ServeConfig(KilnModel):
         default_factory=list,
         description=f"Accepted API keys (plus those in ${API_KEYS_ENV}); empty = no auth.",
     )
+    admin_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description=f"Keys of the /admin routes (plus ${ADMIN_KEYS_ENV}); empty = admin off.",
+    )
     max_queued_requests: int = Field(
         256, ge=1, description="Admitted, unfinished requests per model before 429."
     )
@@ -145,6 +156,11 @@ class ServeConfig(KilnModel):
         if dupes:
             raise ValueError(f"two models are served as {dupes[0]!r}; give each a distinct name")
         return self
+
+    def resolved_admin_keys(self) -> list[str]:
+        """``admin_keys`` plus the comma-separated keys of ``$MODELKILN_ADMIN_KEYS``."""
+        env = [k.strip() for k in os.environ.get(ADMIN_KEYS_ENV, "").split(",") if k.strip()]
+        return [*(k.get_secret_value() for k in self.admin_keys), *env]
 
     def resolved_api_keys(self) -> list[str]:
         """``api_keys`` plus the comma-separated keys of ``$MODELKILN_API_KEYS``."""

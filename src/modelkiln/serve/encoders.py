@@ -114,10 +114,20 @@ class TorchEncoderBackend:
         model: the encoder, on CPU, in its serving dtype.
         tokenizer: its tokenizer.
         pooling: pooling and normalization.
+        compile: run the forward pass through ``torch.compile(dynamic=True)`` (one graph
+            for every batch shape; the first call compiles for tens of seconds).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, pooling: Pooling | None = None) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, pooling: Pooling | None = None, *, compile: bool = False
+    ) -> None:
         self.model = model.eval()
+        self.compiled = compile
+        self._forward: Any = self.model
+        if compile:
+            import torch
+
+            self._forward = torch.compile(self.model, dynamic=True)
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
         self.pooling = pooling or Pooling()
@@ -128,7 +138,12 @@ class TorchEncoderBackend:
 
     @classmethod
     def from_path(
-        cls, model_dir: str | Path, precision: Precision = "auto", device: str | None = None
+        cls,
+        model_dir: str | Path,
+        precision: Precision = "auto",
+        device: str | None = None,
+        *,
+        compile: bool = False,
     ) -> TorchEncoderBackend:
         """Load an encoder saved with ``save_pretrained`` plus its tokenizer.
 
@@ -152,7 +167,8 @@ class TorchEncoderBackend:
                 f"cannot load an encoder from '{path}': {exc}",
                 hint="pass a directory written by save_pretrained (config.json + weights)",
             ) from exc
-        return cls(model.to(device), _load_tokenizer(path), Pooling.from_dir(path))
+        model = model.to(device)
+        return cls(model, _load_tokenizer(path), Pooling.from_dir(path), compile=compile)
 
     def encode(self, batch: list[list[int]]) -> np.ndarray:
         """Embed a batch of token-id sequences (right-padded here)."""
@@ -161,7 +177,9 @@ class TorchEncoderBackend:
         ids, mask = pad_batch(batch, self.pad_id)
         with torch.inference_mode():
             mask_t = torch.from_numpy(mask).to(self.device)
-            out = self.model(input_ids=torch.from_numpy(ids).to(self.device), attention_mask=mask_t)
+            out = self._forward(
+                input_ids=torch.from_numpy(ids).to(self.device), attention_mask=mask_t
+            )
             hidden = out.last_hidden_state.float()  # [B, T, D]
             if self.pooling.mode == "cls":
                 vectors = hidden[:, 0]

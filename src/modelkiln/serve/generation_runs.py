@@ -154,7 +154,11 @@ def build_run(
                 sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, seed, sp.stop
             )
             rid = f"{base}-{p * n + j}"
-            requests.append(GenerationRequest(rid, ids, choice_params, deadline=now + timeout_s))
+            requests.append(
+                GenerationRequest(
+                    rid, ids, choice_params, deadline=now + timeout_s, adapter=served.adapter
+                )
+            )
     return Run(served, requests, len(prompts), [Choice(i) for i in range(len(requests))])
 
 

@@ -13,6 +13,7 @@ engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -48,6 +49,7 @@ class ServedModel:
     engine: Any  # GenerationEngine (causal_lm) or EmbeddingEngine (encoder)
     admission: AdmissionController
     created: int = field(default_factory=lambda: int(time.time()))
+    adapter: str | None = None  # LoRA adapter loaded at run time, when named "base:adapter"
 
     @property
     def tokenizer(self) -> Any:
@@ -131,14 +133,25 @@ def load_engine(spec: ModelSpec, cfg: ServeConfig, on_batch: Callable[[BatchStat
 
         backend: Any
         if resolve_backend(spec) == "onnx":
+            if spec.compile:
+                raise ServingError(
+                    f"compile: true needs the torch backend; '{spec.path}' runs on onnx",
+                    hint="set backend: torch, or drop compile",
+                )
             backend = OnnxEncoderBackend.from_path(spec.path, threads=cfg.threads)
         else:
-            backend = TorchEncoderBackend.from_path(spec.path, spec.precision)
+            backend = TorchEncoderBackend.from_path(spec.path, spec.precision, compile=spec.compile)
         e = cfg.embedding
         policy = BatchPolicy(
             e.max_batch_tokens, e.max_batch_size, e.max_wait_ms / 1000, tuple(e.buckets)
         )
         return EmbeddingEngine(backend, policy, model_name=spec.served_name, on_batch=on_batch)
+    if spec.compile:
+        raise ServingError(
+            f"compile: true is not supported for the causal LM '{spec.path}'",
+            hint="the generation engine's KV cache changes shape every step, which makes "
+            "torch.compile recompile; set compile only on encoder models",
+        )
     if resolve_backend(spec) != "torch":
         raise ServingError(
             f"causal LM '{spec.path}' cannot run on backend 'onnx'",
@@ -182,6 +195,10 @@ class ServerState:
         self.metrics = ServeMetrics()
         self.cache: ResponseCache = make_cache(cfg.cache)
         self.keys = APIKeys(cfg.resolved_api_keys())
+        self.admin_keys = APIKeys(cfg.resolved_admin_keys())
+        # (model, adapter) -> load count: part of the adapter's version, so a reloaded adapter
+        # never answers from the cached responses of its previous weights.
+        self.adapter_loads: dict[tuple[str, str], int] = {}
         self.models: dict[str, ServedModel] = {}
         self.ready = False
         self.draining = False
@@ -272,11 +289,11 @@ class ServerState:
                     raise unavailable("the models are still loading", "not_ready")
                 raise bad_request(f"this server serves no {kind.replace('_', ' ')} model")
             name = first.name
-        served = self.models.get(name)
+        served = self.models.get(name) or self.adapter_model(name)
         if served is None:
             if not self.ready and name in {s.served_name for s in self.cfg.models}:
                 raise unavailable(f"the model {name!r} is still loading", "not_ready")
-            raise model_not_found(name, sorted(self.models))
+            raise model_not_found(name, self.model_ids())
         request.scope.setdefault("state", {})["model"] = (served.name, served.version)
         if served.kind != kind:
             route = "/v1/embeddings" if served.kind == "encoder" else "/v1/completions"
@@ -288,6 +305,24 @@ class ServerState:
                 param="model",
             )
         return served
+
+    def adapter_model(self, name: str) -> ServedModel | None:
+        """The served view of ``"base:adapter"`` when that adapter is loaded, else None."""
+        base_name, sep, adapter = name.rpartition(":")
+        base = self.models.get(base_name) if sep else None
+        if base is None or adapter not in getattr(base.engine, "adapters", {}):
+            return None
+        loads = self.adapter_loads.get((base.name, adapter), 1)
+        return dataclasses.replace(
+            base, name=name, version=f"{base.version}+{adapter}.{loads}", adapter=adapter
+        )
+
+    def model_ids(self) -> list[str]:
+        """Every name a request may pass as ``model``: models, then ``model:adapter``."""
+        ids = list(self.models)
+        for served in self.models.values():
+            ids += [f"{served.name}:{a}" for a in sorted(getattr(served.engine, "adapters", {}))]
+        return ids
 
     # --------------------------------------------------------------- metrics
     def _on_batch_for(self, name: str) -> Callable[[BatchStats], None]:

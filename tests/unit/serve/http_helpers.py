@@ -17,7 +17,7 @@ import httpx
 from modelkiln.config import TokenizerConfig
 from modelkiln.data.tokenizer import train_tokenizer
 from modelkiln.serve.config import ModelSpec, ServeConfig
-from modelkiln.serve.generation.api import GenerationRequest, TokenEvent
+from modelkiln.serve.generation.api import FinishReason, GenerationRequest, TokenEvent
 
 T = TypeVar("T")
 TEXTS = ["def add(x, y):\n    return x + y\n\n", "class A:\n    pass\n", "hello world\n"]
@@ -105,7 +105,7 @@ class FakeEngine:
                 text += piece
                 stop = next((s for s in params.stop if s in text), None)
                 last = i == params.max_tokens - 1 or stop is not None
-                reason = ("stop" if stop else "length") if last else None
+                reason: FinishReason | None = ("stop" if stop else "length") if last else None
                 if stop is not None:
                     piece = piece[: len(piece) - (len(text) - text.index(stop))]
                 finished = last

@@ -36,6 +36,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     arrival: float = 0.0
     deadline: float | None = None  # engine clock time after which the request is abandoned
+    adapter: str | None = None  # LoRA adapter loaded at run time (None: the base model)
 
 
 @dataclass(frozen=True)

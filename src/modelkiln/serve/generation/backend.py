@@ -20,6 +20,12 @@ cache twice per step (stack + unstack) where this layout copies it once (the
 ``torch.cat`` inside ``DynamicLayer.update``, which ``generate`` pays too).
 Only plain full-attention caches are supported (GPT-2, Llama, Qwen2, ...);
 models with sliding-window or linear-attention layers are refused at load.
+
+LoRA adapters loaded at run time (:meth:`TorchCausalLMBackend.load_adapter`)
+share the base weights: once one is loaded the model runs through peft with
+``adapter_names=`` (one name per row, ``"__base__"`` for the base model), so a
+single forward pass serves a batch that mixes adapters (peft's mixed-batch
+LoRA inference). Unloading the last adapter removes the LoRA layers again.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+
+#: Adapter name peft uses for "no adapter" rows in a mixed batch.
+BASE_ADAPTER = "__base__"
 
 
 @dataclass
@@ -82,6 +91,8 @@ class TorchCausalLMBackend:
         self._lengths = torch.zeros(0, dtype=torch.long, device=self.device)
         self._cache: Any = None
         self._width = 0
+        self._peft: Any = None  # PeftModel wrapping self.model once an adapter is loaded
+        self._row_adapter: dict[str, str] = {}  # request id -> adapter name (absent: base)
         self._check_cache_layout()
 
     @classmethod
@@ -122,6 +133,74 @@ class TorchCausalLMBackend:
         return list(self._rows)
 
     @property
+    def adapters(self) -> list[str]:
+        """Names of the LoRA adapters loaded at run time."""
+        return sorted(self._peft.peft_config) if self._peft is not None else []
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load the PEFT LoRA adapter saved in ``path`` under ``name`` (weights stay unmerged).
+
+        Raises:
+            ServingError: the name is taken, or ``path`` holds no adapter for this model.
+        """
+        from modelkiln.errors import require
+
+        require("peft", "train", purpose="serving LoRA adapters")
+        from peft import PeftModel
+
+        if name in self.adapters or name == BASE_ADAPTER:
+            raise ServingError(
+                f"an adapter named {name!r} is already loaded", hint="unload it first"
+            )
+        try:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            else:
+                self._peft.load_adapter(str(path), adapter_name=name)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            if self._peft is not None and not self._peft.peft_config:
+                self._drop_peft()
+            raise ServingError(
+                f"cannot load the adapter in '{path}': {exc}",
+                hint="pass a directory written by PeftModel.save_pretrained for this base model",
+            ) from exc
+        self._peft.eval()
+        kind = self._peft.peft_config[name].peft_type
+        if str(getattr(kind, "value", kind)) != "LORA":
+            self.unload_adapter(name)
+            raise ServingError(
+                f"the adapter in '{path}' is {kind}, not LoRA",
+                hint="only LoRA adapters can be served per request",
+            )
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove adapter ``name``; rows still using it must be released first.
+
+        Raises:
+            ServingError: no adapter of that name is loaded.
+        """
+        if name not in self.adapters:
+            raise ServingError(
+                f"no adapter named {name!r} is loaded", hint="see GET /admin/adapters"
+            )
+        if len(self.adapters) == 1:
+            self._drop_peft()
+        else:
+            self._peft.delete_adapter(name)
+
+    def _drop_peft(self) -> None:
+        """Strip every LoRA layer and go back to the plain model."""
+        self.model = self._peft.unload()
+        self._peft = None
+
+    def _forward(self, rids: Sequence[str], **kwargs: Any) -> Any:
+        """One forward pass; with adapters loaded, each row runs with its own adapter."""
+        if self._peft is None:
+            return self.model(**kwargs)
+        names = [self._row_adapter.get(rid, BASE_ADAPTER) for rid in rids]
+        return self._peft(**kwargs, adapter_names=names)
+
+    @property
     def vocab_size(self) -> int:
         """Width of the logits this backend returns."""
         return int(self.model.get_output_embeddings().weight.shape[0])
@@ -131,6 +210,7 @@ class TorchCausalLMBackend:
         import torch
 
         self._rows, self._cache, self._width = [], None, 0
+        self._row_adapter.clear()
         self._lengths = torch.zeros(0, dtype=torch.long, device=self.device)
 
     def release(self, request_ids: Sequence[str]) -> None:
@@ -145,6 +225,8 @@ class TorchCausalLMBackend:
             self.reset()
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        for rid in drop:
+            self._row_adapter.pop(rid, None)
         self._rows = [self._rows[i] for i in keep]
         self._lengths = self._lengths.index_select(0, index)
         width = int(self._lengths.max())
@@ -155,7 +237,11 @@ class TorchCausalLMBackend:
         self._width = width
 
     # ------------------------------------------------------------------ steps
-    def prefill(self, requests: Sequence[tuple[str, Sequence[int]]]) -> torch.Tensor:
+    def prefill(
+        self,
+        requests: Sequence[tuple[str, Sequence[int]]],
+        adapters: dict[str, str] | None = None,
+    ) -> torch.Tensor:
         """Run the prompts of new sequences and add them to the batch.
 
         Prompts of similar length are run together (left-padded) so padding never
@@ -163,6 +249,7 @@ class TorchCausalLMBackend:
 
         Args:
             requests: ``(request_id, prompt_ids)`` pairs; ids must not be in the batch.
+            adapters: adapter name by request id for sequences that use one (else base).
 
         Returns:
             fp32 logits of each prompt's last position, ``[len(requests), vocab]``.
@@ -170,6 +257,10 @@ class TorchCausalLMBackend:
         import torch
 
         assert not {rid for rid, _ in requests} & set(self._rows), "request already in batch"
+        for rid, name in (adapters or {}).items():
+            if name not in self.adapters:
+                raise ServingError(f"no adapter named {name!r} is loaded", hint="load it first")
+            self._row_adapter[rid] = name
         parts: list[_Part] = []
         logits: dict[str, torch.Tensor] = {}
         for group in _length_groups(requests):
@@ -196,7 +287,8 @@ class TorchCausalLMBackend:
         lengths = self._lengths
         mask = _left_pad_mask(lengths + 1, self._width + 1)
         with torch.inference_mode():
-            out = self.model(
+            out = self._forward(
+                self._rows,
                 input_ids=ids.to(self.device),
                 attention_mask=mask.long(),
                 position_ids=lengths.unsqueeze(1),
@@ -231,7 +323,8 @@ class TorchCausalLMBackend:
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.config)
         with torch.inference_mode():
-            out = self.model(
+            out = self._forward(
+                [rid for rid, _ in group],
                 input_ids=ids.to(self.device),
                 attention_mask=mask.long().to(self.device),
                 position_ids=positions.to(self.device),

@@ -140,6 +140,7 @@ class TorchGenerationEngine:
         self._accepting = False
         self._stopping = False
         self._stats = _Stats()
+        self._adapters: dict[str, str] = {}  # name -> path of LoRA adapters loaded at run time
 
     @classmethod
     def from_path(
@@ -225,6 +226,11 @@ class TorchGenerationEngine:
                 "the generation engine is not accepting requests (not started or shutting down)",
                 hint="wait for /ready or retry on another replica",
             )
+        if request.adapter is not None and request.adapter not in self._adapters:
+            raise ServingError(
+                f"no adapter named {request.adapter!r} is loaded",
+                hint="load it with POST /admin/adapters",
+            )
         if request.arrival == 0.0:
             request.arrival = self.clock.now()
         self.scheduler.add(request)
@@ -254,6 +260,48 @@ class TorchGenerationEngine:
             "last_step_seconds": s.step_seconds,
             "busy_seconds": s.busy_seconds,
         }
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """LoRA adapters loaded at run time: name -> directory."""
+        return dict(self._adapters)
+
+    async def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load a PEFT LoRA adapter (in the worker thread, between steps) under ``name``.
+
+        Raises:
+            ServingError: the engine is not running, the name is taken or the adapter is invalid.
+        """
+        if self._executor is None:
+            raise ServingError("the generation engine is not running", hint="wait for /ready")
+        if name in self._adapters:
+            raise ServingError(f"an adapter named {name!r} is already loaded", hint="unload it")
+        await self._run(self.backend.load_adapter, name, path)
+        self._adapters[name] = str(path)
+
+    async def unload_adapter(self, name: str) -> int:
+        """Unload adapter ``name``: its unfinished requests are cancelled. Returns their count.
+
+        Raises:
+            ServingError: no adapter of that name is loaded.
+        """
+        if name not in self._adapters:
+            raise ServingError(f"no adapter named {name!r} is loaded", hint="list the adapters")
+        del self._adapters[name]  # from here on, generate() refuses it
+        users = [rid for rid, live in self._live.items() if live.request.adapter == name]
+        for rid in users:
+            finished = self.scheduler.cancel(rid, f"adapter {name!r} was unloaded")
+            if finished is not None:
+                self._finish(finished)
+        # Released rows leave the KV cache before the next forward; this job runs after the
+        # current step in the same worker thread, so no forward pass sees a missing adapter.
+        await self._run(self._release_and_unload, users, name)
+        self._poke()
+        return len(users)
+
+    def _release_and_unload(self, rids: list[str], name: str) -> None:
+        self.backend.release(rids)
+        self.backend.unload_adapter(name)
 
     def cancel(self, request_id: str) -> bool:
         """Cancel a request by id (what closing its stream does); False if already finished."""
@@ -311,8 +359,11 @@ class TorchGenerationEngine:
             parts.append(self.backend.decode(rids, [s.last_token for s in out.decode]))
             seqs += out.decode
         if out.prefill:
+            adapters = {s.request_id: s.request.adapter for s in out.prefill if s.request.adapter}
             parts.append(
-                self.backend.prefill([(s.request_id, s.request.prompt_ids) for s in out.prefill])
+                self.backend.prefill(
+                    [(s.request_id, s.request.prompt_ids) for s in out.prefill], adapters
+                )
             )
             seqs += out.prefill
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,0 +1,73 @@
+"""The load generator against a real server on loopback (scripted engines): closed and open
+loop, TTFT / TPOT / ITL, percentiles, goodput, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from http_helpers import FakeEngine, tiny_encoder_dir
+
+from modelkiln.errors import ConfigError
+from modelkiln.serve import ModelServer, ServeConfig
+from modelkiln.serve.loadgen import SLO, LoadReport, RequestResult, percentile, run_load
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    engine = FakeEngine(delay=0.01, max_model_len=4096)
+    models = [{"path": "fake", "name": "lm"}, {"path": str(tiny_encoder_dir()), "name": "enc"}]
+    cfg = ServeConfig.model_validate({"models": models, "port": 0, "cache": {"enabled": False}})
+    server = ModelServer(config=cfg, engines={"lm": engine})
+    yield server.start(timeout=60)
+    server.stop()
+
+
+def test_closed_loop_measures_every_streamed_token(url: str) -> None:
+    report = run_load(url, ["a b", "c"], model="lm", concurrency=3, num_requests=9, max_tokens=6)
+    assert report.mode == "closed loop, concurrency 3" and len(report.results) == 9
+    for r in report.results:
+        assert r.ok and r.completion_tokens == 6 and len(r.itl) == 5
+        assert r.ttft is not None and 0.005 < r.ttft < r.latency
+        assert r.tpot is not None and r.tpot >= 0.005  # the engine sleeps 10 ms per token
+    s = report.summary(SLO(ttft_s=10, tpot_s=10))
+    assert s["ok"] == 9 and s["errors"] == 0 and s["output_tokens"] == 54
+    assert s["ttft_p50_ms"] <= s["ttft_p95_ms"] <= s["ttft_p99_ms"]
+    assert s["goodput_rps"] == pytest.approx(s["throughput_rps"]) and s["slo_attainment"] == 1.0
+    strict = report.summary(SLO(ttft_s=10, tpot_s=0.001))
+    assert strict["goodput_rps"] == 0 and strict["slo_attainment"] == 0
+
+
+def test_open_loop_poisson_is_seeded_and_errors_are_counted(url: str) -> None:
+    a = run_load(url, ["x"], model="lm", rate=50, num_requests=10, max_tokens=2, seed=7)
+    b = run_load(url, ["x"], model="lm", rate=50, num_requests=10, max_tokens=2, seed=7)
+    assert a.mode == "open loop, Poisson 50 req/s" and len(a.results) == 10
+    starts_a = sorted(r.start for r in a.results)
+    starts_b = sorted(r.start for r in b.results)
+    assert max(abs(x - y) for x, y in zip(starts_a, starts_b, strict=True)) < 0.05
+    bad = run_load(url, ["x"], model="nope", concurrency=2, num_requests=4, max_tokens=2)
+    s = bad.summary()
+    assert s["errors"] == 4 and s["ok"] == 0 and "model_not_found" in s["first_error"]
+    assert s["ttft_p50_ms"] is None
+
+
+def test_embeddings_and_argument_checks(url: str) -> None:
+    report = run_load(url, ["def f", "class A"], kind="embeddings", model="enc", concurrency=2,
+                      num_requests=6)  # fmt: skip
+    assert all(r.ok and r.ttft == r.latency for r in report.results)
+    with pytest.raises(ConfigError, match="exactly one"):
+        run_load(url, ["x"], model="lm", concurrency=2, rate=1.0, num_requests=1)
+    with pytest.raises(ConfigError, match="num_requests or duration_s"):
+        run_load(url, ["x"], model="lm", concurrency=2)
+
+
+def test_percentiles_and_tpot_definitions() -> None:
+    assert percentile([], 50) is None
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert percentile([5.0], 99) == 5.0
+    r = RequestResult(start=0, status=200, latency=1.0, ttft=0.1, completion_tokens=10)
+    assert r.tpot == pytest.approx(0.1)
+    assert RequestResult(start=0, status=200, latency=1, ttft=0.5, completion_tokens=1).tpot is None
+    report = LoadReport("x", 2.0, [r, RequestResult(start=0, status=500, error="boom")])
+    s = report.summary(SLO(ttft_s=0.2, tpot_s=0.2))
+    assert s["throughput_rps"] == 0.5 and s["goodput_rps"] == 0.5 and s["errors"] == 1
