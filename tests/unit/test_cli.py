@@ -95,3 +95,11 @@ def test_serve_without_a_model_is_a_clear_error() -> None:
     result = runner.invoke(app, ["serve"])
     assert result.exit_code == 2
     assert "pass --model-path DIR" in result.stderr
+
+
+def test_error_text_with_brackets_is_printed_verbatim(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run: x\n")
+    result = runner.invoke(app, ["pipeline", "run", str(cfg), "--set", "data.source=[bold]x"])
+    assert result.exit_code == 2
+    assert "[bold]x" in result.stderr

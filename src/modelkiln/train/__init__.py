@@ -20,11 +20,19 @@ _EXPORTS = {
     "load_trained": "modelkiln.train.api",
     "MergeReport": "modelkiln.train.api",
     "CodeModelTrainer": "modelkiln.train.api",
+    "DistributedTrainer": "modelkiln.train.api",
+    "LaunchSpec": "modelkiln.train.launch",
+    "launch_train": "modelkiln.train.launch",
     "run_train_stage": "modelkiln.train.stage",
     "METHODS": "modelkiln.train.peft_methods",
     "get_method": "modelkiln.train.peft_methods",
     "ContrastiveConfig": "modelkiln.train.encoder",
     "train_contrastive": "modelkiln.train.encoder",
+    "EncoderJobConfig": "modelkiln.train.encoder",
+    "train_encoder": "modelkiln.train.encoder",
+    "MonitorConfig": "modelkiln.train.config",
+    "TrainingMonitor": "modelkiln.train.monitor",
+    "MonitoredTrainer": "modelkiln.train.monitor",
 }
 
 __all__ = list(_EXPORTS)

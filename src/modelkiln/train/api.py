@@ -1,5 +1,5 @@
 """Library entry points: :func:`train`, :func:`load_trained`, :func:`merge`, and the
-handbook's :class:`CodeModelTrainer` facade.
+handbook's :class:`CodeModelTrainer` and :class:`DistributedTrainer` facades.
 
 Example:
     >>> art = train(TrainConfig(), data="runs/q/data", tokenizer="runs/q/tokenizer",
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -69,13 +70,23 @@ def train(
         progress: progress sink.
         callbacks: extra ``transformers.TrainerCallback`` objects.
 
+    Under torchrun (:mod:`modelkiln.train.launch`) every process trains; only rank 0
+    writes the artifact, the others return it once rank 0 has.
+
     Returns:
         The finished artifact (layout: :mod:`modelkiln.train.outputs`).
     """
+    from modelkiln.train.engine import barrier, is_main_process
+
     run = Path(run_dir)
+    effective_seed = cfg.seed if cfg.seed is not None else seed
+    if not is_main_process():
+        train_other_rank(cfg, data=data, tokenizer=tokenizer, run_dir=run, seed=effective_seed,
+                         resume=resume, callbacks=callbacks)  # fmt: skip
+        barrier()  # rank 0 has written the artifact
+        return load_artifact(run / STAGE)
     inputs = {k: a for k, p in (("data", data), ("tokenizer", tokenizer))
               if (a := _maybe_artifact(p)) is not None}  # fmt: skip
-    effective_seed = cfg.seed if cfg.seed is not None else seed
     key = hash_json({"config": cfg.model_dump(mode="json"), "seed": effective_seed,
                      "data": str(data), "tokenizer": str(tokenizer)})  # fmt: skip
     with stage_writer(
@@ -86,7 +97,33 @@ def train(
             seed=effective_seed, resume=resume, progress=progress, callbacks=callbacks,
         )  # fmt: skip
         pending.metrics.update(result.metrics())
+    barrier()  # the other ranks read the artifact now
     return load_artifact(run / STAGE)
+
+
+def train_other_rank(
+    cfg: TrainConfig,
+    *,
+    data: str | Path,
+    tokenizer: str | Path | None,
+    run_dir: Path,
+    seed: int,
+    resume: bool | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> None:
+    """A rank other than 0 of a torchrun launch: train along with rank 0, write no artifact.
+
+    Same inputs, seed and checkpoint folder as rank 0's :func:`train`; the phase outputs
+    this rank would write go to a temporary folder that is deleted.
+    """
+    from modelkiln.train.phases import fit
+    from modelkiln.train.stage import checkpoint_root
+
+    with tempfile.TemporaryDirectory(prefix="kiln-rank-") as tmp:
+        fit(
+            cfg, data=data, tokenizer=tokenizer, out=Path(tmp), ckpt_root=checkpoint_root(run_dir),
+            seed=seed, final_dir=run_dir / STAGE, resume=resume, callbacks=callbacks,
+        )  # fmt: skip
 
 
 def load_trained(path: str | Path, *, merged: bool = False) -> tuple[Any, PreTrainedTokenizerBase]:
@@ -249,6 +286,98 @@ class CodeModelTrainer:
         """Train into ``<output_dir>/train`` and return the artifact."""
         self.artifact = train(
             self.config, data=data, tokenizer=tokenizer, run_dir=self.output_dir,
+            seed=self.seed, resume=resume, progress=progress,
+        )  # fmt: skip
+        return self.artifact
+
+    def merge(self, out_dir: str | Path | None = None) -> MergeReport:
+        """Merge the trained adapter into a full model (default ``<output_dir>/merged``)."""
+        if self.artifact is None:
+            raise ArtifactError("nothing trained yet", hint="call train() first")
+        return merge(self.artifact.path, out_dir or self.output_dir / "merged")
+
+
+class DistributedTrainer:
+    """The handbook's distributed trainer: :func:`train` on several processes (torchrun).
+
+    Each of the ``nproc`` processes (per node) trains a replica (DDP), a shard (FSDP) or
+    a ZeRO partition (DeepSpeed) of the model; by default they split the configured
+    global batch so the result matches the 1-process run. On CPU the processes talk
+    over gloo, on GPUs over nccl. Only rank 0 writes the artifact.
+
+    Example:
+        >>> trainer = DistributedTrainer(TrainConfig(), nproc=2, strategy="ddp",
+        ...                              output_dir="runs/ddp")
+        >>> art = trainer.train(data="runs/q/data", tokenizer="runs/q/tokenizer")
+        >>> art.metrics["finetune"]["eval_loss_after"]
+
+        Two nodes (run on each, ``node_rank`` 0 and 1, with a shared ``output_dir``)::
+
+            DistributedTrainer(cfg, nproc=8, nnodes=2, node_rank=0,
+                               master_addr="node0.example", master_port=29500)
+
+    Args:
+        config: the train config (default: :class:`TrainConfig` defaults).
+        nproc: processes per node.
+        nnodes: number of nodes.
+        node_rank: this node's index (0 on the master node).
+        master_addr: address of node 0.
+        master_port: rendezvous port on node 0.
+        strategy: override ``config.distributed.strategy`` (ddp, fsdp, deepspeed).
+        output_dir: run directory (artifact in ``<output_dir>/train``).
+        seed: seed when ``config.seed`` is None.
+        overrides: ``key=value`` overrides applied to the config.
+
+    Raises:
+        ConfigError: bad launch values or config.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig | None = None,
+        *,
+        nproc: int = 2,
+        nnodes: int = 1,
+        node_rank: int = 0,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 29500,
+        strategy: str | None = None,
+        output_dir: str | Path = "runs/distributed",
+        seed: int = 0,
+        overrides: Sequence[str] = (),
+    ) -> None:
+        from modelkiln.train.launch import LaunchSpec
+
+        raw = (config or TrainConfig()).model_dump(mode="json")
+        if strategy is not None:
+            raw["distributed"]["strategy"] = strategy
+        try:
+            self.config = TrainConfig.model_validate(apply_overrides(raw, list(overrides)))
+        except ValidationError as exc:
+            raise format_validation_error(exc, "DistributedTrainer") from None
+        self.spec = LaunchSpec(nproc, nnodes, node_rank, master_addr, master_port).validate()
+        self.output_dir = Path(output_dir)
+        self.seed = seed
+        self.artifact: Artifact | None = None
+
+    def train(
+        self,
+        data: str | Path,
+        tokenizer: str | Path | None = None,
+        *,
+        resume: bool | None = None,
+        progress: Progress = QUIET,
+    ) -> Artifact:
+        """Train on all processes into ``<output_dir>/train`` and return the artifact.
+
+        Raises:
+            DependencyMissingError: the strategy's library (DeepSpeed) is not installed.
+            StageError: a worker process failed.
+        """
+        from modelkiln.train.launch import launch_train
+
+        self.artifact = launch_train(
+            self.config, self.spec, data=data, tokenizer=tokenizer, run_dir=self.output_dir,
             seed=self.seed, resume=resume, progress=progress,
         )  # fmt: skip
         return self.artifact

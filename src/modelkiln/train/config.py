@@ -237,6 +237,96 @@ class TrainDataConfig(KilnModel):
     )
 
 
+Offload = Literal["none", "cpu", "nvme"]
+
+
+class FsdpConfig(KilnModel):
+    """FSDP2 (``distributed.strategy: fsdp``): torch ``fully_shard`` through Trainer/accelerate."""
+
+    sharding: Literal["full_shard", "shard_grad_op"] = Field(
+        "full_shard",
+        description="full_shard: parameters are re-sharded after forward (ZeRO-3-like, least "
+        "memory); shard_grad_op: they stay gathered until backward (ZeRO-2-like, faster).",
+    )
+    auto_wrap: bool = Field(
+        True, description="Shard per transformer block (the model's no-split modules)."
+    )
+    cpu_offload: bool = Field(False, description="Keep sharded parameters in CPU memory.")
+
+
+class DeepSpeedConfig(KilnModel):
+    """DeepSpeed ZeRO (``distributed.strategy: deepspeed``; needs the ``distributed`` extra).
+
+    Batch size, accumulation, clipping and precision come from the phase's loop settings
+    (passed to DeepSpeed as ``auto``), so one config serves both phases.
+    """
+
+    stage: Literal[1, 2, 3] = Field(
+        2, description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."
+    )
+    offload_optimizer: Offload = Field(
+        "none", description="Where the optimizer state lives: GPU (none), CPU or NVMe."
+    )
+    offload_params: Offload = Field(
+        "none", description="Where the parameters live between uses (stage 3 only)."
+    )
+    nvme_path: str | None = Field(None, description="Folder for NVMe offload.")
+    overlap_comm: bool = Field(True, description="Overlap gradient reduction with backward.")
+    contiguous_gradients: bool = Field(True, description="Copy gradients to one buffer.")
+    reduce_bucket_size: int | None = Field(
+        None, ge=1, description="Elements per all-reduce bucket; None = DeepSpeed's choice."
+    )
+
+    @model_validator(mode="after")
+    def _offload(self) -> DeepSpeedConfig:
+        if self.offload_params != "none" and self.stage != 3:
+            raise ValueError(f"offload_params needs ZeRO stage 3 (stage is {self.stage})")
+        if "nvme" in (self.offload_params, self.offload_optimizer) and not self.nvme_path:
+            raise ValueError("NVMe offload needs nvme_path")
+        return self
+
+
+class DistributedConfig(KilnModel):
+    """How a multi-process run (``kiln train --nproc N``, torchrun) trains.
+
+    Ignored in a single process. Example::
+
+        train:
+          distributed: {strategy: deepspeed, deepspeed: {stage: 3, offload_optimizer: cpu}}
+    """
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="ddp (a full replica per process), fsdp (sharded, torch) or deepspeed (ZeRO).",
+    )
+    batch: Literal["keep_global", "per_device"] = Field(
+        "keep_global",
+        description="keep_global: N processes split the configured batch (grad_accum, else "
+        "batch_size, divided by N) so results match the 1-process run; per_device: every "
+        "process takes batch_size x grad_accum blocks (global batch x N).",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Process-group backend; auto = nccl on CUDA, gloo on CPU."
+    )
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="FSDP settings.")
+    deepspeed: DeepSpeedConfig = Field(
+        default_factory=DeepSpeedConfig, description="DeepSpeed ZeRO settings."
+    )
+
+
+class MonitorConfig(KilnModel):
+    """The training monitor (``train.monitor``): see :mod:`modelkiln.train.monitor`."""
+
+    enabled: bool = Field(
+        True, description="Record monitor.jsonl, plots and a report section for every phase."
+    )
+    sample_interval_s: float = Field(
+        1.0, gt=0.0, le=60.0, description="Seconds between two CPU / RAM / GPU samples."
+    )
+    plots: bool = Field(True, description="Draw monitor_<phase>.png at the end of each phase.")
+    gpu: bool = Field(True, description="Sample GPU memory (and utilization) when CUDA is present.")
+
+
 class TrainConfig(KilnModel):
     """The ``train`` stage: base model, data, the two phases, precision, checkpoints."""
 
@@ -269,6 +359,14 @@ class TrainConfig(KilnModel):
     report_to: list[str] = Field(
         default_factory=list,
         description="Trainer integrations to log to when installed (tensorboard, mlflow, wandb).",
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="Multi-process training (DDP / FSDP / DeepSpeed) under torchrun.",
+    )
+    monitor: MonitorConfig = Field(
+        default_factory=MonitorConfig,
+        description="Training monitor: per-step numbers, CPU/RAM/GPU samples, plots, report.",
     )
 
     @model_validator(mode="after")

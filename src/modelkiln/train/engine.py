@@ -114,12 +114,13 @@ def training_arguments(
     seed: int,
     gradient_checkpointing: bool = False,
     report_to: Sequence[str] = (),
+    extra: dict[str, Any] | None = None,
 ) -> TrainingArguments:
-    """The ``TrainingArguments`` of one phase."""
+    """The ``TrainingArguments`` of one phase (``extra``: DDP/FSDP/DeepSpeed arguments)."""
     import torch
     from transformers import TrainingArguments
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(extra or {})
     if loop.schedule == "reduce_on_plateau":
         kwargs["lr_scheduler_kwargs"] = {"patience": 1, "factor": 0.5}
     return TrainingArguments(
@@ -253,6 +254,7 @@ def run_loop(
     progress: Progress = QUIET,
     task: str = "train",
     block_size: int = 0,
+    extra_args: dict[str, Any] | None = None,
 ) -> LoopResult:
     """Train ``model`` for one phase, checkpointing into ``ckpt_dir``.
 
@@ -269,7 +271,9 @@ def run_loop(
         seed=seed,
         gradient_checkpointing=gradient_checkpointing,
         report_to=report_to,
+        extra=extra_args,
     )
+    args.run_name = task  # names the phase for report_to integrations and the monitor
     trainer_cls = _trainer_class()
     timing = {"seconds": 0.0, "tokens": 0.0, "t0": 0.0}
     tokens_per_step = loop.batch_size * loop.grad_accum * block_size * args.world_size

@@ -19,7 +19,14 @@ usual fast path. GPT-2's ``Conv1D`` layers become ``Linear4bit`` on loading.
 
 AdaLoRA's rank allocation (``update_and_allocate``) runs in
 :class:`AdaLoraAllocationCallback` after every optimizer step — after, not
-before, or the saved adapter would not match the trained model.
+before, or the saved adapter would not match the trained model. The callback
+also makes AdaLoRA checkpoints resumable exactly: each checkpoint gets the rank
+allocator's state (``ipt``, ``exp_avg_ipt``, ``exp_avg_unc``) and the current
+rank pattern in ``kiln_adalora.pt``, restored when training resumes. During
+training the pattern is kept out of the peft config, so checkpoints hold the
+full-rank (masked) adapter that resumes into the same module shapes and
+optimizer state; it is put back at the end, so the final adapter is saved
+pruned to its allocated ranks, as peft does.
 
 Example:
     >>> method = get_method("lora")
@@ -31,6 +38,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelkiln.errors import ConfigError, require
@@ -288,18 +296,115 @@ class AdaLoraMethod(TrainingMethod):
         return [_adalora_callback()]
 
 
+ADALORA_STATE = "kiln_adalora.pt"
+"""File in each AdaLoRA checkpoint with the rank allocator's state and rank pattern."""
+
+
 def _adalora_callback() -> TrainerCallback:
     from transformers import TrainerCallback
 
     class AdaLoraAllocationCallback(TrainerCallback):
-        """Run AdaLoRA's rank allocation after each optimizer step (gradients still present)."""
+        """Rank allocation after each optimizer step, with its state in every checkpoint."""
+
+        def __init__(self) -> None:
+            self.pattern: dict[str, Any] | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            tuner = _adalora_tuner(kwargs["model"])
+            self.pattern = _take_pattern(tuner)
+            if state.global_step:  # resumed: Trainer loaded checkpoint-<global_step>
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                self.pattern = load_adalora_state(tuner, folder / ADALORA_STATE)
 
         def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            model = kwargs["model"]
-            model = getattr(model, "module", model)  # DDP wrapper
-            model.base_model.update_and_allocate(state.global_step)
+            tuner = _adalora_tuner(kwargs["model"])
+            tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = self.pattern
+            tuner.update_and_allocate(state.global_step)  # the step before this one ends
+            self.pattern = _take_pattern(tuner)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # Written before Trainer saves the checkpoint into the same folder, so it is in
+            # place before the checkpoint-complete marker (written on save).
+            if control.should_save and state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                save_adalora_state(_adalora_tuner(kwargs["model"]), self.pattern, folder)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            tuner = _adalora_tuner(kwargs["model"])
+            pattern = self.pattern
+            best = state.best_model_checkpoint
+            if args.load_best_model_at_end and best and (Path(best) / ADALORA_STATE).is_file():
+                pattern = _read_state(Path(best) / ADALORA_STATE)["rank_pattern"]
+            # Back into the config: the final save prunes the adapter to the allocated ranks.
+            tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = pattern
 
     return AdaLoraAllocationCallback()
+
+
+def _adalora_tuner(model: Any) -> Any:
+    model = getattr(model, "module", model)  # DDP wrapper
+    return model.base_model
+
+
+def _take_pattern(tuner: Any) -> dict[str, Any] | None:
+    """Move the rank pattern out of the peft config (None there = save full-rank weights)."""
+    config = tuner.peft_config[tuner.trainable_adapter_name]
+    pattern = config.rank_pattern
+    config.rank_pattern = None
+    return dict(pattern) if pattern else None
+
+
+def save_adalora_state(tuner: Any, pattern: dict[str, Any] | None, folder: Path) -> Path:
+    """Write the rank allocator's state and ``pattern`` to ``folder/kiln_adalora.pt``.
+
+    Args:
+        tuner: the ``AdaLoraModel`` (``peft_model.base_model``).
+        pattern: the current rank pattern (layer -> kept-rank booleans), None before any.
+        folder: the checkpoint folder.
+    """
+    import torch
+
+    alloc = tuner.rankallocator
+    state = {
+        "ipt": {k: v.detach().cpu() for k, v in alloc.ipt.items()},
+        "exp_avg_ipt": {k: v.detach().cpu() for k, v in alloc.exp_avg_ipt.items()},
+        "exp_avg_unc": {k: v.detach().cpu() for k, v in alloc.exp_avg_unc.items()},
+        "rank_pattern": pattern,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ADALORA_STATE
+    torch.save(state, path)
+    return path
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    import torch
+
+    if not path.is_file():
+        raise ConfigError(
+            f"AdaLoRA checkpoint {path.parent} has no {ADALORA_STATE} (rank allocator state)",
+            hint="it was written by an older modelkiln: train again with resume=false",
+        )
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
+
+
+def load_adalora_state(tuner: Any, path: Path) -> dict[str, Any] | None:
+    """Restore the rank allocator from ``path`` (see :func:`save_adalora_state`).
+
+    Returns:
+        The saved rank pattern.
+
+    Raises:
+        ConfigError: the file is missing.
+    """
+    state = _read_state(path)
+    alloc = tuner.rankallocator
+    device = next(p.device for p in tuner.parameters())
+    for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        setattr(alloc, key, {k: v.to(device) for k, v in state[key].items()})
+    pattern: dict[str, Any] | None = state["rank_pattern"]
+    return pattern
 
 
 @register("prompt_tuning")

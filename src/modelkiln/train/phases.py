@@ -23,6 +23,7 @@ from modelkiln.artifacts import hash_json, sha256_file
 from modelkiln.hardware import resolve_precision
 from modelkiln.progress import QUIET, Progress
 from modelkiln.train import data as tdata
+from modelkiln.train import distributed as tdist
 from modelkiln.train.config import FullMethodConfig, LoopConfig, TrainConfig
 from modelkiln.train.engine import (
     COMPLETE,
@@ -231,8 +232,17 @@ def _fingerprint(env: _Env, name: str, loop: LoopConfig, method_cfg: Any, lineag
             "precision": env.precision,
             "grad_ckpt": cfg.gradient_checkpointing,
             "blocks": tdata.blocks_digest(train_ds.blocks, eval_ds.blocks),
+            # Checkpoints of another process count hold other data positions and RNG states.
+            **_distributed_key(env),
         }
     )
+
+
+def _distributed_key(env: _Env) -> dict[str, Any]:
+    world = tdist.world_size()
+    if world <= 1:
+        return {}
+    return {"world_size": world, "distributed": env.cfg.distributed.model_dump(mode="json")}
 
 
 def _reuse(final: Path) -> PhaseResult:
@@ -271,9 +281,13 @@ def _run_phase(
     lineage: str,
 ) -> tuple[PhaseResult, Path, str, Path | None]:
     """Train one phase. Returns its result, final folder, fingerprint and local base folder."""
+    import torch
     from transformers import set_seed
 
     cfg, block = env.cfg, env.cfg.data.block_size
+    world = tdist.world_size()
+    loop = tdist.scale_loop(loop, cfg.distributed, world)  # same global batch on N processes
+    extra_args = tdist.trainer_args(cfg.distributed, world, cuda=torch.cuda.is_available())
     train_ds, eval_ds = _pack_phase(env, name, texts)
     fingerprint = _fingerprint(env, name, loop, method_cfg, lineage, train_ds, eval_ds)
     phase_dir = env.ckpt_root / name
@@ -289,7 +303,7 @@ def _run_phase(
     set_seed(env.seed)
     method = get_method(method_cfg.method)
     mctx = MethodContext(
-        total_steps=planned_steps(len(train_ds), loop),
+        total_steps=planned_steps(len(train_ds), loop, world),
         bf16=env.precision == "bf16",
         tokenizer_dir=str(env.tok_dir),
         gradient_checkpointing=cfg.gradient_checkpointing,
@@ -309,15 +323,17 @@ def _run_phase(
         gradient_checkpointing=cfg.gradient_checkpointing, resume=env.resume,
         callbacks=[*method.callbacks(method_cfg, mctx), *env.callbacks],
         report_to=cfg.report_to, progress=env.progress, task=name, block_size=block,
+        extra_args=extra_args,
     )  # fmt: skip
     after = evaluate_loss(model, eval_ds, batch_size=loop.batch_size, precision=env.precision)
     phase = _phase_result(name, method.name, (len(train_ds), len(eval_ds)), (before, after),
                           params, result)  # fmt: skip
-    if result.is_main_process:
-        adapter_base = _adapter_base_path(env, base_dir, base)
-        record = {k: v for k, v in asdict(phase).items() if k != "log_history"}
-        save_final(model, final, env.tokenizer, record, phase.log_history,
-                   is_peft=method.uses_peft, adapter_base=adapter_base)  # fmt: skip
+    with tdist.full_weights(model):  # FSDP: every rank gathers, rank 0 saves whole weights
+        if result.is_main_process:
+            adapter_base = _adapter_base_path(env, base_dir, base)
+            record = {k: v for k, v in asdict(phase).items() if k != "log_history"}
+            save_final(model, final, env.tokenizer, record, phase.log_history,
+                       is_peft=method.uses_peft, adapter_base=adapter_base)  # fmt: skip
     barrier()  # the next phase (on every rank) loads this one's model
     return phase, final, fingerprint, _produced(env, base_dir)
 

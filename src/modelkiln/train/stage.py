@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from modelkiln.pipeline import StageContext
 
 STAGE = "train"
+MONITOR_DIR = "monitor"
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -48,21 +49,41 @@ def train_into(
     progress: Progress = QUIET,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> FitResult:
-    """Run :func:`~modelkiln.train.phases.fit` into ``out`` and add the report and plot."""
-    result = fit(
-        cfg,
-        data=data,
-        tokenizer=tokenizer,
-        out=out,
-        ckpt_root=checkpoint_root(run_dir),
-        seed=seed,
-        final_dir=run_dir / STAGE,
-        resume=resume,
-        progress=progress,
-        callbacks=callbacks,
-    )
+    """Run :func:`~modelkiln.train.phases.fit` into ``out`` and add the report and plots.
+
+    With ``cfg.monitor.enabled`` a :class:`~modelkiln.train.monitor.TrainingMonitor` follows
+    every phase into ``out/monitor/`` and the report gets its section.
+
+    Raises:
+        ConfigError: ``cfg.report_to`` names an unknown or uninstalled integration.
+    """
+    from modelkiln.train.monitor import TrainingMonitor, check_report_to, render_monitor_section
+
+    check_report_to(cfg.report_to)
+    monitor = None
+    if cfg.monitor.enabled:
+        monitor = TrainingMonitor(out / MONITOR_DIR, cfg.monitor, block_size=cfg.data.block_size)
+    try:
+        result = fit(
+            cfg,
+            data=data,
+            tokenizer=tokenizer,
+            out=out,
+            ckpt_root=checkpoint_root(run_dir),
+            seed=seed,
+            final_dir=run_dir / STAGE,
+            resume=resume,
+            progress=progress,
+            callbacks=[*callbacks, *([monitor] if monitor else [])],
+        )
+    finally:
+        if monitor is not None:
+            monitor.close()
     plot_loss(result.phases, out / LOSS_PLOT)
-    (out / "report.md").write_text(render_report(result), encoding="utf-8")
+    report = render_report(result)
+    if monitor is not None and monitor.path.is_file():
+        report += "\n" + render_monitor_section(monitor.path, monitor.plots)
+    (out / "report.md").write_text(report, encoding="utf-8")
     return result
 
 

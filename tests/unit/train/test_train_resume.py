@@ -24,6 +24,7 @@ import train_helpers as h
 
 from modelkiln.train.api import train
 from modelkiln.train.config import TrainConfig
+from modelkiln.train.peft_methods import ADALORA_STATE
 from modelkiln.train.stage import checkpoint_root
 
 HERE = Path(__file__).resolve().parent
@@ -50,9 +51,21 @@ train(cfg, data={data!r}, tokenizer={tok!r}, run_dir={run!r}, resume=False,
       callbacks=[SlowAfterCheckpoint()])
 """
 
-CASES = {
+CASES: dict[str, dict[str, object]] = {
     "full": {"method": "full"},
     "lora": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+    # Killed mid-allocation (steps 2..14 re-allocate ranks every 2 steps; ranks frozen after):
+    # the resume must restore the rank allocator's importance averages and rank pattern.
+    "adalora": {
+        "method": "adalora",
+        "init_r": 6,
+        "target_r": 3,
+        "alpha": 8,
+        "dropout": 0.1,
+        "tinit": 2,
+        "tfinal": 2,
+        "delta_t": 2,
+    },
 }
 
 
@@ -64,6 +77,7 @@ def _config(method: dict[str, object]) -> TrainConfig:
                   "schedule": "cosine", "warmup_ratio": 0.1, "grad_accum": 2,
                   "batch_size": 2},
         train_tokens=32 * 4 * 5,
+        keep_checkpoints=True,
     )  # fmt: skip
 
 
@@ -126,6 +140,8 @@ def test_sigkill_then_resume_matches_uninterrupted(
     assert not (killed / "train").exists(), "a killed run must leave no artifact"
     steps_dir = checkpoint_root(killed) / "finetune" / "steps"
     assert (steps_dir / f"checkpoint-{KILL_AFTER_CHECKPOINT}" / "kiln_complete.json").is_file()
+    if method == "adalora":  # the rank allocator's state is checkpointed with the adapter
+        assert (steps_dir / f"checkpoint-{KILL_AFTER_CHECKPOINT}" / ADALORA_STATE).is_file()
 
     resumed = train(cfg, data=data, tokenizer=tok, run_dir=killed, resume=True)
     reference = train(cfg, data=data, tokenizer=tok, run_dir=tmp_path / "ref", resume=False)
@@ -139,3 +155,26 @@ def test_sigkill_then_resume_matches_uninterrupted(
     assert r["eval_loss_after"] == pytest.approx(ref["eval_loss_after"], rel=0.01)
     history = json.loads((resumed.path / "log_history.json").read_text())["finetune"]
     assert [e["step"] for e in history if "loss" in e][-1] == 16
+    if method == "adalora":
+        import torch
+
+        saved = [
+            json.loads((a.path / "adapter" / "adapter_config.json").read_text())
+            for a in (resumed, reference)
+        ]
+        assert saved[0]["rank_pattern"], "the final adapter records the allocated ranks"
+        assert saved[0]["rank_pattern"] == saved[1]["rank_pattern"]
+        # The importance averages after resuming (step 12, 4 steps after the restore) are the
+        # uninterrupted run's: without the restore they would have restarted from zero.
+        states = [
+            torch.load(
+                checkpoint_root(run) / "finetune" / "steps" / "checkpoint-12" / ADALORA_STATE,
+                weights_only=True,
+            )
+            for run in (killed, tmp_path / "ref")
+        ]
+        for key in ("exp_avg_ipt", "exp_avg_unc"):
+            assert states[0][key], key
+            assert states[0][key].keys() == states[1][key].keys()
+            for name, value in states[0][key].items():
+                torch.testing.assert_close(value, states[1][key][name], rtol=1e-4, atol=1e-12)
