@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import sysconfig
 import token
@@ -289,6 +290,29 @@ def load_corpus(source: Artifact | str | Path) -> DatasetDict:
     return load_dataset_dir(stage_subdir(source, "corpus"), "DatasetDict")
 
 
+def _load_dict_with_empty_splits(path: Path) -> Any:
+    """``DatasetDict.load_from_disk``, except that an empty split loads as an empty Dataset.
+
+    ``datasets`` saves an empty split with no data file and then cannot load it back
+    (IndexError in ``concat_tables``), e.g. the test split when ``test_fraction`` is 0;
+    such a split is rebuilt from its saved features.
+    """
+    import datasets
+
+    splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+    out = {}
+    for split in splits:
+        state = json.loads((path / split / "state.json").read_text(encoding="utf-8"))
+        if state.get("_data_files"):
+            out[split] = datasets.Dataset.load_from_disk(str(path / split))
+        else:
+            info = datasets.DatasetInfo.from_directory(str(path / split))
+            out[split] = datasets.Dataset.from_dict(
+                {name: [] for name in info.features}, features=info.features
+            )
+    return datasets.DatasetDict(out)
+
+
 def load_dataset_dir(path: Path, kind: str) -> Any:
     """Load a saved ``datasets`` directory and check it is a ``kind`` (Dataset/DatasetDict).
 
@@ -298,7 +322,10 @@ def load_dataset_dir(path: Path, kind: str) -> Any:
     import datasets
 
     try:
-        loaded = datasets.load_from_disk(str(path))
+        if kind == "DatasetDict" and (path / "dataset_dict.json").is_file():
+            loaded = _load_dict_with_empty_splits(path)
+        else:
+            loaded = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as exc:
         raise ArtifactError(
             f"{path} is not a readable dataset ({exc})", hint="re-run the 'data' stage"

@@ -132,3 +132,14 @@ def test_package_import_is_light() -> None:
         "assert 'datasets' not in sys.modules and 'torch' not in sys.modules, 'heavy import'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_empty_split_is_saved_and_loads_back_empty(tmp_path: Path, tree: Path) -> None:
+    cfg = config(tmp_path, tree)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"test_fraction": 0.0})})
+    artifact = run_pipeline(cfg, write_report=False).outcome("data").artifact
+    assert artifact is not None
+    corpus, pairs = load_corpus(artifact.path), load_pairs(artifact.path)
+    assert len(corpus["test"]) == 0 and corpus["test"].column_names == CORPUS_COLUMNS
+    assert len(pairs["test"]) == 0 and pairs["test"].column_names == PAIR_COLUMNS
+    assert len(corpus["train"]) > 0
