@@ -1,4 +1,5 @@
-"""Optimization stage: quantize / export variants, check parity, benchmark, gate, choose, report.
+"""Optimization stage: quantize / prune / distill / export variants, check parity, benchmark,
+gate, choose, report.
 
 Importing this package is light (no torch): names resolve on first use.
 
@@ -33,6 +34,14 @@ _EXPORTS = {
     "layer_error_report": "modelkiln.optimize.layer_error",
     "benchmark": "modelkiln.optimize.bench",
     "compare_models": "modelkiln.optimize.report",
+    "optimize_source": "modelkiln.optimize.stage",
+    "prepare_source": "modelkiln.optimize.sources",
+    "export_kv_onnx": "modelkiln.optimize.kv_export",
+    "OrtKvGenerator": "modelkiln.optimize.kv_export",
+    "prune_model": "modelkiln.optimize.prune.gradual",
+    "distill": "modelkiln.optimize.distill.core",
+    "progressive_distill": "modelkiln.optimize.distill.core",
+    "optimize_cnn": "modelkiln.optimize.vision.pipeline",
 }
 __all__ = list(_EXPORTS)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,9 @@ def build_variant(
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    start = time.perf_counter()
     info = variant.build(ctx, out)
+    info["build_seconds"] = round(time.perf_counter() - start, 2)
     write_variant_json(
         out,
         {
@@ -328,7 +331,9 @@ def _write_report(result: OptimizeResult, spec: ModelSpec, cfg: OptimizeConfig) 
         "",
     ]
     for name, card in result.cards.items():
-        lines.append(f"- `{name}` ({card.status}): {'; '.join(card.reasons) or card.summary}")
+        built = (card.build or {}).get("build_seconds")
+        took = f", built in {built:.1f} s" if isinstance(built, int | float) else ""
+        lines.append(f"- `{name}` ({card.status}{took}): {'; '.join(card.reasons) or card.summary}")
     lines += [f"- `{n}` (not built): {why}" for n, why in result.skipped.items()]
     if result.plot_path:
         lines += ["", f"![comparison]({result.plot_path.name})"]

@@ -18,6 +18,9 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from modelkiln.configbase import KilnModel
+from modelkiln.optimize.distill.config import DistillConfig
+from modelkiln.optimize.prune.config import PruneConfig
+from modelkiln.optimize.quant_options import QuantExtraConfig
 
 Family = Literal["baseline", "export", "quantization", "pruning", "distillation"]
 
@@ -210,6 +213,19 @@ class OptimizeConfig(KilnModel):
     data: OptimizeDataConfig = Field(
         default_factory=OptimizeDataConfig,
         description="Held-out evaluation data and training batches (pipeline stage and CLI).",
+    )
+    quant: QuantExtraConfig = Field(
+        default_factory=QuantExtraConfig,
+        description="Static int8 calibration, QAT, int4 and TensorRT settings.",
+    )
+    prune: PruneConfig = Field(
+        default_factory=PruneConfig,
+        description="Pruning: target sparsity, structure, criterion, schedule, recovery, search.",
+    )
+    distill: DistillConfig = Field(
+        default_factory=DistillConfig,
+        description="Distillation: student depth / layer map, losses and weights, T, alpha, "
+        "steps, progressive stages.",
     )
     seed: int = Field(0, description="Seed of synthetic inputs.")
 

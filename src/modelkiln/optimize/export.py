@@ -7,7 +7,9 @@ pattern): each input case x each graph output gets one :class:`OutputCheck`.
 Causal LMs are exported **without a KV cache**: the graph maps
 ``(input_ids, attention_mask)`` to ``logits`` for the whole sequence, which
 serves scoring and batch embedding/perplexity; step-by-step generation through
-ONNX Runtime would recompute the prefix every token.
+ONNX Runtime would recompute the prefix every token. For generation,
+:func:`modelkiln.optimize.kv_export.export_kv_onnx` writes a graph with
+past / present key-value tensors.
 
 Example:
     >>> names = export_onnx(model, spec, Path("out/model.onnx"))

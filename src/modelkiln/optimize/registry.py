@@ -158,3 +158,6 @@ VARIANTS: Registry[type[Variant]] = Registry("optimization method")
 def _load_builtin_variants() -> None:
     """Import the modules whose classes register themselves (light: no torch at import)."""
     import modelkiln.optimize.quantize  # noqa: F401
+    from modelkiln.optimize import edge, int4, qat, quant_static, tensorrt  # noqa: F401
+    from modelkiln.optimize.distill import variants as _distill  # noqa: F401
+    from modelkiln.optimize.prune import variants  # noqa: F401

@@ -65,8 +65,8 @@ def agreement_metric(spec: ModelSpec) -> QualityMetric:
 
 
 def fast_config(**overrides: Any) -> OptimizeConfig:
-    """An OptimizeConfig with a tiny benchmark."""
-    data: dict[str, Any] = {"bench": dict(FAST_BENCH)}
+    """An OptimizeConfig with a tiny benchmark (and few distillation steps)."""
+    data: dict[str, Any] = {"bench": dict(FAST_BENCH), "distill": {"steps": 4}}
     data.update(overrides)
     return OptimizeConfig.model_validate(data)
 

@@ -166,12 +166,17 @@ def test_public_api_is_pinned_and_import_is_light() -> None:
         "OptimizeConfig", "Tolerance", "load_optimize_config", "VARIANTS", "Variant", "optimize",
         "OptimizeResult", "ModelOptimizer", "load_variant", "QualityMetric", "EvalCard",
         "code_search_metric", "perplexity_metric", "export_onnx", "validate_onnx", "ParityReport",
-        "layer_error_report", "benchmark", "compare_models",
+        "layer_error_report", "benchmark", "compare_models", "optimize_source", "prepare_source",
+        "export_kv_onnx", "OrtKvGenerator", "prune_model", "distill", "progressive_distill",
+        "optimize_cnn",
     ]  # fmt: skip
     for name in opt.__all__:
         assert getattr(opt, name) is not None
     assert opt.VARIANTS.names() == [
         "torch-fp32", "torch-bf16", "torch-int8-dynamic", "onnx-fp32", "onnx-int8-dynamic",
+        "torch-export", "torchscript", "onnx-int4-weight", "onnx-int8-static", "qat-int8",
+        "onnx-tensorrt", "distill-layers", "distill-progressive", "prune-unstructured",
+        "prune-structured", "prune-evo",
     ]  # fmt: skip
     code = (
         "import sys, modelkiln.optimize as o; o.OptimizeConfig(methods=['onnx-fp32']); "
