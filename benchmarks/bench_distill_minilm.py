@@ -192,7 +192,7 @@ eager, {args.threads} threads, teacher and student in {args.rounds} interleaved 
 | teacher (all-MiniLM-L6-v2) | 6 | {m["teacher"]:.4f} | 1.000 | {ips["teacher"]} | 1.00x |
 | student, layers copied, untrained | {b["student_layers"]} | {m["copied"]:.4f} | \
 {s["copied_ratio"]:.3f} | - | - |
-| student, distilled | {b["student_layers"]} | {m["student"]:.4f} | {s["mrr_ratio"]:.3f} | \
+| student, distilled | {b["student_layers"]} | {m["student"]:.4f} | {s["mrr_ratio"]:.4f} | \
 {ips["student"]} | {s["speedup"]:.2f}x |
 
 Goal >= 97 % of the teacher's MRR@10: {goal_q}; goal >= 1.8x throughput: {goal_s}.
@@ -207,7 +207,7 @@ Notes:
   {s.get("load_avg_1m", "not recorded")}): absolute items/s and training time are low and
   noisy; the speed-up comes from interleaved rounds of the same batch.
 * Copying teacher layers alone keeps {s["copied_ratio"]:.3f} of the teacher's MRR@10;
-  {b["steps"]} distillation steps bring the student to {s["mrr_ratio"]:.3f}. Only this
+  {b["steps"]} distillation steps bring the student to {s["mrr_ratio"]:.4f}. Only this
   schedule was measured in this run.
 
 {machine_line()}

@@ -36,6 +36,11 @@ _SMALL = {
     "optimize.bench.max_runs": "2",
     "optimize.data.eval_texts": "4",
     "optimize.data.max_length": "32",
+    "optimize.data.train_batches": "2",
+    "optimize.data.train_batch_size": "2",
+    "optimize.data.train_seq_len": "32",
+    "optimize.prune.schedule_steps": "1",
+    "optimize.prune.recovery_steps": "2",
     "serve.requests": "4",
     "serve.concurrency": "2",
     "serve.max_tokens": "4",
@@ -73,7 +78,9 @@ def test_serve_stage_served_the_model_and_stopped_cleanly(runs: Path) -> None:
 def test_optimize_stage_compares_variants_of_the_fine_tuned_model(runs: Path) -> None:
     opt = load_artifact(runs / "quickstart" / "optimize")
     variants = opt.metrics["variants"]
-    assert set(variants) == {"torch-fp32", "onnx-fp32", "onnx-int8-dynamic"}
+    assert set(variants) == {
+        "torch-fp32", "onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static", "prune-structured"
+    }  # fmt: skip
     assert variants["torch-fp32"]["status"] in {"baseline", "chosen"}
     assert variants["torch-fp32"]["quality"] > 1.0, "held-out perplexity was measured"
     assert abs(variants["onnx-fp32"]["quality_ratio"] - 1.0) < 1e-3
