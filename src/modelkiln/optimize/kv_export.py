@@ -181,6 +181,7 @@ class OrtKvGenerator:
         options.inter_op_num_threads = 1
         if threads:
             options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see OrtRunner
         self.session = ort.InferenceSession(
             str(onnx_path), options, providers=["CPUExecutionProvider"]
         )

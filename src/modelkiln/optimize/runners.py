@@ -243,6 +243,10 @@ class OrtRunner(Runner):
         options.inter_op_num_threads = 1
         if threads:
             options.intra_op_num_threads = threads
+        # ORT's intra-op threads spin after each run by default; timed side by side with torch
+        # variants on a 2-core CPU, the spinning threads steal the cores the next (torch)
+        # variant needs (torch-fp32 at batch 1 measured 4x slower after an ORT run).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         names = tuple(i.name for i in session.get_inputs())
         super().__init__(spec, names)

@@ -246,6 +246,9 @@ class OnnxEncoderBackend:
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
+        # No busy-waiting between runs: on a small CPU the spinning pool steals the cores the
+        # event loop and the batcher need (see modelkiln.optimize.runners.OrtRunner).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(
                 str(onnx_file), options, providers=["CPUExecutionProvider"]
