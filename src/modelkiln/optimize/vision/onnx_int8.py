@@ -10,12 +10,10 @@ deprecated and torch's int8 CPU kernels are slow here, hence ONNX Runtime.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from modelkiln.errors import ConfigError, StageError
+from modelkiln.optimize.quant_static import quiet_root_logger
 from modelkiln.optimize.vision.model import eval_mode
 
 if TYPE_CHECKING:
@@ -62,18 +61,6 @@ def export_cnn_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: 
     finally:
         nn.Module.train(model, was_training)
     return path
-
-
-@contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    # ONNX Runtime's quantizer logs a 'consider pre-processing' warning on every call.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def quantize_cnn_static(
@@ -125,7 +112,7 @@ def quantize_cnn_static(
             return next(self._it, None)
 
     # The calibrator writes an augmented model next to its input: work on a copy in tmp.
-    with tempfile.TemporaryDirectory(prefix="kiln-cnn-calib-") as tmp, _quiet_root_logger():
+    with tempfile.TemporaryDirectory(prefix="kiln-cnn-calib-") as tmp, quiet_root_logger():
         local = Path(tmp) / "model.onnx"
         shutil.copyfile(src, local)
         dst.parent.mkdir(parents=True, exist_ok=True)
