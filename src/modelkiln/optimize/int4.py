@@ -53,7 +53,7 @@ def int4_quantize_onnx(src: Path, dst: Path, cfg: Int4Config) -> int:
         MatMulNBitsQuantizer,
     )
 
-    from modelkiln.optimize.quant_static import quiet_root_logger
+    from modelkiln.optimize.export import quiet_root_logger
 
     exclude = [] if cfg.quantize_lm_head else output_matmuls(src)
     algo = DefaultWeightOnlyQuantConfig(

@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 from modelkiln.errors import ConfigError
 from modelkiln.optimize.config import Tolerance
+from modelkiln.optimize.export import quiet_root_logger
 from modelkiln.optimize.int4 import output_matmuls
-from modelkiln.optimize.quant_static import QUANT_OPS, quiet_root_logger, reduce_range_here
+from modelkiln.optimize.quant_static import QUANT_OPS, reduce_range_here
 from modelkiln.optimize.quantize import _OnnxVariant, _output_embedding_filter, swap_conv1d
 from modelkiln.optimize.registry import VARIANTS, BuildContext
 

@@ -20,16 +20,15 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkiln.errors import ConfigError
 from modelkiln.optimize.config import Tolerance
+from modelkiln.optimize.export import quiet_root_logger
 from modelkiln.optimize.kv_export import write_kv_graph
 from modelkiln.optimize.quantize import _OnnxVariant, cpu_has_int8_dot
 from modelkiln.optimize.registry import VARIANTS, BuildContext
@@ -58,18 +57,6 @@ def reduce_range_here(cfg: OptimizeConfig) -> bool:
     """``onnx.reduce_range`` resolved: 'auto' = 7-bit weights on CPUs without int8 dot products."""
     rr = cfg.onnx.reduce_range
     return not cpu_has_int8_dot() if rr == "auto" else bool(rr)
-
-
-@contextmanager
-def quiet_root_logger() -> Iterator[None]:
-    """ONNX Runtime's quantizers log a 'consider pre-processing' warning on every call."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def feeds_from_batches(onnx_path: Path, batches: Sequence[dict[str, Any]]) -> list[Feed]:

@@ -66,9 +66,20 @@ class Registry(Generic[T]):
         self._items.pop(name, None)
 
     def names(self) -> list[str]:
-        """Registered names, in registration order."""
+        """Registered names: built-in modules in :data:`BUILTIN_MODULES` order, then the rest.
+
+        Within a module, registration order. The order does not depend on which module
+        happened to be imported first.
+        """
         _load_builtin_variants()
-        return list(self._items)
+        rank = {m: i for i, m in enumerate(BUILTIN_MODULES)}
+        order = list(self._items)
+
+        def key(name: str) -> tuple[int, int]:
+            module = getattr(self._items[name], "__module__", "")
+            return rank.get(module, len(rank)), order.index(name)
+
+        return sorted(order, key=key)
 
     def _unknown(self, name: str) -> str:
         return f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}"
@@ -155,9 +166,22 @@ VARIANTS: Registry[type[Variant]] = Registry("optimization method")
 """Every optimization variant, by name (``torch-fp32``, ``onnx-int8-dynamic``, ...)."""
 
 
+BUILTIN_MODULES = (
+    "modelkiln.optimize.quantize",
+    "modelkiln.optimize.edge",
+    "modelkiln.optimize.int4",
+    "modelkiln.optimize.quant_static",
+    "modelkiln.optimize.qat",
+    "modelkiln.optimize.tensorrt",
+    "modelkiln.optimize.distill.variants",
+    "modelkiln.optimize.prune.variants",
+)
+"""Modules whose classes register themselves, in the order ``VARIANTS.names()`` lists them."""
+
+
 def _load_builtin_variants() -> None:
     """Import the modules whose classes register themselves (light: no torch at import)."""
-    import modelkiln.optimize.quantize  # noqa: F401
-    from modelkiln.optimize import edge, int4, qat, quant_static, tensorrt  # noqa: F401
-    from modelkiln.optimize.distill import variants as _distill  # noqa: F401
-    from modelkiln.optimize.prune import variants  # noqa: F401
+    import importlib
+
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)

@@ -184,6 +184,11 @@ def test_public_api_is_pinned_and_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+    # The listing order does not depend on which variant module was imported first.
+    first = "import modelkiln.optimize.prune.variants, modelkiln.optimize.quant_static; "
+    code = first + "from modelkiln.optimize import VARIANTS; print(','.join(VARIANTS.names()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().split(",") == opt.VARIANTS.names()
 
 
 def test_metrics_run_on_runners_like_on_hf_models(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from modelkiln.errors import ConfigError, StageError
-from modelkiln.optimize.quant_static import quiet_root_logger
+from modelkiln.optimize.export import quiet_root_logger
 from modelkiln.optimize.vision.model import eval_mode
 
 if TYPE_CHECKING:
