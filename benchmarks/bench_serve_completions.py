@@ -34,10 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,8 +47,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from _record import machine_line, update_section
+from _servers import free_port, spawn, stop
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS = 32
 
 
@@ -188,38 +185,6 @@ def naive_server(model_dir: str, port: int) -> None:
 
 
 # ------------------------------------------------------------------- processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def spawn(cmd: list[str], url: str, timeout: float = 180) -> subprocess.Popen[bytes]:
-    """Start a server and wait for its /ready 200."""
-    import httpx
-
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while time.perf_counter() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd} exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"{cmd} not ready in {timeout} s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
 
 
 # ------------------------------------------------------------------------ main
@@ -262,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
            "--set", f"generation.max_num_seqs={args.clients}",
            "--set", "cache.enabled=false"]  # fmt: skip
     naive_cmd = [sys.executable, __file__, "--naive-server", str(model_dir), str(naive_port)]
-    proc = spawn(cmd, f"http://127.0.0.1:{port}")
-    naive_proc = spawn(naive_cmd, f"http://127.0.0.1:{naive_port}")
+    proc, _ = spawn(cmd, f"http://127.0.0.1:{port}")
+    naive_proc, _ = spawn(naive_cmd, f"http://127.0.0.1:{naive_port}")
     common: dict[str, Any] = {"model": "lm", "max_tokens": args.tokens}
     total = args.clients * args.tokens
     runs: dict[str, list[dict[str, Any]]] = {"served": [], "naive": [], "fp32": [], "engine": []}

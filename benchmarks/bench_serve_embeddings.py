@@ -29,10 +29,7 @@ import os
 import random
 import shlex
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,8 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from _record import machine_line, update_section
-
-ROOT = Path(__file__).resolve().parent.parent
+from _servers import free_port, spawn, stop
 
 
 def minilm_dir() -> Path:
@@ -162,29 +158,6 @@ def naive_server(model_dir: str, port: int) -> None:
 
 
 # ----------------------------------------------------------------------- load
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def spawn(cmd: list[str], url: str, timeout: float = 180) -> tuple[subprocess.Popen[bytes], float]:
-    """Start a server; return it and the seconds from spawn to the first /ready 200."""
-    import httpx
-
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while time.perf_counter() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd} exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc, time.perf_counter() - t0
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"{cmd} not ready in {timeout} s")
 
 
 class RawClient:
@@ -277,15 +250,6 @@ def scrape(url: str) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             values[name.split("{")[0]] = values.get(name.split("{")[0], 0.0) + float(value)
     return values
-
-
-def stop(proc: subprocess.Popen[bytes]) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
 
 
 # ----------------------------------------------------------------------- main

@@ -226,7 +226,30 @@ def merge(artifact: str | Path, out_dir: str | Path, *, atol: float = MERGE_ATOL
     return report
 
 
-class CodeModelTrainer:
+class _TrainerFacade:
+    """What the handbook's trainer facades share: a validated config, a run directory and
+    the artifact of the last :meth:`train`, which :meth:`merge` turns into a full model."""
+
+    def __init__(
+        self, raw: dict[str, Any], overrides: Sequence[str], who: str, output_dir: str | Path,
+        seed: int,
+    ) -> None:  # fmt: skip
+        try:
+            self.config = TrainConfig.model_validate(apply_overrides(raw, list(overrides)))
+        except ValidationError as exc:
+            raise format_validation_error(exc, who) from None
+        self.output_dir = Path(output_dir)
+        self.seed = seed
+        self.artifact: Artifact | None = None
+
+    def merge(self, out_dir: str | Path | None = None) -> MergeReport:
+        """Merge the trained adapter into a full model (default ``<output_dir>/merged``)."""
+        if self.artifact is None:
+            raise ArtifactError("nothing trained yet", hint="call train() first")
+        return merge(self.artifact.path, out_dir or self.output_dir / "merged")
+
+
+class CodeModelTrainer(_TrainerFacade):
     """The handbook's trainer: a code LM fine-tuned with LoRA, QLoRA or fully.
 
     A thin facade over :func:`train`: the arguments become a :class:`TrainConfig`
@@ -267,13 +290,7 @@ class CodeModelTrainer:
             "pretrain": {"enabled": model_name == "scratch"},
             "finetune": finetune,
         }
-        try:
-            self.config = TrainConfig.model_validate(apply_overrides(raw, list(overrides)))
-        except ValidationError as exc:
-            raise format_validation_error(exc, "CodeModelTrainer") from None
-        self.output_dir = Path(output_dir)
-        self.seed = seed
-        self.artifact: Artifact | None = None
+        super().__init__(raw, overrides, "CodeModelTrainer", output_dir, seed)
 
     def train(
         self,
@@ -290,14 +307,8 @@ class CodeModelTrainer:
         )  # fmt: skip
         return self.artifact
 
-    def merge(self, out_dir: str | Path | None = None) -> MergeReport:
-        """Merge the trained adapter into a full model (default ``<output_dir>/merged``)."""
-        if self.artifact is None:
-            raise ArtifactError("nothing trained yet", hint="call train() first")
-        return merge(self.artifact.path, out_dir or self.output_dir / "merged")
 
-
-class DistributedTrainer:
+class DistributedTrainer(_TrainerFacade):
     """The handbook's distributed trainer: :func:`train` on several processes (torchrun).
 
     Each of the ``nproc`` processes (per node) trains a replica (DDP), a shard (FSDP) or
@@ -351,14 +362,8 @@ class DistributedTrainer:
         raw = (config or TrainConfig()).model_dump(mode="json")
         if strategy is not None:
             raw["distributed"]["strategy"] = strategy
-        try:
-            self.config = TrainConfig.model_validate(apply_overrides(raw, list(overrides)))
-        except ValidationError as exc:
-            raise format_validation_error(exc, "DistributedTrainer") from None
+        super().__init__(raw, overrides, "DistributedTrainer", output_dir, seed)
         self.spec = LaunchSpec(nproc, nnodes, node_rank, master_addr, master_port).validate()
-        self.output_dir = Path(output_dir)
-        self.seed = seed
-        self.artifact: Artifact | None = None
 
     def train(
         self,
@@ -381,9 +386,3 @@ class DistributedTrainer:
             seed=self.seed, resume=resume, progress=progress,
         )  # fmt: skip
         return self.artifact
-
-    def merge(self, out_dir: str | Path | None = None) -> MergeReport:
-        """Merge the trained adapter into a full model (default ``<output_dir>/merged``)."""
-        if self.artifact is None:
-            raise ArtifactError("nothing trained yet", hint="call train() first")
-        return merge(self.artifact.path, out_dir or self.output_dir / "merged")
