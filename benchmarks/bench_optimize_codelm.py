@@ -45,33 +45,6 @@ ONNX_VARIANTS = ["onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static", "onnx-int
 KV_FILE = "model_kv.onnx"
 
 
-def _add_kv_graph(name: str, built: Any, ctx: Any) -> None:
-    """KV graphs for the variants that ship none (onnx-fp32, onnx-int8-dynamic, qat-int8)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from modelkiln.optimize.kv_export import export_kv_onnx
-    from modelkiln.optimize.quant_static import QUANT_OPS, quiet_root_logger, reduce_range_here
-
-    target = built.path / KV_FILE
-    if target.exists():
-        return
-    if name == "onnx-fp32":
-        export_kv_onnx(ctx.reference, ctx.spec, target)
-        return
-    # Same settings as the variant's own model.onnx (see quantize.py / qat.py).
-    model = built.variant.parity_reference(ctx)
-    with tempfile.TemporaryDirectory() as tmp, quiet_root_logger():
-        raw = Path(tmp) / KV_FILE
-        export_kv_onnx(model, ctx.spec, raw)
-        extra: dict[str, Any] = {}
-        if name == "qat-int8":
-            from modelkiln.optimize.int4 import output_matmuls
-
-            extra = {"op_types_to_quantize": QUANT_OPS, "nodes_to_exclude": output_matmuls(raw)}
-        quantize_dynamic(raw, target, per_channel=True, reduce_range=reduce_range_here(ctx.cfg),
-                         weight_type=QuantType.QInt8, **extra)  # fmt: skip
-
-
 def _generator(name: str, built: Any, threads: int) -> Any:
     """prompt ids (1, T) -> generated ids (1, T + new), for one variant."""
     import torch
@@ -151,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             built = build_variant(method, head_ctx if head else ctx, work / "variants" / name,
                                   metric.samples)  # fmt: skip
             if built.variant.backend == "onnxruntime":
-                _add_kv_graph(name, built, ctx)
+                assert (built.path / KV_FILE).is_file(), f"{name} shipped no KV-cache graph"
             build_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             ppl = metric(built.runner)

@@ -2,16 +2,20 @@
 
 The graph (one graph for prefill and decode, like optimum's merged decoder)::
 
-    inputs:  input_ids (B, S), attention_mask (B, P+S),
+    inputs:  input_ids (B, S), attention_mask (B, P+S), position_ids (B, S),
              past_key_values.{i}.key / .value (B, H_kv, P, D) for every layer i
-    outputs: logits (B, S, V), present.{i}.key / .value (B, H_kv, P+S, D)
+    outputs: logits (B, 1, V) of the last position,
+             present.{i}.key / .value (B, H_kv, P+S, D)
 
 Prefill feeds empty past tensors (``P = 0``). Inside the graph the past
 tensors become a transformers :class:`~transformers.DynamicCache`
 (``DynamicCache(ddp_cache_data=...)``; transformers 5 has no
 ``from_legacy_cache``), and the updated cache layers are returned as the
-``present`` outputs. Positions come from the cache length (transformers'
-``cache_position``): prompts must not be left-padded.
+``present`` outputs. Positions are an input, so rows may be left-padded
+(zeros in ``attention_mask``): that is how the serving engine batches
+sequences of different lengths (:mod:`modelkiln.serve.generation.ort_backend`).
+Only the last position's logits leave the graph (``logits_to_keep=1``): a
+prefill never pays for a ``[B, S, vocab]`` output it does not need.
 
 Example:
     >>> export_kv_onnx(model, spec, Path("out/model_kv.onnx"))
@@ -82,15 +86,21 @@ def _wrapper(model: torch.nn.Module, shape: CacheShape) -> torch.nn.Module:
             self.model = model
 
         def forward(
-            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            position_ids: torch.Tensor,
+            *past: torch.Tensor,
         ) -> tuple[torch.Tensor, ...]:
             pairs = [(past[2 * i], past[2 * i + 1]) for i in range(shape.layers)]
             cache = DynamicCache(ddp_cache_data=pairs, config=config)
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=True,
+                logits_to_keep=1,
             )
             present = out.past_key_values
             flat: list[torch.Tensor] = []
@@ -107,8 +117,10 @@ def export_kv_onnx(
     """Export a causal LM with past/present KV tensors and dynamic batch / length axes.
 
     Traced with a non-empty past (3 cached tokens, 4 new ones) so the
-    concatenation of past and new keys is in the graph; prefill then runs with
-    an empty past. Returns the output names.
+    concatenation of past and new keys is in the graph, and with one
+    left-padded row so the tracer keeps the padding mask (an all-ones example
+    would let transformers drop it); prefill then runs with an empty past.
+    Returns the output names.
 
     Raises:
         ConfigError: ``spec`` is not a causal LM.
@@ -128,14 +140,17 @@ def export_kv_onnx(
     batch, past_len, new_len = 2, 3, 4
     ids = torch.randint(5, spec.vocab_size, (batch, new_len), generator=gen)
     mask = torch.ones(batch, past_len + new_len, dtype=torch.long)
+    mask[0, :2] = 0  # row 0 is left-padded by two columns
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
     past = [torch.randn(batch, shape.heads, past_len, shape.head_dim, generator=gen) * 0.1
             for _ in range(2 * shape.layers)]  # fmt: skip
-    in_names = ["input_ids", "attention_mask", *kv_input_names(shape)]
+    in_names = ["input_ids", "attention_mask", "position_ids", *kv_input_names(shape)]
     out_names = ["logits", *kv_output_names(shape)]
     axes: dict[str, dict[int, str]] = {
         "input_ids": {0: "batch", 1: "sequence"},
         "attention_mask": {0: "batch", 1: "total_sequence"},
-        "logits": {0: "batch", 1: "sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch"},
     }
     axes |= {n: {0: "batch", 2: "past_sequence"} for n in kv_input_names(shape)}
     axes |= {n: {0: "batch", 2: "total_sequence"} for n in kv_output_names(shape)}
@@ -147,7 +162,7 @@ def export_kv_onnx(
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 _wrapper(model, shape),
-                (ids, mask, *past),
+                (ids, mask, positions, *past),
                 str(path),
                 input_names=in_names,
                 output_names=out_names,
@@ -199,10 +214,25 @@ class OrtKvGenerator:
         return {n: empty for n in self.past_names}
 
     def step(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray]
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        past: dict[str, np.ndarray],
+        position_ids: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One forward pass: (logits, the next step's past)."""
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, **past}
+        """One forward pass: (last-position logits ``(B, 1, V)``, the next step's past).
+
+        ``position_ids`` default to the count of attended columns before each new
+        token (right for left-padded rows too).
+        """
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, input_ids.shape[1])
+        feed = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            **past,
+        }
         outs = self.session.run(None, feed)
         logits, presents = outs[0], outs[1:]
         names = [n.replace("present.", "past_key_values.", 1) for n in self.output_names[1:]]
@@ -230,6 +260,14 @@ class OrtKvGenerator:
             mask = np.concatenate([mask, np.ones_like(nxt[:, None])], axis=1)
             logits, past = self.step(nxt[:, None], mask, past)
         return np.concatenate(tokens, axis=1)
+
+
+def positions_from_mask(attention_mask: np.ndarray, new: int) -> np.ndarray:
+    """Position ids of the last ``new`` columns: attended columns before each, minus one."""
+    import numpy as np
+
+    mask = np.asarray(attention_mask, dtype=np.int64)
+    return np.clip(mask.cumsum(-1) - 1, 0, None)[:, -new:]
 
 
 @dataclass
@@ -262,8 +300,9 @@ def check_kv_parity(
 ) -> KvParityReport:
     """Compare the KV graph with the PyTorch model's own cache, step by step.
 
-    Prefill logits, then ``steps`` decode steps fed the same (greedy) tokens to
-    both; then ``torch generate`` (greedy) against :meth:`OrtKvGenerator.generate`.
+    Last-position logits at prefill, then ``steps`` decode steps fed the same
+    (greedy) tokens to both; then ``torch generate`` (greedy) against
+    :meth:`OrtKvGenerator.generate`.
     """
     import numpy as np
     import torch
@@ -278,14 +317,14 @@ def check_kv_parity(
         cache = out.past_key_values
         ref = out.logits
         got, past = gen.step(ids.numpy(), mask.numpy(), gen.empty_past(ids.shape[0]))
-        report.max_abs.append(float((torch.from_numpy(got) - ref).abs().max()))
+        report.max_abs.append(float((torch.from_numpy(got) - ref[:, -1:]).abs().max()))
         for _ in range(steps):
             nxt = ref[:, -1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
             out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
             cache, ref = out.past_key_values, out.logits
             got, past = gen.step(nxt.numpy(), mask.numpy(), past)
-            report.max_abs.append(float((torch.from_numpy(got) - ref).abs().max()))
+            report.max_abs.append(float((torch.from_numpy(got) - ref[:, -1:]).abs().max()))
         expected = model.generate(  # type: ignore[operator]
             ids,
             attention_mask=torch.ones_like(ids),
@@ -310,13 +349,18 @@ def kv_parity_prompts(spec: ModelSpec, lengths: Sequence[int] = (5, 9)) -> list[
 
 
 def write_kv_graph(
-    ctx: BuildContext, out: Path, transform: Callable[[Path, Path], object] | None = None
+    ctx: BuildContext,
+    out: Path,
+    transform: Callable[[Path, Path], object] | None = None,
+    model: torch.nn.Module | None = None,
 ) -> bool:
     """Also write ``out/model_kv.onnx`` for a causal LM when ``quant.kv_cache`` is on.
 
     ``transform(src, dst)`` quantizes the fp32 KV graph ``src`` into ``dst``
-    (None: keep it fp32). Returns whether a KV graph was written. An
-    architecture the exporter cannot trace with a cache raises ``StageError``.
+    (None: keep it fp32); ``model`` is the module to export (default: the
+    reference; QAT passes its fine-tuned one). Returns whether a KV graph was
+    written. An architecture the exporter cannot trace with a cache raises
+    ``StageError``.
     """
     import shutil
     import tempfile
@@ -325,7 +369,8 @@ def write_kv_graph(
         return False
     with tempfile.TemporaryDirectory(prefix="kiln-kv-") as tmp:
         raw = Path(tmp) / KV_ONNX
-        export_kv_onnx(ctx.reference, ctx.spec, raw, opset=ctx.cfg.onnx.opset)
+        source = ctx.reference if model is None else model
+        export_kv_onnx(source, ctx.spec, raw, opset=ctx.cfg.onnx.opset)
         if transform is None:
             shutil.copyfile(raw, out / KV_ONNX)
         else:

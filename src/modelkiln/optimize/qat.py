@@ -38,6 +38,7 @@ from modelkiln.errors import ConfigError
 from modelkiln.optimize.config import Tolerance
 from modelkiln.optimize.export import quiet_root_logger
 from modelkiln.optimize.int4 import output_matmuls
+from modelkiln.optimize.kv_export import write_kv_graph
 from modelkiln.optimize.quant_static import QUANT_OPS, reduce_range_here
 from modelkiln.optimize.quantize import _OnnxVariant, _output_embedding_filter, swap_conv1d
 from modelkiln.optimize.registry import VARIANTS, BuildContext
@@ -151,19 +152,24 @@ class QatInt8Variant(_OnnxVariant):
         losses = qat_finetune(model, ctx.reference, ctx.train_batches, causal, ctx.cfg.quant.qat)
         self._trained = convert_qat(model)
         onnx = ctx.cfg.onnx
-        with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as tmp:
-            raw = Path(tmp) / "model.onnx"
-            outputs = export_onnx(model, ctx.spec, raw, opset=onnx.opset, exporter=onnx.exporter)
+
+        def quantize(src: Path, dst: Path) -> None:
             with quiet_root_logger():
                 quantize_dynamic(
-                    raw,
-                    out / "model.onnx",
+                    src,
+                    dst,
                     per_channel=True,
                     reduce_range=reduce,
                     weight_type=QuantType.QInt8,
                     op_types_to_quantize=QUANT_OPS,
-                    nodes_to_exclude=output_matmuls(raw) if causal else [],
+                    nodes_to_exclude=output_matmuls(src) if causal else [],
                 )
+
+        with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as tmp:
+            raw = Path(tmp) / "model.onnx"
+            outputs = export_onnx(model, ctx.spec, raw, opset=onnx.opset, exporter=onnx.exporter)
+            quantize(raw, out / "model.onnx")
+        kv = write_kv_graph(ctx, out, quantize, model=model)
         self._finish(ctx, out)
         return {
             "format": "onnx",
@@ -173,5 +179,5 @@ class QatInt8Variant(_OnnxVariant):
             "qat_loss_first": losses[0],
             "qat_loss_last": losses[-1],
             "reduce_range": reduce,
-            "kv_cache": False,
+            "kv_cache": kv,
         }

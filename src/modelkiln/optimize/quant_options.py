@@ -76,8 +76,9 @@ class QuantExtraConfig(KilnModel):
     int4: Int4Config = Field(default_factory=Int4Config, description="int4 weight-only.")
     kv_cache: bool = Field(
         True,
-        description="Causal LMs: the ONNX variants of this module also write model_kv.onnx, "
-        "a KV-cache graph quantized the same way, for step-by-step generation in ONNX Runtime.",
+        description="Causal LMs: every ONNX Runtime variant (fp32, int8 dynamic / static, QAT, "
+        "int4) also writes model_kv.onnx, a KV-cache graph quantized the same way, which "
+        "the serving engine runs step by step in ONNX Runtime.",
     )
     tensorrt_fp16: bool = Field(
         True, description="TensorRT (GPU only): allow fp16 kernels (onnx-tensorrt)."

@@ -183,7 +183,7 @@ def kv_calibration_feeds(kv_path: Path, batches: Sequence[dict[str, Any]]) -> li
     ``present`` outputs then feed the second half as its past, so the ranges
     cover both phases. Padded rows are cut to the shortest row (no left padding).
     """
-    from modelkiln.optimize.kv_export import OrtKvGenerator
+    from modelkiln.optimize.kv_export import OrtKvGenerator, positions_from_mask
 
     gen = OrtKvGenerator(kv_path)
     feeds: list[Feed] = []
@@ -193,11 +193,15 @@ def kv_calibration_feeds(kv_path: Path, batches: Sequence[dict[str, Any]]) -> li
         length = int(mask.sum(1).min()) if mask is not None else ids.shape[1]
         ids = ids[:, :length].numpy()
         cut = max(1, length // 2)
-        first = {"input_ids": ids[:, :cut], "attention_mask": (ids[:, :cut] * 0 + 1)}
+        first_mask = ids[:, :cut] * 0 + 1
+        first = {"input_ids": ids[:, :cut], "attention_mask": first_mask,
+                 "position_ids": positions_from_mask(first_mask, cut)}  # fmt: skip
         feeds.append(first | gen.empty_past(ids.shape[0]))
         if length - cut < 1:
             continue
-        _, past = gen.step(first["input_ids"], first["attention_mask"], gen.empty_past(len(ids)))
-        second = {"input_ids": ids[:, cut:], "attention_mask": ids * 0 + 1}
+        _, past = gen.step(first["input_ids"], first_mask, gen.empty_past(len(ids)))
+        full_mask = ids * 0 + 1
+        second = {"input_ids": ids[:, cut:], "attention_mask": full_mask,
+                  "position_ids": positions_from_mask(full_mask, length - cut)}  # fmt: skip
         feeds.append(second | past)
     return feeds

@@ -314,6 +314,7 @@ class OnnxFp32Variant(_OnnxVariant):
     def build(self, ctx: BuildContext, out: Path) -> dict[str, Any]:
         """Export, optimise the graph, and record the parity of both graphs."""
         from modelkiln.optimize.export import optimize_graph, validate_onnx
+        from modelkiln.optimize.kv_export import write_kv_graph
 
         tol = ctx.cfg.tolerances.get(self.name, self.tolerance)
         with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as tmp:
@@ -323,6 +324,7 @@ class OnnxFp32Variant(_OnnxVariant):
             level = ctx.cfg.onnx.graph_optimization
             done = optimize_graph(raw, out / "model.onnx", ctx.spec, level)
         parity = validate_onnx(ctx.reference, out / "model.onnx", ctx.samples, tol.atol, tol.rtol)
+        kv = write_kv_graph(ctx, out)
         self._finish(ctx, out)
         return {
             "format": "onnx",
@@ -331,7 +333,7 @@ class OnnxFp32Variant(_OnnxVariant):
             "graph_optimization": done,
             "export_parity": raw_parity.to_dict(),
             "optimized_parity": parity.to_dict(),
-            "kv_cache": False,
+            "kv_cache": kv,
         }
 
 
@@ -352,28 +354,24 @@ class OnnxInt8DynamicVariant(_OnnxVariant):
 
     def build(self, ctx: BuildContext, out: Path) -> dict[str, Any]:
         """Export, then ``onnxruntime.quantization.quantize_dynamic``."""
-        import logging
-
         from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        from modelkiln.optimize.export import quiet_root_logger
+        from modelkiln.optimize.kv_export import write_kv_graph
 
         onnx = ctx.cfg.onnx
         reduce = not cpu_has_int8_dot() if onnx.reduce_range == "auto" else onnx.reduce_range
+
+        def quantize(src: Path, dst: Path) -> None:
+            with quiet_root_logger():  # "consider pre-processing" warning on every call
+                quantize_dynamic(src, dst, per_channel=onnx.per_channel, reduce_range=reduce,
+                                 weight_type=QuantType.QInt8)  # fmt: skip
+
         with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as tmp:
             raw = Path(tmp) / "model.onnx"
             outputs = self._export(ctx, raw)
-            root = logging.getLogger()
-            level = root.level
-            root.setLevel(logging.ERROR)  # "consider pre-processing" warning on every call
-            try:
-                quantize_dynamic(
-                    raw,
-                    out / "model.onnx",
-                    per_channel=onnx.per_channel,
-                    reduce_range=reduce,
-                    weight_type=QuantType.QInt8,
-                )
-            finally:
-                root.setLevel(level)
+            quantize(raw, out / "model.onnx")
+        kv = write_kv_graph(ctx, out, quantize)
         self._finish(ctx, out)
         _maybe_layer_error(ctx, out, self.layer_scheme, weight_bits=7 if reduce else 8)
         return {
@@ -382,7 +380,7 @@ class OnnxInt8DynamicVariant(_OnnxVariant):
             "opset": onnx.opset,
             "per_channel": onnx.per_channel,
             "reduce_range": reduce,
-            "kv_cache": False,
+            "kv_cache": kv,
         }
 
 

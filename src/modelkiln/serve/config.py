@@ -45,8 +45,10 @@ class ModelSpec(KilnModel):
     )
     backend: Literal["auto", "torch", "onnx"] = Field(
         "auto",
-        description="Execution backend; 'onnx' runs model.onnx with onnxruntime; 'auto' picks "
-        "onnx for a directory holding an .onnx file and no torch weights, else torch.",
+        description="Execution backend. 'onnx' runs the model in ONNX Runtime: model.onnx for "
+        "encoders, model_kv.onnx (the KV-cache graph every ONNX variant of a causal LM ships; "
+        "exported at load time from a Hugging Face directory) for causal LMs. 'auto' picks onnx "
+        "for a directory holding an .onnx file and no torch weights, else torch.",
     )
     precision: Precision = Field(
         "auto", description="Weights precision; 'auto' picks bf16 only where it is fast."

@@ -32,6 +32,7 @@ from pydantic import Field
 
 from modelkiln.configbase import KilnModel
 from modelkiln.errors import ServingError, StageError
+from modelkiln.optimize.kv_export import KV_ONNX
 
 if TYPE_CHECKING:
     from modelkiln.pipeline import StageContext
@@ -84,6 +85,7 @@ class Choice:
     source: str  # "optimize" or "train"
     variant: str | None = None
     note: str = ""
+    backend: Literal["torch", "onnx"] = "torch"
 
 
 def _train_model(train_dir: Path) -> tuple[Path, Path | None]:
@@ -100,10 +102,11 @@ def _train_model(train_dir: Path) -> tuple[Path, Path | None]:
 def choose_model(inputs: dict[str, Any]) -> Choice:
     """The promoted optimize variant when the generation engine can run it, else a torch model.
 
-    The engine runs HF torch causal LMs; an ONNX (or otherwise non-torch) promoted
-    variant is replaced by the torch model it was built from (the optimize stage's
-    ``source/`` when it merged an adapter, else the train artifact's model), and the
-    returned note says so.
+    The engine runs HF torch causal LMs and, in ONNX Runtime, the KV-cache graph
+    (``model_kv.onnx``) that every ONNX variant of a causal LM ships. A promoted
+    variant it cannot run (no KV graph, or a format it does not know) is replaced
+    by the torch model it was built from (the optimize stage's ``source/`` when it
+    merged an adapter, else the train artifact's model), and the note says so.
 
     Raises:
         StageError: neither an optimize nor a train artifact is given.
@@ -119,9 +122,13 @@ def choose_model(inputs: dict[str, Any]) -> Choice:
             weights = any(promoted.glob("*.safetensors"))
             if task == "causal-lm" and backend == "torch" and weights:
                 return Choice(promoted, None, "optimize", name, f"promoted variant {name}")
+            if task == "causal-lm" and backend == "onnxruntime" and (promoted / KV_ONNX).is_file():
+                note = f"promoted variant {name}, its KV-cache graph run in ONNX Runtime"
+                return Choice(promoted, None, "optimize", name, note, backend="onnx")
             note = (
                 f"the promoted variant {name!r} ({backend}, {task}) cannot run in the "
-                "continuous-batching torch engine; serving the torch model it was built from"
+                "continuous-batching engine (no KV-cache graph); serving the torch model it "
+                "was built from"
             )
             source = Path(opt.path) / "source"
             if (source / "config.json").is_file():
@@ -194,7 +201,15 @@ def run_serve_stage(ctx: StageContext) -> None:
     choice = choose_model(ctx.inputs)
     name = "model"
     serve_cfg = ServeConfig(
-        models=[ModelSpec(path=choice.path, name=name, adapter=choice.adapter, kind="causal_lm")],
+        models=[
+            ModelSpec(
+                path=choice.path,
+                name=name,
+                adapter=choice.adapter,
+                kind="causal_lm",
+                backend=choice.backend,
+            )
+        ],
         port=cfg.port,
         threads=cfg.threads,
         generation=GenerationConfig(max_num_seqs=cfg.max_num_seqs),
@@ -232,6 +247,7 @@ def run_serve_stage(ctx: StageContext) -> None:
             "served_path": str(choice.path),
             "served_source": choice.source,
             "served_variant": choice.variant,
+            "served_backend": choice.backend,
             "note": choice.note,
             "ready_s": round(ready_s, 3),
             "drain_s": round(drain_s, 3),

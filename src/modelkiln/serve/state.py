@@ -152,11 +152,6 @@ def load_engine(spec: ModelSpec, cfg: ServeConfig, on_batch: Callable[[BatchStat
             hint="the generation engine's KV cache changes shape every step, which makes "
             "torch.compile recompile; set compile only on encoder models",
         )
-    if resolve_backend(spec) != "torch":
-        raise ServingError(
-            f"causal LM '{spec.path}' cannot run on backend 'onnx'",
-            hint="serve causal LMs with backend: torch",
-        )
     try:
         from modelkiln.serve.generation.engine import TorchGenerationEngine
     except ImportError as exc:  # the engine lives in its own package; guard partial installs
@@ -169,6 +164,7 @@ def load_engine(spec: ModelSpec, cfg: ServeConfig, on_batch: Callable[[BatchStat
         max_batched_tokens=cfg.generation.max_batched_tokens,
         threads=cfg.threads,
         model_name=spec.served_name,
+        backend=resolve_backend(spec),
     )
 
 

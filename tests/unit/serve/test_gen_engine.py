@@ -349,12 +349,12 @@ def test_from_path_loads_model_tokenizer_and_adapter(tmp_path: Path) -> None:
 
 
 def test_prefill_groups_prompts_by_length_without_changing_results() -> None:
-    from modelkiln.serve.generation.backend import _length_groups
+    from modelkiln.serve.generation.backend import length_groups
 
     model = tiny_model("llama", seed=2)
     gen = torch.Generator().manual_seed(4)
     ps = [torch.randint(5, VOCAB, (n,), generator=gen).tolist() for n in (90, 1, 2, 40, 3)]
-    groups = _length_groups([(str(i), p) for i, p in enumerate(ps)])
+    groups = length_groups([(str(i), p) for i, p in enumerate(ps)])
     assert [[len(p) for _, p in g] for g in groups] == [[1, 2, 3], [40, 90]]
     expected = [reference(model, p, 6) for p in ps]
     backend = TorchCausalLMBackend(model)

@@ -45,7 +45,7 @@ def train_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_choose_model_prefers_a_torch_variant_and_falls_back_from_onnx(
+def test_choose_model_prefers_a_runnable_variant_and_falls_back_from_onnx(
     train_dir: Path, tmp_path: Path
 ) -> None:
     train = artifact(train_dir, "train")
@@ -56,6 +56,11 @@ def test_choose_model_prefers_a_torch_variant_and_falls_back_from_onnx(
     (opt / "model" / "variant.json").write_text(json.dumps(variant))
     onnx = choose_model({"optimize": artifact(opt, "optimize"), "train": train})
     assert onnx.path == train_dir / "model" and "cannot run" in onnx.note
+    assert onnx.backend == "torch"
+    (opt / "model" / "model_kv.onnx").write_bytes(b"")  # an ONNX variant with a KV graph
+    kv = choose_model({"optimize": artifact(opt, "optimize"), "train": train})
+    assert kv.path == opt / "model" and kv.backend == "onnx" and "ONNX Runtime" in kv.note
+    (opt / "model" / "model_kv.onnx").unlink()
     save_tiny_llama(opt / "model")
     variant |= {"variant": "torch-fp32", "backend": "torch"}
     (opt / "model" / "variant.json").write_text(json.dumps(variant))
@@ -91,3 +96,35 @@ def test_serve_stage_serves_load_tests_drains_and_reports(train_dir: Path, tmp_p
     per_request = json.loads((out / "requests.json").read_text())
     assert len(per_request["closed"]) == 8
     assert json.loads((out / "serve.json").read_text())["server"]["port"] == 0
+
+
+def test_serve_stage_serves_an_onnx_variant_in_onnx_runtime(
+    train_dir: Path, tmp_path: Path
+) -> None:
+    from modelkiln.optimize.kv_export import KV_ONNX, export_kv_onnx
+    from modelkiln.optimize.runners import inspect_model, load_torch_model
+
+    opt = tmp_path / "optimize"
+    variant_dir = opt / "model"
+    variant_dir.mkdir(parents=True)
+    spec = inspect_model(train_dir / "model", "causal-lm")
+    model = load_torch_model(spec)
+    export_kv_onnx(model, spec, variant_dir / KV_ONNX)
+    model.config.save_pretrained(variant_dir)
+    save_tokenizer(code_tokenizer(), variant_dir)
+    info = {"variant": "onnx-fp32", "backend": "onnxruntime", "task": "causal-lm"}
+    (variant_dir / "variant.json").write_text(json.dumps(info))
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StageContext(
+        pipeline=PipelineConfig(run="t", runs_dir=tmp_path, seed=1),
+        config=ServeStageConfig(requests=6, concurrency=3, max_tokens=6, duration_s=30),
+        out=out,
+        inputs={"optimize": artifact(opt, "optimize"), "train": artifact(train_dir, "train")},
+        metrics={},
+    )
+    run_serve_stage(ctx)
+    m = ctx.metrics
+    assert m["served_backend"] == "onnx" and m["served_variant"] == "onnx-fp32"
+    assert m["errors"] == 0 and m["closed"]["ok"] == 6 and m["closed"]["output_tokens"] > 0
+    assert "ONNX Runtime" in (out / "report.md").read_text()

@@ -205,6 +205,11 @@ class TorchCausalLMBackend:
         """Width of the logits this backend returns."""
         return int(self.model.get_output_embeddings().weight.shape[0])
 
+    @property
+    def generation_config(self) -> Any:
+        """The model's ``GenerationConfig`` (EOS ids), if it has one."""
+        return getattr(self.model, "generation_config", None)
+
     def reset(self) -> None:
         """Drop every sequence and the whole cache."""
         import torch
@@ -263,7 +268,7 @@ class TorchCausalLMBackend:
             self._row_adapter[rid] = name
         parts: list[_Part] = []
         logits: dict[str, torch.Tensor] = {}
-        for group in _length_groups(requests):
+        for group in length_groups(requests):
             part, group_logits = self._prefill_group(group)
             parts.append(part)
             logits.update(zip(part.rids, group_logits, strict=True))
@@ -396,7 +401,7 @@ def _stack_left_padded(tensors: Sequence[torch.Tensor], width: int) -> torch.Ten
     return out
 
 
-def _length_groups(
+def length_groups(
     requests: Sequence[tuple[str, Sequence[int]]], slack: int = 64
 ) -> list[list[tuple[str, Sequence[int]]]]:
     """Split prompts (sorted by length) into groups whose padded size stays near their real size.

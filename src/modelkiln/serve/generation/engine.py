@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from modelkiln.errors import ServingError
 from modelkiln.hardware import Precision
@@ -44,6 +44,7 @@ from modelkiln.serve.generation.api import (
     TokenEvent,
 )
 from modelkiln.serve.generation.backend import TorchCausalLMBackend
+from modelkiln.serve.generation.ort_backend import OrtCausalLMBackend
 from modelkiln.serve.generation.sampling import (
     IncrementalDetokenizer,
     make_generator,
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Backend = TorchCausalLMBackend | OrtCausalLMBackend
 
 
 @dataclass
@@ -99,7 +101,8 @@ class _Stats:
 
 
 class TorchGenerationEngine:
-    """Continuous-batching generation over a :class:`TorchCausalLMBackend`.
+    """Continuous-batching generation over a :class:`TorchCausalLMBackend` or an
+    :class:`~modelkiln.serve.generation.ort_backend.OrtCausalLMBackend` (ONNX Runtime).
 
     Implements :class:`~modelkiln.serve.generation.api.GenerationEngine`. Call
     :meth:`generate` from the event loop's thread.
@@ -116,7 +119,7 @@ class TorchGenerationEngine:
 
     def __init__(
         self,
-        backend: TorchCausalLMBackend,
+        backend: Backend,
         tokenizer: Any,
         *,
         model_name: str = "model",
@@ -152,18 +155,31 @@ class TorchGenerationEngine:
         max_batched_tokens: int = 2048,
         threads: int | None = None,
         model_name: str | None = None,
+        backend: Literal["torch", "onnx"] = "torch",
     ) -> TorchGenerationEngine:
         """Load a saved causal LM (+ optional PEFT adapter, merged) and its tokenizer.
 
         ``precision="auto"`` resolves with :func:`~modelkiln.hardware.resolve_precision`
-        (fp32 on CPUs without fast bf16).
+        (fp32 on CPUs without fast bf16). ``backend="onnx"`` runs the directory's
+        ``model_kv.onnx`` (exported at load time when absent) in ONNX Runtime.
 
         Raises:
-            ServingError: the model, adapter or tokenizer cannot be loaded.
+            ServingError: the model, adapter or tokenizer cannot be loaded, or the onnx
+                backend is asked for a merged adapter or a half precision.
         """
         from transformers import AutoTokenizer
 
-        backend = TorchCausalLMBackend.from_path(model_dir, adapter=adapter, precision=precision)
+        runner: Backend
+        if backend == "onnx":
+            if adapter is not None or precision not in ("auto", "fp32"):
+                raise ServingError(
+                    f"the onnx generation backend runs its graph as exported; "
+                    f"adapter={adapter} / precision={precision!r} need backend: torch",
+                    hint="drop adapter/precision, or set backend: torch",
+                )
+            runner = OrtCausalLMBackend.from_path(model_dir, threads=threads)
+        else:
+            runner = TorchCausalLMBackend.from_path(model_dir, adapter=adapter, precision=precision)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         except (OSError, ValueError) as exc:
@@ -173,7 +189,7 @@ class TorchGenerationEngine:
             ) from exc
         name = model_name or Path(model_dir).resolve().name
         return cls(
-            backend,
+            runner,
             tokenizer,
             model_name=name,
             max_num_seqs=max_num_seqs,
@@ -475,11 +491,10 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _eos_ids(backend: TorchCausalLMBackend, tokenizer: Any) -> set[int]:
+def _eos_ids(backend: Backend, tokenizer: Any) -> set[int]:
     """EOS ids of the generation config and the tokenizer (as vLLM does: their union)."""
     ids: set[int] = set()
-    gen_cfg = getattr(backend.model, "generation_config", None)
-    eos = getattr(gen_cfg, "eos_token_id", None)
+    eos = getattr(backend.generation_config, "eos_token_id", None)
     for value in eos if isinstance(eos, list | tuple) else [eos]:
         if value is not None:
             ids.add(int(value))
