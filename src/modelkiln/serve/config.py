@@ -73,7 +73,12 @@ class EmbeddingBatchConfig(KilnModel):
     """Dynamic batching of encoder requests (token budget, max wait, length buckets)."""
 
     max_batch_tokens: int = Field(
-        8192, ge=1, description="Padded tokens per forward pass (batch size x bucket length)."
+        2048,
+        ge=1,
+        description="Padded tokens per forward pass (batch size x bucket length). 2048 = 16 "
+        "inputs of 128 tokens: on a CPU a bigger batch is no faster per input (MiniLM, 2 "
+        "AVX2 cores: batch 16 at 128 tokens 36 sentences/s, batch 64 26; see "
+        "docs/BENCHMARKS.md serve-embeddings) and only adds latency.",
     )
     max_batch_size: int = Field(64, ge=1, description="Most sequences in one forward pass.")
     max_wait_ms: float = Field(

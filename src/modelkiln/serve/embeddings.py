@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 class BatchPolicy:
     """How batches are formed (see the module docstring)."""
 
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = 2048  # see EmbeddingBatchConfig.max_batch_tokens
     max_batch_size: int = 64
     max_wait_s: float = 0.05
     buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)

@@ -86,7 +86,72 @@ def pad_batch(batch: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarr
     return ids, mask
 
 
-def _load_tokenizer(model_dir: Path) -> Any:
+class LightTokenizer:
+    """The part of a transformers fast tokenizer the encoder path uses, on ``tokenizers`` alone.
+
+    Why hand-written: ``from transformers import AutoTokenizer`` imports torch
+    (2.5 s on the reference 2-core CPU), which alone would spend half of the
+    5 s cold-start budget of an ONNX encoder that needs no torch at all. It
+    reads the same ``tokenizer.json`` (so ids are the fast tokenizer's,
+    special tokens included; a test compares them on MiniLM) and switches off
+    the truncation / padding that file may carry, as transformers does.
+
+    Args:
+        tokenizer: a ``tokenizers.Tokenizer``.
+        config: the directory's ``tokenizer_config.json`` (pad token, max length).
+    """
+
+    def __init__(self, tokenizer: Any, config: dict[str, Any]) -> None:
+        self._tok = tokenizer
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        pad = config.get("pad_token")
+        if isinstance(pad, dict):  # AddedToken serialized as a dict
+            pad = pad.get("content")
+        self.pad_token_id: int | None = tokenizer.token_to_id(pad) if pad else None
+        limit = config.get("model_max_length")
+        self.model_max_length = int(limit) if isinstance(limit, int | float) else 1_000_000_000
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> LightTokenizer:
+        """Read ``tokenizer.json`` (+ ``tokenizer_config.json``) of ``model_dir``."""
+        from tokenizers import Tokenizer
+
+        config_file = model_dir / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        return cls(Tokenizer.from_file(str(model_dir / "tokenizer.json")), config)
+
+    def __call__(
+        self, texts: str | list[str], add_special_tokens: bool = True
+    ) -> dict[str, list[Any]]:
+        """``{"input_ids": ...}`` for one text (a list of ids) or a batch (a list of lists)."""
+        if isinstance(texts, str):
+            return {"input_ids": self._tok.encode(texts, add_special_tokens=add_special_tokens).ids}
+        encoded = self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return {"input_ids": [e.ids for e in encoded]}
+
+    def __len__(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def get_vocab(self) -> dict[str, int]:
+        """Token -> id, added tokens included."""
+        return dict(self._tok.get_vocab(with_added_tokens=True))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``."""
+        return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+
+def _load_tokenizer(model_dir: Path, light: bool = False) -> Any:
+    """The directory's tokenizer; ``light``: a :class:`LightTokenizer` when it has tokenizer.json."""
+    if light and (model_dir / "tokenizer.json").is_file():
+        try:
+            return LightTokenizer.from_dir(model_dir)
+        except Exception as exc:  # boundary: tokenizers raises plain Exceptions on bad files
+            raise ServingError(
+                f"cannot load the tokenizer from '{model_dir}': {exc}",
+                hint="save the tokenizer next to the model (tokenizer.save_pretrained(dir))",
+            ) from exc
     from transformers import AutoTokenizer
 
     try:
@@ -259,7 +324,7 @@ class OnnxEncoderBackend:
         config = path / "config.json"
         if config.is_file():
             limit = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
-        return cls(session, _load_tokenizer(path), Pooling.from_dir(path), limit)
+        return cls(session, _load_tokenizer(path, light=True), Pooling.from_dir(path), limit)
 
     def encode(self, batch: list[list[int]]) -> np.ndarray:
         """Embed a batch of token-id sequences."""

@@ -124,15 +124,16 @@ def load_engine(spec: ModelSpec, cfg: ServeConfig, on_batch: Callable[[BatchStat
         ServingError: the model cannot be loaded or its backend is unsupported.
     """
     kind = detect_kind(spec)
-    if cfg.threads is not None:
-        import torch
+    backend_name = resolve_backend(spec)
+    if cfg.threads is not None and backend_name == "torch":
+        import torch  # only here: an ONNX Runtime model must not pay torch's import (cold start)
 
         torch.set_num_threads(cfg.threads)
     if kind == "encoder":
         from modelkiln.serve.encoders import OnnxEncoderBackend, TorchEncoderBackend
 
         backend: Any
-        if resolve_backend(spec) == "onnx":
+        if backend_name == "onnx":
             if spec.compile:
                 raise ServingError(
                     f"compile: true needs the torch backend; '{spec.path}' runs on onnx",
@@ -164,7 +165,7 @@ def load_engine(spec: ModelSpec, cfg: ServeConfig, on_batch: Callable[[BatchStat
         max_batched_tokens=cfg.generation.max_batched_tokens,
         threads=cfg.threads,
         model_name=spec.served_name,
-        backend=resolve_backend(spec),
+        backend=backend_name,
     )
 
 
