@@ -390,3 +390,26 @@ def test_cancelling_the_consumer_task_cancels_the_request() -> None:
 
     stats = run(main())
     assert stats["requests_cancelled"] == 1 and stats["running"] == 0
+
+
+def test_ready_hands_over_the_queued_events_without_waiting() -> None:
+    """A consumer that fell behind takes every waiting event at once, in order."""
+    engine = make_engine(tiny_model())
+    prompt = prompts(1)[0]
+
+    async def main() -> tuple[list[TokenEvent], list[TokenEvent]]:
+        await engine.start()
+        stream = engine.generate(greedy("lag", prompt, 6))
+        first = await stream.__anext__()
+        while engine.stats()["requests_finished"] < 1:  # let the engine run ahead
+            await asyncio.sleep(0.01)
+        waiting = stream.ready()  # type: ignore[attr-defined]
+        rest = await drain(stream)
+        await engine.shutdown(5)
+        return [first, *waiting], rest
+
+    got, rest = run(main())
+    assert rest == []  # ready() took the final event: the stream is over
+    assert [e.completion_tokens for e in got] == [1, 2, 3, 4, 5, 6]
+    assert got[-1].finish_reason == "length"
+    assert token_ids(got) == reference(tiny_model(), prompt, 6)

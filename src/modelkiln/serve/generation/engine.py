@@ -478,6 +478,19 @@ class _RequestStream:
             self._finished = True
         return event
 
+    def ready(self) -> list[TokenEvent]:
+        """The events already waiting, without waiting for more (empty when none or finished).
+
+        Lets a consumer that fell behind the engine answer several tokens at once.
+        """
+        out: list[TokenEvent] = []
+        queue = self._live.queue
+        while not self._finished and not queue.empty():
+            event = queue.get_nowait()
+            self._finished = event.finish_reason is not None
+            out.append(event)
+        return out
+
     async def aclose(self) -> None:
         """Cancel the request if it is still running (client went away)."""
         if not self._finished:
