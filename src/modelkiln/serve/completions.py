@@ -8,10 +8,12 @@ collected. A client that disconnects cancels its requests in the engine.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -71,6 +73,69 @@ class SSEResponse(StreamingResponse):
 def sse(payload: dict[str, Any]) -> bytes:
     """One server-sent event carrying ``payload`` as JSON."""
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _json_str(text: str) -> bytes:
+    """``text`` as a JSON string, escaped exactly as ``json.dumps`` does (ASCII only)."""
+    return encode_basestring_ascii(text).encode("ascii")
+
+
+def _finish_json(finish: str | None) -> bytes:
+    return b"null" if finish is None else _json_str(finish)
+
+
+class _Chunks(abc.ABC):
+    """The SSE events of one streamed response, rendered per token without ``json.dumps``.
+
+    Everything but the choice is fixed for the whole response, so it is encoded
+    once; a token then costs one string escape and a bytes format. The bytes are
+    exactly what ``sse(dict)`` gives for the same chunk (same keys, same order).
+    """
+
+    def __init__(self, rid: str, obj: str, created: int, model: str) -> None:
+        base = {"id": rid, "object": obj, "created": created, "model": model}
+        # '{"id":...,"model":"m"' then ',"choices":[...]}' per event.
+        self.head = b"data: " + json.dumps(base, separators=(",", ":")).encode()[:-1]
+
+    @abc.abstractmethod
+    def choice(self, index: int, text: str, finish: str | None) -> bytes:
+        """The event of choice ``index`` adding ``text`` (and finishing with ``finish``)."""
+
+    def usage(self, usage: Usage) -> bytes:
+        """The final ``stream_options.include_usage`` event: no choices, the token counts."""
+        body = json.dumps(usage.model_dump(), separators=(",", ":")).encode()
+        return self.head + b',"choices":[],"usage":' + body + b"}\n\n"
+
+
+class _CompletionChunks(_Chunks):
+    """``text_completion`` chunks of ``/v1/completions``."""
+
+    _CHOICE = b'%s,"choices":[{"index":%d,"text":%s,"logprobs":null,"finish_reason":%s}]}\n\n'
+
+    def __init__(self, rid: str, created: int, model: str) -> None:
+        super().__init__(rid, "text_completion", created, model)
+
+    def choice(self, index: int, text: str, finish: str | None) -> bytes:
+        return self._CHOICE % (self.head, index, _json_str(text), _finish_json(finish))
+
+
+class _ChatChunks(_Chunks):
+    """``chat.completion.chunk`` s: a choice's first chunk carries the assistant role."""
+
+    _CHOICE = b'%s,"choices":[{"index":%d,"delta":{%s},"logprobs":null,"finish_reason":%s}]}\n\n'
+
+    def __init__(self, rid: str, created: int, model: str) -> None:
+        super().__init__(rid, "chat.completion.chunk", created, model)
+        self.started: set[int] = set()
+
+    def choice(self, index: int, text: str, finish: str | None) -> bytes:
+        delta: list[bytes] = []
+        if index not in self.started:
+            self.started.add(index)
+            delta.append(b'"role":"assistant"')
+        if text or (finish is None and not delta):
+            delta.append(b'"content":' + _json_str(text))
+        return self._CHOICE % (self.head, index, b",".join(delta), _finish_json(finish))
 
 
 DONE = b"data: [DONE]\n\n"
@@ -150,23 +215,36 @@ async def _run_collected(request: Request, state: ServerState, run: Run, ticket:
 
 
 async def _stream(
-    state: ServerState, run: Run, ticket: Ticket, chunk: Any, usage: bool
+    state: ServerState, run: Run, ticket: Ticket, chunks: _Chunks, usage: bool
 ) -> AsyncIterator[bytes]:
-    """SSE body: ``chunk(index, text, finish_reason)`` per event, errors as error events."""
+    """SSE body: one chunk per event, errors as error events, then usage and ``[DONE]``.
+
+    Events that were ready together go out in one write (each still its own SSE
+    event), and so does the end of the stream with the last token: every write
+    costs a trip through the ASGI stack and a syscall, a few more bytes do not.
+    """
     timeout = state.cfg.request_timeout_s
+    left = len(run.choices)
     try:
         async with contextlib.aclosing(events(run, state.metrics)) as stream:
-            async for i, event in stream:
-                if event.finish_reason is not None:
-                    err = failure(run.choices[i], timeout)
-                    if err is not None:
-                        yield sse(err.body())  # the openai client raises on an error event
-                        return
-                if event.text or event.finish_reason is not None:
-                    yield sse(chunk(i, event.text, event.finish_reason))
-        if usage:
-            yield sse(chunk(None, "", None) | {"choices": [], "usage": _usage(run).model_dump()})
-        yield DONE
+            async for batch in stream:
+                out: list[bytes] = []
+                for i, event in batch:
+                    if event.finish_reason is not None:
+                        left -= 1
+                        err = failure(run.choices[i], timeout)
+                        if err is not None:
+                            out.append(sse(err.body()))  # the openai client raises on it
+                            yield b"".join(out)
+                            return
+                    if event.text or event.finish_reason is not None:
+                        out.append(chunks.choice(i, event.text, event.finish_reason))
+                if not left:
+                    if usage:
+                        out.append(chunks.usage(_usage(run)))
+                    out.append(DONE)
+                if out:
+                    yield out[0] if len(out) == 1 else b"".join(out)
     finally:
         ticket.release()
 
@@ -214,13 +292,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     assert run is not None and ticket is not None
     rid, created = new_id("cmpl"), int(time.time())
     if body.stream:
-
-        def chunk(i: int | None, text: str, finish: str | None) -> dict[str, Any]:
-            choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-            base = {"id": rid, "object": "text_completion", "created": created}
-            return base | {"model": served.name, "choices": [choice]}
-
-        return SSEResponse(_stream(state, run, ticket, chunk, body.include_usage))
+        chunks = _CompletionChunks(rid, created, served.name)
+        return SSEResponse(_stream(state, run, ticket, chunks, body.include_usage))
     await _run_collected(request, state, run, ticket)
     choices = [CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason)
                for c in run.choices]  # fmt: skip
@@ -264,20 +337,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     assert run is not None and ticket is not None
     rid, created = new_id("chatcmpl"), int(time.time())
     if body.stream:
-        started: set[int] = set()
-
-        def chunk(i: int | None, text: str, finish: str | None) -> dict[str, Any]:
-            delta: dict[str, str] = {}
-            if i is not None and i not in started:
-                started.add(i)
-                delta["role"] = "assistant"
-            if text or (finish is None and "role" not in delta):
-                delta["content"] = text
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-            base = {"id": rid, "object": "chat.completion.chunk", "created": created}
-            return base | {"model": served.name, "choices": [choice]}
-
-        return SSEResponse(_stream(state, run, ticket, chunk, body.include_usage))
+        chat_chunks = _ChatChunks(rid, created, served.name)
+        return SSEResponse(_stream(state, run, ticket, chat_chunks, body.include_usage))
     await _run_collected(request, state, run, ticket)
     choices = [
         ChatChoice(index=c.index, message=ChatChoiceMessage(content=c.text),

@@ -118,7 +118,9 @@ class LightTokenizer:
         from tokenizers import Tokenizer
 
         config_file = model_dir / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        config = (
+            json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        )
         return cls(Tokenizer.from_file(str(model_dir / "tokenizer.json")), config)
 
     def __call__(
@@ -143,7 +145,7 @@ class LightTokenizer:
 
 
 def _load_tokenizer(model_dir: Path, light: bool = False) -> Any:
-    """The directory's tokenizer; ``light``: a :class:`LightTokenizer` when it has tokenizer.json."""
+    """The directory's tokenizer (``light``: a :class:`LightTokenizer` if tokenizer.json exists)."""
     if light and (model_dir / "tokenizer.json").is_file():
         try:
             return LightTokenizer.from_dir(model_dir)

@@ -2,9 +2,10 @@
 
 One HTTP request becomes ``len(prompts) * n`` :class:`GenerationRequest` s
 (choice ``index = prompt_i * n + j``, as the OpenAI API numbers them). Their
-event streams are merged into one ``(index, event)`` stream; closing it
-closes every engine stream, which cancels the requests inside the engine
-(client disconnects, deadlines).
+event streams are merged into one stream of ``(index, event)`` batches (a
+single choice is read straight from the engine); closing it closes every
+engine stream, which cancels the requests inside the engine (client
+disconnects, deadlines).
 """
 
 from __future__ import annotations
@@ -169,14 +170,47 @@ async def _close(stream: Any) -> None:
             await aclose()
 
 
-async def events(run: Run, metrics: ServeMetrics) -> AsyncGenerator[tuple[int, TokenEvent], None]:
-    """Submit the run's requests and yield ``(choice index, event)`` until all finish.
+#: ``(choice index, event)`` pairs that were ready together, in arrival order.
+Batch = list[tuple[int, TokenEvent]]
 
+
+class _Tally:
+    """Books each event into ``run.choices`` and the TTFT / ITL histograms."""
+
+    def __init__(self, run: Run, metrics: ServeMetrics) -> None:
+        self.run = run
+        # Label lookups take a lock and build a tuple: resolve them once per run, not per token.
+        self.ttft = metrics.ttft.labels(run.served.name)
+        self.itl = metrics.itl.labels(run.served.name)
+        self.last = [run.started] * len(run.requests)
+
+    def add(self, i: int, item: TokenEvent | BaseException | None) -> TokenEvent:
+        """Book choice ``i``'s event (an engine failure or a stream that just ended: an error)."""
+        if not isinstance(item, TokenEvent):
+            error = "the engine's stream ended early" if item is None else repr(item)
+            item = TokenEvent(self.run.requests[i].request_id, None, "", "error", error=error)
+        c = self.run.choices[i]
+        if item.token_id is not None:
+            now = time.perf_counter()
+            (self.ttft if c.completion_tokens == 0 else self.itl).observe(now - self.last[i])
+            self.last[i] = now
+        c.text += item.text
+        c.prompt_tokens = item.prompt_tokens or c.prompt_tokens
+        c.completion_tokens = item.completion_tokens or c.completion_tokens
+        if item.finish_reason is not None:
+            c.finish_reason, c.error = item.finish_reason, item.error
+        return item
+
+
+async def events(run: Run, metrics: ServeMetrics) -> AsyncGenerator[Batch, None]:
+    """Submit the run's requests and yield their events, in batches, until all finish.
+
+    A batch holds every event that was already waiting when the consumer asked
+    (never waiting for more), so a lagging consumer can answer several at once.
     Records time to first token and inter-token latency; fills ``run.choices``.
     Closing the iterator cancels whatever is still running.
     """
     engine = run.served.engine
-    name = run.served.name
     streams: list[AsyncIterator[TokenEvent]] = []
     try:
         for request in run.requests:
@@ -185,43 +219,53 @@ async def events(run: Run, metrics: ServeMetrics) -> AsyncGenerator[tuple[int, T
         for stream in streams:  # the engine refused one: withdraw the others
             await _close(stream)
         raise
-    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException]] = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator[TokenEvent]) -> None:
-        try:
-            async for event in stream:
-                await queue.put((i, event))
-        except Exception as exc:  # boundary: surface engine failures as an error event
-            await queue.put((i, exc))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    last = [run.started] * len(streams)
-    remaining = len(streams)
+    tally = _Tally(run, metrics)
+    tasks: list[asyncio.Task[None]] = []
     try:
+        if len(streams) == 1:
+            # One choice (the common case): read the engine's stream directly; a pump task
+            # and a merged queue would add a task switch and two queue operations per token.
+            stream = streams[0]
+            while True:
+                item: TokenEvent | BaseException | None
+                try:
+                    item = await anext(stream)
+                except StopAsyncIteration:
+                    item = None
+                except Exception as exc:  # boundary: surface engine failures as an error event
+                    item = exc
+                event = tally.add(0, item)
+                yield [(0, event)]
+                if event.finish_reason is not None:
+                    return
+        queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int, stream: AsyncIterator[TokenEvent]) -> None:
+            try:
+                async for event in stream:
+                    await queue.put((i, event))
+                    if event.finish_reason is not None:
+                        return
+                await queue.put((i, None))
+            except Exception as exc:  # boundary: surface engine failures as an error event
+                await queue.put((i, exc))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        remaining = len(streams)
         while remaining:
-            i, item = await queue.get()
-            if isinstance(item, BaseException):
-                item = TokenEvent(run.requests[i].request_id, None, "", "error", error=repr(item))
-            now = time.perf_counter()
-            if item.token_id is not None:
-                first = run.choices[i].completion_tokens == 0
-                (metrics.ttft if first else metrics.itl).labels(name).observe(now - last[i])
-                last[i] = now
-            c = run.choices[i]
-            c.text += item.text
-            c.prompt_tokens = item.prompt_tokens or c.prompt_tokens
-            c.completion_tokens = item.completion_tokens or c.completion_tokens
-            if item.finish_reason is not None:
-                c.finish_reason, c.error = item.finish_reason, item.error
-                remaining -= 1
-            yield i, item
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            booked = [(i, tally.add(i, item)) for i, item in batch]
+            remaining -= sum(event.finish_reason is not None for _, event in booked)
+            yield booked
     finally:
         for task in tasks:
             task.cancel()
         for stream in streams:
             await _close(stream)
-        metrics.tokens.labels(name, "in").inc(run.prompt_tokens)
-        metrics.tokens.labels(name, "out").inc(run.completion_tokens)
+        metrics.tokens.labels(run.served.name, "in").inc(run.prompt_tokens)
+        metrics.tokens.labels(run.served.name, "out").inc(run.completion_tokens)
 
 
 def failure(choice: Choice, timeout_s: float) -> APIError | None:
