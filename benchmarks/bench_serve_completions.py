@@ -27,7 +27,7 @@ Compared side by side in one run (interleaved rounds, medians):
 - (b') the best offline engine here: a greedy static-batch loop over the int8
   variant's ``model_kv.onnx`` in ONNX Runtime.
 
-The load generator (httpx, streaming) runs in this process and shares the two
+The load generator (:mod:`modelkiln.serve.loadgen`: keep-alive HTTP/1.1 on httptools) runs in this process and shares the two
 cores with the server under test; the offline runs have the machine alone.
 
     python benchmarks/bench_serve_completions.py          # ~6-10 min on 2 shared cores
