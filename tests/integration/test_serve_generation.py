@@ -16,14 +16,20 @@ from modelkiln.serve import ModelServer, ServeConfig
 openai = pytest.importorskip("openai")
 
 
-@pytest.fixture(scope="module")
-def gpt2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def gpt2_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The tiny GPT-2 on each generation backend (onnx: its KV-cache graph, exported at load)."""
     try:
         import modelkiln.serve.generation.engine  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"the generation engine is not available: {exc}")
+    if request.param == "onnx":
+        pytest.importorskip("onnxruntime")
     path = save_tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "tiny-gpt2")
-    cfg = ServeConfig.model_validate({"models": [{"path": str(path)}], "port": 0})
+    model = {"path": str(path), "backend": request.param}
+    cfg = ServeConfig.model_validate({"models": [model], "port": 0})
     server = ModelServer(config=cfg)
     url = server.start(timeout=60)
     yield url
