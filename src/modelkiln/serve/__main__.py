@@ -46,7 +46,7 @@ def build_parser(prog: str = "python -m modelkiln.serve") -> argparse.ArgumentPa
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="weights precision of every model (default auto)")  # fmt: skip
     p.add_argument("--backend", choices=["torch", "onnx"], help="backend of every model")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, help="intra-op threads of torch and ONNX Runtime")
     p.add_argument("--drain-timeout", type=float, help="seconds to drain on SIGTERM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p

@@ -150,7 +150,7 @@ class ServeConfig(KilnModel):
         30.0, ge=0, description="On SIGTERM, time in-flight requests get to finish."
     )
     threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads (None: torch's default)."
+        None, ge=1, description="Intra-op threads of torch and ONNX Runtime (None: their defaults)."
     )
     embedding: EmbeddingBatchConfig = Field(default_factory=EmbeddingBatchConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
