@@ -102,6 +102,17 @@ def test_detokenizer_never_emits_half_a_utf8_character() -> None:
     assert sum(bool(p) for p in pieces) > 3  # text flows as tokens arrive, not all at the end
 
 
+def test_detokenizer_fast_decode_path_streams_what_the_wrapper_streams() -> None:
+    """The Rust decode (no space clean-up) and transformers' decode give the same pieces."""
+    tok = tokenizer()
+    ids = [*tok.encode("héllo wörld — 日本語 🙂 def f(x):\n    return x"), tok.eos_token_id]
+    fast = IncrementalDetokenizer(tok, tok.encode("x = "), stop=("return",))
+    slow = IncrementalDetokenizer(tok, tok.encode("x = "), stop=("return",))
+    slow._raw_decode = None  # force transformers' decode
+    assert fast._raw_decode is not None  # this tokenizer takes the fast path
+    assert stream(fast, ids) == stream(slow, ids)
+
+
 def test_detokenizer_skips_special_tokens() -> None:
     tok = tokenizer()
     ids = [*tok.encode("abc"), tok.eos_token_id]

@@ -139,6 +139,12 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
+        # The Rust tokenizer's own decode when transformers' wrapper would add nothing to it (no
+        # space clean-up): the wrapper's argument handling costs more than the decode itself,
+        # and this runs twice per generated token.
+        backend: Any = getattr(tokenizer, "backend_tokenizer", None)
+        clean_up = getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        self._raw_decode = backend.decode if backend is not None and not clean_up else None
         self.stop = tuple(s for s in stop if s)
         self.stopped = False
         self.text = ""  # output text so far (held-back tail included, stop string excluded)
@@ -198,4 +204,6 @@ class IncrementalDetokenizer:
         return best
 
     def _decode(self, ids: Sequence[int]) -> str:
+        if self._raw_decode is not None:
+            return str(self._raw_decode(ids, skip_special_tokens=True))
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
