@@ -189,17 +189,9 @@ class OrtKvGenerator:
     """
 
     def __init__(self, onnx_path: Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        from modelkiln.onnxrt import cpu_session
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.inter_op_num_threads = 1
-        if threads:
-            options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see OrtRunner
-        self.session = ort.InferenceSession(
-            str(onnx_path), options, providers=["CPUExecutionProvider"]
-        )
+        self.session = cpu_session(onnx_path, threads)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -236,18 +236,9 @@ class OrtRunner(Runner):
     """An ONNX Runtime CPU session over ``model.onnx``; the first graph output is the main one."""
 
     def __init__(self, onnx_path: Path, spec: ModelSpec, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        from modelkiln.onnxrt import cpu_session
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.inter_op_num_threads = 1
-        if threads:
-            options.intra_op_num_threads = threads
-        # ORT's intra-op threads spin after each run by default; timed side by side with torch
-        # variants on a 2-core CPU, the spinning threads steal the cores the next (torch)
-        # variant needs (torch-fp32 at batch 1 measured 4x slower after an ORT run).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        session = cpu_session(onnx_path, threads)
         names = tuple(i.name for i in session.get_inputs())
         super().__init__(spec, names)
         self.session = session

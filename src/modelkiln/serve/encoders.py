@@ -301,25 +301,19 @@ class OnnxEncoderBackend:
             ServingError: no ONNX file, or it cannot be loaded.
         """
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401
         except ImportError as exc:
             raise DependencyMissingError("onnxruntime", "onnx", purpose="ONNX serving") from exc
+        from modelkiln.onnxrt import cpu_session
+
         path = Path(model_dir)
         onnx_file = find_onnx(path)
         if onnx_file is None:
             raise ServingError(
                 f"no .onnx file in '{path}'", hint="export the encoder (kiln optimize) first"
             )
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        # No busy-waiting between runs: on a small CPU the spinning pool steals the cores the
-        # event loop and the batcher need (see modelkiln.optimize.runners.OrtRunner).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            session = ort.InferenceSession(
-                str(onnx_file), options, providers=["CPUExecutionProvider"]
-            )
+            session = cpu_session(onnx_file, threads)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ServingError(f"cannot load '{onnx_file}': {exc}") from exc
         limit = None

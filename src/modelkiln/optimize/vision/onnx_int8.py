@@ -137,15 +137,9 @@ def quantize_cnn_static(
 
 def ort_session(path: Path, threads: int = 2) -> ort.InferenceSession:
     """A CPU ONNX Runtime session with all graph optimizations and ``threads`` intra-op threads."""
-    import onnxruntime as ort
+    from modelkiln.onnxrt import cpu_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Spinning ORT workers would steal the shared cores from the torch variants timed next.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return cpu_session(path, threads)
 
 
 def ort_logits(session: ort.InferenceSession, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:

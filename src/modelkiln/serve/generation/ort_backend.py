@@ -75,20 +75,11 @@ class OrtCausalLMBackend:
         max_model_len: int | None = None,
     ) -> None:
         import numpy as np
-        import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.inter_op_num_threads = 1
-        if threads:
-            options.intra_op_num_threads = threads
-        # The engine's worker thread alternates model steps with Python work; a spinning
-        # intra-op pool would burn the cores that work needs (see optimize.runners.OrtRunner).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        from modelkiln.onnxrt import cpu_session
+
         try:
-            self.session = ort.InferenceSession(
-                str(onnx_path), options, providers=["CPUExecutionProvider"]
-            )
+            self.session = cpu_session(onnx_path, threads)
         except Exception as exc:  # boundary: onnxruntime raises its own exception types
             raise ServingError(
                 f"cannot load the KV-cache graph '{onnx_path}': {exc}",
