@@ -225,7 +225,10 @@ async def events(run: Run, metrics: ServeMetrics) -> AsyncGenerator[Batch, None]
         if len(streams) == 1:
             # One choice (the common case): read the engine's stream directly; a pump task
             # and a merged queue would add a task switch and two queue operations per token.
+            # Events the engine queued while this consumer was busy come along in the same
+            # batch (``ready()`` of the engine's stream, when it has one), never waited for.
             stream = streams[0]
+            ready = getattr(stream, "ready", None)
             while True:
                 item: TokenEvent | BaseException | None
                 try:
@@ -234,9 +237,11 @@ async def events(run: Run, metrics: ServeMetrics) -> AsyncGenerator[Batch, None]
                     item = None
                 except Exception as exc:  # boundary: surface engine failures as an error event
                     item = exc
-                event = tally.add(0, item)
-                yield [(0, event)]
-                if event.finish_reason is not None:
+                got = [(0, tally.add(0, item))]
+                if ready is not None and got[-1][1].finish_reason is None:
+                    got += [(0, tally.add(0, more)) for more in ready()]
+                yield got
+                if got[-1][1].finish_reason is not None:
                     return
         queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
 

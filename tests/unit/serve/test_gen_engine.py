@@ -413,3 +413,29 @@ def test_ready_hands_over_the_queued_events_without_waiting() -> None:
     assert [e.completion_tokens for e in got] == [1, 2, 3, 4, 5, 6]
     assert got[-1].finish_reason == "length"
     assert token_ids(got) == reference(tiny_model(), prompt, 6)
+
+
+def test_a_lagging_single_choice_consumer_gets_the_queued_tokens_in_one_batch() -> None:
+    """``generation_runs.events`` takes what the engine already queued (one SSE write)."""
+    from types import SimpleNamespace
+
+    from modelkiln.serve.generation_runs import build_run, events
+    from modelkiln.serve.metrics import ServeMetrics
+
+    engine = make_engine(tiny_model())
+    served: Any = SimpleNamespace(engine=engine, name="m", adapter=None)
+    prompt = prompts(1)[0]
+
+    async def main() -> list[list[int]]:
+        await engine.start()
+        run_ = build_run(served, [prompt], [SamplingParams(6, temperature=0.0)], 1, 30.0)
+        batches: list[list[int]] = []
+        stream = events(run_, ServeMetrics())
+        batches.append([e.completion_tokens for _, e in await anext(stream)])
+        while engine.stats()["requests_finished"] < 1:  # the consumer lags: tokens pile up
+            await asyncio.sleep(0.01)
+        batches += [[e.completion_tokens for _, e in batch] async for batch in stream]
+        await engine.shutdown(5)
+        return batches
+
+    assert run(main()) == [[1], [2, 3, 4, 5, 6]]
