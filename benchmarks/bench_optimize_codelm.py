@@ -37,12 +37,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from _record import machine_line, update_section
 
+from modelkiln.optimize.kv_export import KV_ONNX
+
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_VARIANTS = ["torch-fp32", "torch-bf16", "torch-int8-dynamic"]
 ONNX_VARIANTS = ["onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static", "onnx-int4-weight",
                  "onnx-int4-weight+head", "qat-int8"]  # fmt: skip
 """``+head``: the same variant with ``quant.int4.quantize_lm_head`` on."""
-KV_FILE = "model_kv.onnx"
 
 
 def _generator(name: str, built: Any, threads: int) -> Any:
@@ -52,7 +53,7 @@ def _generator(name: str, built: Any, threads: int) -> Any:
     if built.variant.backend == "onnxruntime":
         from modelkiln.optimize.kv_export import OrtKvGenerator
 
-        gen = OrtKvGenerator(built.path / KV_FILE, threads)
+        gen = OrtKvGenerator(built.path / KV_ONNX, threads)
         return lambda ids, new: torch.from_numpy(gen.generate(ids.numpy(), new))
     model = built.runner.model
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             built = build_variant(method, head_ctx if head else ctx, work / "variants" / name,
                                   metric.samples)  # fmt: skip
             if built.variant.backend == "onnxruntime":
-                assert (built.path / KV_FILE).is_file(), f"{name} shipped no KV-cache graph"
+                assert (built.path / KV_ONNX).is_file(), f"{name} shipped no KV-cache graph"
             build_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             ppl = metric(built.runner)
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[name]), flush=True)
         # KV graph parity on the real model: prefill + 4 decode steps, greedy == torch generate.
         prompts = [enc["input_ids"][:1, :32] for enc in metric.samples]
-        kv = check_kv_parity(reference, built_all["onnx-fp32"].path / KV_FILE, prompts[0],
+        kv = check_kv_parity(reference, built_all["onnx-fp32"].path / KV_ONNX, prompts[0],
                              steps=4, atol=1e-3, max_new_tokens=24)  # fmt: skip
         gens = {n: _generator(n, b, args.threads) for n, b in built_all.items()}
         prompt_ids = [_prompt(metric.samples, i) for i in range(args.prompts)]
@@ -181,7 +182,7 @@ def _prompt(samples: list[dict[str, Any]], i: int) -> Any:
 def _size(path: Path) -> int:
     weights = (".onnx", ".safetensors", ".pt", ".pt2")
     return sum(f.stat().st_size for f in path.iterdir() if f.name.endswith(weights)
-               and f.name != KV_FILE)  # fmt: skip
+               and f.name != KV_ONNX)  # fmt: skip
 
 
 def render(summary: dict[str, Any], args: argparse.Namespace, spec: Any) -> str:

@@ -27,6 +27,11 @@ API_KEYS_ENV = "MODELKILN_API_KEYS"
 ADMIN_KEYS_ENV = "MODELKILN_ADMIN_KEYS"
 
 
+def has_torch_weights(path: Path) -> bool:
+    """Whether ``path`` holds PyTorch weights (safetensors or ``pytorch_model*.bin``)."""
+    return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+
+
 class ModelSpec(KilnModel):
     """One model directory to serve."""
 

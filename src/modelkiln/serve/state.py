@@ -28,7 +28,7 @@ from modelkiln.errors import ServingError
 from modelkiln.serve.admission import AdmissionController
 from modelkiln.serve.auth import APIKeys
 from modelkiln.serve.cache import ResponseCache, make_cache
-from modelkiln.serve.config import ModelSpec, ServeConfig
+from modelkiln.serve.config import ModelSpec, ServeConfig, has_torch_weights
 from modelkiln.serve.embeddings import BatchPolicy, BatchStats, EmbeddingEngine
 from modelkiln.serve.http_errors import APIError, bad_request, model_not_found, unavailable
 from modelkiln.serve.metrics import ServeMetrics
@@ -113,8 +113,7 @@ def resolve_backend(spec: ModelSpec) -> Literal["torch", "onnx"]:
         return spec.backend
     path = Path(spec.path)
     has_onnx = any(path.glob("*.onnx"))
-    has_torch = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
-    return "onnx" if has_onnx and not has_torch else "torch"
+    return "onnx" if has_onnx and not has_torch_weights(path) else "torch"
 
 
 def load_engine(spec: ModelSpec, cfg: ServeConfig, on_batch: Callable[[BatchStats], None]) -> Any:

@@ -25,8 +25,9 @@ from test_gen_engine import (  # noqa: E402
 )
 
 from modelkiln.errors import ServingError  # noqa: E402
+from modelkiln.optimize.kv_export import KV_ONNX  # noqa: E402
 from modelkiln.serve.generation import TorchGenerationEngine  # noqa: E402
-from modelkiln.serve.generation.ort_backend import KV_GRAPH, OrtCausalLMBackend  # noqa: E402
+from modelkiln.serve.generation.ort_backend import OrtCausalLMBackend  # noqa: E402
 
 
 def save(model: Any, path: Path) -> Path:
@@ -110,7 +111,7 @@ def test_a_variant_directory_with_a_kv_graph_is_served_without_torch_weights(
     variant.mkdir()
     model.config.save_pretrained(variant)
     tokenizer().save_pretrained(variant)
-    export_kv_onnx(model, inspect_model(path, "causal-lm"), variant / KV_GRAPH)
+    export_kv_onnx(model, inspect_model(path, "causal-lm"), variant / KV_ONNX)
 
     assert resolve_backend(ModelSpec(path=variant)) == "onnx"
     backend = OrtCausalLMBackend.from_path(variant)

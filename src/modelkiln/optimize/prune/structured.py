@@ -193,11 +193,6 @@ def taylor_for(
     Raises:
         ConfigError: no batches.
     """
-    if not batches:
-        raise ConfigError(
-            "taylor importance needs training batches, got none",
-            hint="give the optimize stage training data or use criterion 'l1' / 'l2'",
-        )
     return accumulate_taylor(model, group_params(groups), batches, causal)
 
 

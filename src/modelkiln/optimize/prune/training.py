@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 import torch
 
+from modelkiln.errors import ConfigError
+
 FEED_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -113,7 +115,16 @@ def accumulate_taylor(
     batches: list[dict[str, torch.Tensor]],
     causal: bool,
 ) -> list[torch.Tensor]:
-    """``sum over batches of |w * dL/dw|`` for each of ``params`` (same shapes)."""
+    """``sum over batches of |w * dL/dw|`` for each of ``params`` (same shapes).
+
+    Raises:
+        ConfigError: no batches.
+    """
+    if not batches:
+        raise ConfigError(
+            "taylor importance needs training batches, got none",
+            hint="give the optimize stage training data or use criterion 'l1' / 'l2'",
+        )
     model.eval()
     scores = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     for batch in batches:

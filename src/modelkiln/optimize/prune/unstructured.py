@@ -81,11 +81,6 @@ def taylor_scores(
     Raises:
         ConfigError: no batches.
     """
-    if not batches:
-        raise ConfigError(
-            "taylor importance needs training batches, got none",
-            hint="give the optimize stage training data or use criterion 'l1' / 'l2'",
-        )
     params = [_trainable_weight(m) for _, m in layers]
     return accumulate_taylor(model, params, batches, causal)
 

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkiln.errors import ServingError
+from modelkiln.optimize.kv_export import KV_ONNX, positions_from_mask
+from modelkiln.serve.config import has_torch_weights
 from modelkiln.serve.generation.backend import length_groups
 
 if TYPE_CHECKING:
@@ -43,8 +45,6 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-KV_GRAPH = "model_kv.onnx"
 
 
 class OrtCausalLMBackend:
@@ -135,16 +135,16 @@ class OrtCausalLMBackend:
         except OSError:
             gen_config = None
         tmp: Path | None = None
-        graph = path / KV_GRAPH
+        graph = path / KV_ONNX
         if not graph.is_file():
-            if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+            if not has_torch_weights(path):
                 raise ServingError(
-                    f"'{path}' has no {KV_GRAPH} and no torch weights to export one from",
+                    f"'{path}' has no {KV_ONNX} and no torch weights to export one from",
                     hint="re-run `kiln optimize` with optimize.quant.kv_cache: true (the "
                     "default), or serve the fp32 model directory",
                 )
             tmp = Path(tempfile.mkdtemp(prefix="kiln-kv-serve-"))
-            graph = tmp / KV_GRAPH
+            graph = tmp / KV_ONNX
             try:
                 export_kv_graph(path, graph)
             except BaseException:
@@ -309,8 +309,7 @@ class OrtCausalLMBackend:
         for i, (_, prompt) in enumerate(group):
             ids[i, width - len(prompt) :] = prompt
         mask = left_pad_mask(lengths, width)
-        positions = np.clip(mask.cumsum(-1) - 1, 0, None)
-        logits, past = self._run(ids, mask, positions, {})
+        logits, past = self._run(ids, mask, positions_from_mask(mask, width), {})
         if bool((lengths < width).any()):
             keep = mask.astype(bool)[:, None, :, None]  # padded K/V may be NaN; 0 * NaN = NaN
             past = {n: np.where(keep, t, 0).astype(t.dtype) for n, t in past.items()}
