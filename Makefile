@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # CPU build from local disk here. GPU users: install a CUDA torch into .venv
 # first and run with TORCH_SPEC= (empty) so the Makefile leaves torch alone.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,train,onnx,serve,monitor
+EXTRAS ?= dev,train,onnx,serve,monitor,security,deploy,ray,bench
 STAMP := $(VENV)/.modelkiln-installed
 PYTEST_ARGS ?=
 LINT_PATHS := $(wildcard src tests benchmarks examples)
