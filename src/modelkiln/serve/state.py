@@ -4,39 +4,32 @@ Models are loaded after the server starts listening (so ``/health`` answers
 while weights load) on a worker thread; ``/ready`` turns 200 once every engine
 is loaded and warm, and 503 again as soon as draining starts.
 
-The kind of a directory is read from its ``config.json``: an architecture
-named ``*ForCausalLM`` / ``*LMHeadModel`` is served by the generation engine,
-anything else (or a directory holding only an ONNX graph) by the embedding
-engine.
+Building an engine from a model directory is :mod:`.loading`'s job; this
+module only adopts, starts, looks up and drains the engines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from starlette.requests import Request
 
-from modelkiln.errors import ServingError
 from modelkiln.serve.admission import AdmissionController
 from modelkiln.serve.auth import APIKeys
 from modelkiln.serve.cache import ResponseCache, make_cache
-from modelkiln.serve.config import ModelSpec, ServeConfig, has_torch_weights
-from modelkiln.serve.embeddings import BatchPolicy, BatchStats, EmbeddingEngine
+from modelkiln.serve.config import ServeConfig
+from modelkiln.serve.embeddings import BatchStats
 from modelkiln.serve.http_errors import APIError, bad_request, model_not_found, unavailable
+from modelkiln.serve.loading import Kind, load_engine
 from modelkiln.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
-
-Kind = Literal["causal_lm", "encoder"]
-_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 @dataclass
@@ -77,95 +70,6 @@ class ServedModel:
                 return value
         limit = getattr(self.tokenizer, "model_max_length", None)
         return limit if isinstance(limit, int) and limit < 1_000_000 else None
-
-
-def detect_kind(spec: ModelSpec) -> Kind:
-    """The kind of ``spec`` (see the module docstring).
-
-    Raises:
-        ServingError: the directory does not exist or holds neither config nor ONNX graph.
-    """
-    if spec.kind != "auto":
-        return spec.kind
-    path = Path(spec.path)
-    if not path.is_dir():
-        raise ServingError(
-            f"model directory '{path}' does not exist", hint="pass --model-path of a saved model"
-        )
-    config = path / "config.json"
-    if config.is_file():
-        archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
-        if any(a.endswith(_LM_SUFFIXES) for a in archs):
-            return "causal_lm"
-        return "encoder"
-    if any(path.glob("*.onnx")):
-        return "encoder"
-    raise ServingError(
-        f"'{path}' holds no config.json and no .onnx file",
-        hint="pass a directory written by save_pretrained or by the ONNX export",
-    )
-
-
-def resolve_backend(spec: ModelSpec) -> Literal["torch", "onnx"]:
-    """``spec.backend``, with ``auto`` = onnx when the directory has an ONNX graph and no
-    torch weights (an export from the optimization stage), else torch."""
-    if spec.backend != "auto":
-        return spec.backend
-    path = Path(spec.path)
-    has_onnx = any(path.glob("*.onnx"))
-    return "onnx" if has_onnx and not has_torch_weights(path) else "torch"
-
-
-def load_engine(spec: ModelSpec, cfg: ServeConfig, on_batch: Callable[[BatchStats], None]) -> Any:
-    """Build the engine of one model (blocking: call it on a worker thread).
-
-    Raises:
-        ServingError: the model cannot be loaded or its backend is unsupported.
-    """
-    kind = detect_kind(spec)
-    backend_name = resolve_backend(spec)
-    if cfg.threads is not None and backend_name == "torch":
-        import torch  # only here: an ONNX Runtime model must not pay torch's import (cold start)
-
-        torch.set_num_threads(cfg.threads)
-    if kind == "encoder":
-        from modelkiln.serve.encoders import OnnxEncoderBackend, TorchEncoderBackend
-
-        backend: Any
-        if backend_name == "onnx":
-            if spec.compile:
-                raise ServingError(
-                    f"compile: true needs the torch backend; '{spec.path}' runs on onnx",
-                    hint="set backend: torch, or drop compile",
-                )
-            backend = OnnxEncoderBackend.from_path(spec.path, threads=cfg.threads)
-        else:
-            backend = TorchEncoderBackend.from_path(spec.path, spec.precision, compile=spec.compile)
-        e = cfg.embedding
-        policy = BatchPolicy(
-            e.max_batch_tokens, e.max_batch_size, e.max_wait_ms / 1000, tuple(e.buckets)
-        )
-        return EmbeddingEngine(backend, policy, model_name=spec.served_name, on_batch=on_batch)
-    if spec.compile:
-        raise ServingError(
-            f"compile: true is not supported for the causal LM '{spec.path}'",
-            hint="the generation engine's KV cache changes shape every step, which makes "
-            "torch.compile recompile; set compile only on encoder models",
-        )
-    try:
-        from modelkiln.serve.generation.engine import TorchGenerationEngine
-    except ImportError as exc:  # the engine lives in its own package; guard partial installs
-        raise ServingError(f"the generation engine is unavailable: {exc}") from exc
-    return TorchGenerationEngine.from_path(
-        spec.path,
-        adapter=spec.adapter,
-        precision=spec.precision,
-        max_num_seqs=cfg.generation.max_num_seqs,
-        max_batched_tokens=cfg.generation.max_batched_tokens,
-        threads=cfg.threads,
-        model_name=spec.served_name,
-        backend=backend_name,
-    )
 
 
 class ServerState:

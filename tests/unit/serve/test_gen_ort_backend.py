@@ -104,7 +104,7 @@ def test_a_variant_directory_with_a_kv_graph_is_served_without_torch_weights(
     from modelkiln.optimize.kv_export import export_kv_onnx
     from modelkiln.optimize.runners import inspect_model
     from modelkiln.serve.config import ModelSpec
-    from modelkiln.serve.state import resolve_backend
+    from modelkiln.serve.loading import resolve_backend
 
     model, path = saved["gpt2"]
     variant = tmp_path / "variant"

@@ -10,7 +10,7 @@ from http_helpers import tiny_encoder_dir
 from modelkiln.errors import ServingError
 from modelkiln.serve.config import ModelSpec, ServeConfig
 from modelkiln.serve.encoders import TorchEncoderBackend
-from modelkiln.serve.state import load_engine
+from modelkiln.serve.loading import load_engine
 
 
 def test_compiled_encoder_matches_eager_on_several_shapes() -> None:

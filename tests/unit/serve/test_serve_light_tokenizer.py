@@ -59,7 +59,7 @@ def test_loading_an_onnx_encoder_imports_neither_torch_nor_transformers(tmp_path
         f"""
         import sys
         from modelkiln.serve.config import ModelSpec, ServeConfig
-        from modelkiln.serve.state import load_engine
+        from modelkiln.serve.loading import load_engine
 
         spec = ModelSpec(path={str(onnx_dir)!r}, name="enc")
         engine = load_engine(spec, ServeConfig(models=[spec], threads=1), lambda stats: None)
