@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Install the services that the integration tests start themselves on
-# loopback (today: redis-server, from Debian). Never starts anything.
+# loopback, from Debian: redis-server (cache / shared rate limits),
+# prometheus + promtool (scrape + alert-rule tests), chromium (the status-page
+# test drives it through playwright's executable_path; playwright's own browser
+# download is not reachable here). Never starts anything.
 set -u
-if command -v redis-server >/dev/null 2>&1; then exit 0; fi
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "installing redis-server (Debian package) for the Redis cache tests ..."
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; } >/dev/null 2>&1 \
-    || echo "warning: could not install redis-server; the Redis cache tests will be skipped" >&2
+  echo "installing ${need[*]} (Debian packages) for the integration tests ..."
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"; } >/dev/null 2>&1 \
+    || echo "warning: could not install ${need[*]}; the tests that need them will be skipped with a reason" >&2
 else
-  echo "note: redis-server not found (apt-get install redis-server); the Redis cache tests will be skipped" >&2
+  echo "note: ${need[*]} not found (apt-get install ${need[*]}); the tests that need them will be skipped with a reason" >&2
 fi
 exit 0
