@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from modelkiln.serve.admission import Overloaded, Ticket
+from modelkiln.serve.admission import Ticket
 from modelkiln.serve.cache import cache_key
 from modelkiln.serve.generation.api import SamplingParams
 from modelkiln.serve.generation_runs import (
@@ -33,8 +33,9 @@ from modelkiln.serve.generation_runs import (
     new_id,
     token_ids,
 )
-from modelkiln.serve.http_errors import bad_request, overloaded
+from modelkiln.serve.http_errors import bad_request
 from modelkiln.serve.limits import cancel_on_disconnect
+from modelkiln.serve.routing import JSON, admit, cached, state_of
 from modelkiln.serve.schemas import (
     ChatChoice,
     ChatChoiceMessage,
@@ -50,7 +51,6 @@ from modelkiln.serve.schemas import (
 from modelkiln.serve.state import ServedModel, ServerState
 
 router = APIRouter(tags=["generation"])
-JSON = "application/json"
 
 
 class SSEResponse(StreamingResponse):
@@ -139,31 +139,6 @@ class _ChatChunks(_Chunks):
 
 
 DONE = b"data: [DONE]\n\n"
-
-
-def state_of(request: Request) -> ServerState:
-    """The app's :class:`ServerState`."""
-    state: ServerState = request.app.state.kiln
-    return state
-
-
-def admit(state: ServerState, served: ServedModel, tokens: int) -> Ticket:
-    """A place in the model's queue, or 429."""
-    try:
-        return served.admission.admit(tokens)
-    except Overloaded as exc:
-        raise overloaded(exc.reason, exc.message, exc.retry_after) from None
-
-
-async def cached(state: ServerState, served: ServedModel, key: str | None) -> bytes | None:
-    """The cached body for ``key`` (counting hits and misses)."""
-    if key is None or not state.cfg.cache.enabled:
-        return None
-    hit = await state.cache.get(key)
-    (state.metrics.cache_hits if hit is not None else state.metrics.cache_misses).labels(
-        served.name
-    ).inc()
-    return hit
 
 
 def _fresh_id(body: bytes, prefix: str) -> Response:

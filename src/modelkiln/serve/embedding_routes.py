@@ -16,9 +16,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from modelkiln.serve.cache import cache_key
-from modelkiln.serve.completions import JSON, admit, cached, state_of
 from modelkiln.serve.http_errors import bad_request, deadline_exceeded
 from modelkiln.serve.limits import cancel_on_disconnect
+from modelkiln.serve.routing import JSON, admit, cached, state_of
 from modelkiln.serve.schemas import EmbeddingRequest, EmbeddingResponse
 from modelkiln.serve.state import ServedModel
 

@@ -160,8 +160,9 @@ def config(**kwargs: Any) -> ServeConfig:
 
 
 def encoder_spec() -> dict[str, Any]:
-    """The tiny encoder as a model spec named "enc"."""
-    return ModelSpec(path=tiny_encoder_dir(), name="enc").model_dump(mode="json")
+    """The tiny encoder as a model spec named "enc" (fp32: "auto" is bf16 on AVX512-BF16 CPUs)."""
+    spec = ModelSpec(path=tiny_encoder_dir(), name="enc", precision="fp32")
+    return spec.model_dump(mode="json")
 
 
 @contextlib.asynccontextmanager
