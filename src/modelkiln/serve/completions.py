@@ -22,7 +22,7 @@ from fastapi.responses import Response, StreamingResponse
 from modelkiln.serve.admission import Ticket
 from modelkiln.serve.cache import cache_key
 from modelkiln.serve.generation.api import SamplingParams
-from modelkiln.serve.generation_runs import (
+from modelkiln.serve.generation.runs import (
     Run,
     build_run,
     check_prompt,

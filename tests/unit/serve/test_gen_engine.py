@@ -416,10 +416,10 @@ def test_ready_hands_over_the_queued_events_without_waiting() -> None:
 
 
 def test_a_lagging_single_choice_consumer_gets_the_queued_tokens_in_one_batch() -> None:
-    """``generation_runs.events`` takes what the engine already queued (one SSE write)."""
+    """``generation.runs.events`` takes what the engine already queued (one SSE write)."""
     from types import SimpleNamespace
 
-    from modelkiln.serve.generation_runs import build_run, events
+    from modelkiln.serve.generation.runs import build_run, events
     from modelkiln.serve.metrics import ServeMetrics
 
     engine = make_engine(tiny_model())

@@ -4,7 +4,8 @@ Three layers, each testable alone: :mod:`.scheduler` (pure logic, fake clock),
 :mod:`.backend` (the torch model runner with a shared KV cache) and
 :mod:`.engine` (the asyncio step loop the HTTP layer talks to through the
 contract in :mod:`.api`); :mod:`.sampling` picks tokens and turns them into
-text. Importing this package does not import torch.
+text; :mod:`.runs` turns one OpenAI request into engine requests and merges
+their event streams. Importing this package does not import torch.
 
 Example:
     >>> from modelkiln.serve.generation import TorchGenerationEngine

@@ -16,19 +16,21 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelkiln.serve.generation.api import GenerationRequest, SamplingParams, TokenEvent
 from modelkiln.serve.http_errors import APIError, bad_request, deadline_exceeded
-from modelkiln.serve.metrics import ServeMetrics
-from modelkiln.serve.state import ServedModel
+
+if TYPE_CHECKING:  # the HTTP layer's types; the engine package never imports it at run time
+    from modelkiln.serve.metrics import ServeMetrics
+    from modelkiln.serve.state import ServedModel
 
 #: ``TokenEvent.error`` of a request past its deadline (the engine's wording).
 DEADLINE_TEXT = "deadline exceeded"
 
 
 @dataclass
-class Choice:
+class ChoiceOutput:
     """What one choice produced."""
 
     index: int
@@ -46,7 +48,7 @@ class Run:
     served: ServedModel
     requests: list[GenerationRequest]
     n_prompts: int = 1
-    choices: list[Choice] = field(default_factory=list)
+    choices: list[ChoiceOutput] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -160,7 +162,7 @@ def build_run(
                     rid, ids, choice_params, deadline=now + timeout_s, adapter=served.adapter
                 )
             )
-    return Run(served, requests, len(prompts), [Choice(i) for i in range(len(requests))])
+    return Run(served, requests, len(prompts), [ChoiceOutput(i) for i in range(len(requests))])
 
 
 async def _close(stream: Any) -> None:
@@ -273,7 +275,7 @@ async def events(run: Run, metrics: ServeMetrics) -> AsyncGenerator[Batch, None]
         metrics.tokens.labels(run.served.name, "out").inc(run.completion_tokens)
 
 
-def failure(choice: Choice, timeout_s: float) -> APIError | None:
+def failure(choice: ChoiceOutput, timeout_s: float) -> APIError | None:
     """The HTTP error a finished choice stands for (None when it finished normally)."""
     if choice.finish_reason in ("stop", "length"):
         return None
