@@ -14,7 +14,7 @@ Compared side by side in one run (interleaved rounds, medians):
   ``--clients``) twice: on the HF directory (torch fp32 backend) and on the
   ``onnx-int8-dynamic`` variant built from it (ONNX Runtime backend, its
   ``model_kv.onnx``), streaming ``/v1/completions`` driven by
-  :mod:`modelkiln.serve.loadgen` (closed loop: ``--clients`` concurrent streams;
+  :mod:`modelkiln.bench` (closed loop: ``--clients`` concurrent streams;
   open loop: Poisson arrivals at fractions of the closed-loop rate);
 - modelkiln's generation engine in-process (both backends), no HTTP, the same
   requests submitted at once (separates the engine's speed from the HTTP path);
@@ -27,7 +27,7 @@ Compared side by side in one run (interleaved rounds, medians):
 - (b') the best offline engine here: a greedy static-batch loop over the int8
   variant's ``model_kv.onnx`` in ONNX Runtime.
 
-The load generator (:mod:`modelkiln.serve.loadgen`: keep-alive HTTP/1.1 on httptools) runs in this process and shares the two
+The load generator (:mod:`modelkiln.bench`: keep-alive HTTP/1.1 on httptools) runs in this process and shares the two
 cores with the server under test; the offline runs have the machine alone.
 
     python benchmarks/bench_serve_completions.py          # ~6-10 min on 2 shared cores
@@ -243,7 +243,7 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every side in interleaved rounds, print and record the section."""
-    from modelkiln.serve.loadgen import SLO, run_load
+    from modelkiln.bench import SLO, run_load
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=32, help="concurrent streams / batch size")

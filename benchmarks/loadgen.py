@@ -1,4 +1,4 @@
-"""Command-line front end of :mod:`modelkiln.serve.loadgen` (the library the serve stage uses).
+"""Command-line front end of :mod:`modelkiln.bench` (the library the serve stage uses).
 
     python benchmarks/loadgen.py http://127.0.0.1:8000 --model lm --concurrency 8 -n 64
     python benchmarks/loadgen.py http://127.0.0.1:8000 --model lm --rate 2 --duration 30
@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from modelkiln.serve.loadgen import SLO, LoadReport, RequestResult, percentile, run_load
+from modelkiln.bench import SLO, LoadReport, RequestResult, percentile, run_load
 
 __all__ = ["SLO", "LoadReport", "RequestResult", "main", "percentile", "run_load"]
 

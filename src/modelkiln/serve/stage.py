@@ -3,7 +3,7 @@
 Picks the model (see :func:`choose_model`), starts the real HTTP server
 (uvicorn on a free loopback port, in a background thread of this process),
 waits for ``/ready``, drives streaming ``/v1/completions`` with the load
-generator (:mod:`modelkiln.serve.loadgen`: closed loop at ``concurrency``, then
+generator (:mod:`modelkiln.bench`: closed loop at ``concurrency``, then
 an open-loop Poisson run when ``rate`` is set), drains and stops the server, and
 records throughput, TTFT / TPOT / ITL percentiles, goodput and errors.
 
@@ -36,7 +36,7 @@ from modelkiln.optimize.kv_export import KV_ONNX
 
 if TYPE_CHECKING:
     from modelkiln.pipeline import StageContext
-    from modelkiln.serve.loadgen import LoadReport
+    from modelkiln.bench import LoadReport
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def run_serve_stage(ctx: StageContext) -> None:
         StageError: no model to serve, or the server did not start.
     """
     from modelkiln.serve.config import GenerationConfig, ModelSpec, ServeConfig
-    from modelkiln.serve.loadgen import SLO, run_load
+    from modelkiln.bench import SLO, run_load
     from modelkiln.serve.server import ModelServer
 
     cfg = ctx.config

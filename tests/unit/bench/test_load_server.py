@@ -10,7 +10,7 @@ from http_helpers import FakeEngine, tiny_encoder_dir
 
 from modelkiln.errors import ConfigError
 from modelkiln.serve import ModelServer, ServeConfig
-from modelkiln.serve.loadgen import SLO, LoadReport, RequestResult, percentile, run_load
+from modelkiln.bench import SLO, LoadReport, RequestResult, percentile, run_load
 
 
 @pytest.fixture(scope="module")

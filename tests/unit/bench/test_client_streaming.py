@@ -13,7 +13,7 @@ import pytest
 from http_helpers import run
 
 from modelkiln.errors import ConfigError
-from modelkiln.serve.loadgen import LoadReport, RequestResult, run_load_async
+from modelkiln.bench import LoadReport, RequestResult, run_load_async
 
 #: Answers the n-th request (0-based) of a connection; returns whether to keep the connection.
 Script = Callable[[int, asyncio.StreamWriter], Awaitable[bool]]

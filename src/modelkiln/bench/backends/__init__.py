@@ -1,0 +1,1 @@
+"""Clients of the servers a benchmark drives (one module per API family)."""

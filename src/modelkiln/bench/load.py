@@ -1,0 +1,202 @@
+"""Drive an OpenAI-compatible server with a load shape and collect every request's result.
+
+Closed loop (``concurrency=N``), open loop (``rate=R`` with ``arrival`` constant /
+Poisson / gamma) or trace replay (``trace=[TraceRequest, ...]``). In the open
+modes every request has a scheduled send time and its response time is measured
+from it: when ``max_concurrency`` (or the connection pool) holds requests back,
+the wait counts, as it does for a user (coordinated omission, vLLM#54101).
+
+Example:
+    >>> report = run_load("http://127.0.0.1:8000", ["def f(x):"], model="lm",
+    ...                   rate=4.0, num_requests=64, max_concurrency=8)
+    >>> report.summary(SLO(ttft_s=1.0, tpot_s=0.1))["response_p99_ms"]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from modelkiln.bench.backends.openai import Client
+from modelkiln.bench.profiles.concurrent import ClosedLoop
+from modelkiln.bench.profiles.rate import OpenLoop
+from modelkiln.bench.profiles.replay import TraceRequest
+from modelkiln.bench.results import LoadReport, RequestResult
+from modelkiln.errors import ConfigError
+
+Kind = Literal["completions", "chat", "embeddings"]
+KINDS: tuple[str, ...] = ("completions", "chat", "embeddings")
+_ROUTES = {"completions": "/v1/completions", "chat": "/v1/chat/completions",
+           "embeddings": "/v1/embeddings"}  # fmt: skip
+#: Open-loop connection pool when no ``max_concurrency`` is given.
+OPEN_POOL = 1024
+
+
+def request_body(kind: str, model: str | None, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """The JSON body of one request of ``kind`` (streamed for completions and chat)."""
+    body: dict[str, Any]
+    stream = {"temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    if kind == "completions":
+        body = {"prompt": prompt, "max_tokens": max_tokens, **stream}
+    elif kind == "chat":
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                **stream}  # fmt: skip
+    else:
+        body = {"input": prompt}
+    if model is not None:
+        body["model"] = model
+    return body
+
+
+async def _one(
+    client: Client, kind: str, body: dict[str, Any], origin: float, result: RequestResult
+) -> RequestResult:
+    t0: float | None = None
+    try:
+        t0 = await client.post(_ROUTES[kind], body, result, origin)
+    except Exception as exc:  # boundary: a failed request is a result, not a crash
+        result.error = f"{type(exc).__name__}: {exc}"
+    send = t0 if t0 is not None else origin + result.start
+    result.latency = time.perf_counter() - send
+    if kind == "embeddings" and result.ok:
+        result.ttft = result.latency
+    return result
+
+
+def _check(
+    prompts: list[str], concurrency: int | None, rate: float | None, trace: Any,
+    num_requests: int | None, duration_s: float | None,
+) -> None:  # fmt: skip
+    if sum(x is not None for x in (concurrency, rate, trace)) != 1:
+        raise ConfigError(
+            "give exactly one of concurrency (closed loop), rate (open loop) and trace",
+            hint="e.g. concurrency=8, or rate=2.0 requests per second",
+        )
+    if trace is None and num_requests is None and duration_s is None:
+        raise ConfigError("give num_requests or duration_s", hint="e.g. num_requests=64")
+    if trace is None and not prompts:
+        raise ConfigError("no prompts to send", hint="pass at least one prompt")
+
+
+def _plan(
+    prompts: list[str], max_tokens: int, offsets: Iterator[float] | None,
+    trace: list[TraceRequest] | None,
+) -> Iterator[tuple[float | None, str, int]]:  # fmt: skip
+    """(scheduled offset or None, prompt, max_tokens) of every request, endless unless a trace."""
+    if trace is not None:
+        yield from ((t.offset_s, t.prompt, t.max_tokens) for t in trace)
+        return
+    i = 0
+    while True:
+        yield (
+            (next(offsets) if offsets is not None else None),
+            prompts[i % len(prompts)],
+            max_tokens,
+        )
+        i += 1
+
+
+async def run_load_async(
+    url: str,
+    prompts: list[str],
+    *,
+    kind: Kind | str = "completions",
+    model: str | None = None,
+    max_tokens: int = 64,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    arrival: str = "poisson",
+    burstiness: float = 1.0,
+    trace: list[TraceRequest] | None = None,
+    max_concurrency: int | None = None,
+    num_requests: int | None = None,
+    duration_s: float | None = None,
+    seed: int = 0,
+    api_key: str | None = None,
+    timeout_s: float = 300.0,
+    extra_body: dict[str, Any] | None = None,
+) -> LoadReport:
+    """Drive ``url`` with ``prompts`` (cycled) and return every request's result.
+
+    Give exactly one of ``concurrency`` (closed loop), ``rate`` (open loop) or
+    ``trace`` (replay), and for the first two at least one of ``num_requests`` /
+    ``duration_s`` (whichever comes first ends the sending; requests in flight are
+    still awaited). ``max_concurrency`` caps requests in flight in the open modes:
+    the rest wait on the client, and that wait is part of their response time.
+
+    Raises:
+        ConfigError: the arguments do not describe a run.
+    """
+    _check(prompts, concurrency, rate, trace, num_requests, duration_s)
+    if kind not in KINDS:
+        raise ConfigError(f"unknown kind {kind!r}", hint=f"one of {', '.join(KINDS)}")
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ConfigError(f"max_concurrency must be >= 1, got {max_concurrency}", hint="e.g. 8")
+    closed = ClosedLoop(concurrency) if concurrency is not None else None
+    opened = OpenLoop(rate, arrival, burstiness, seed) if rate is not None else None
+    pool = concurrency or max_concurrency or OPEN_POOL
+    client = Client(url, api_key, timeout_s, pool)
+    offsets = opened.offsets() if opened is not None else None
+    plan = _plan(prompts, max_tokens, offsets, trace)
+    limit = num_requests if num_requests is not None else 1 << 62
+    cpu0 = time.process_time()
+    started = time.perf_counter()
+    stop_at = started + duration_s if duration_s is not None else float("inf")
+    sent = 0
+
+    def next_request() -> tuple[float | None, dict[str, Any]] | None:
+        nonlocal sent
+        item = next(plan, None)
+        if item is None or sent >= limit or time.perf_counter() >= stop_at:
+            return None
+        sent += 1
+        body = request_body(kind, model, item[1], item[2]) | (extra_body or {})
+        return item[0], body
+
+    try:
+        if closed is not None:
+            results: list[RequestResult] = []
+
+            async def worker() -> None:
+                while (req := next_request()) is not None:
+                    r = RequestResult(start=time.perf_counter() - started)
+                    results.append(await _one(client, kind, req[1], started, r))
+
+            await asyncio.gather(*(worker() for _ in range(closed.concurrency)))
+            mode = closed.mode
+        else:
+            results = await _open_loop(client, kind, next_request, started, stop_at)
+            mode = (
+                opened.mode if opened is not None else f"trace replay, {len(trace or [])} requests"
+            )
+    finally:
+        client.close()
+    wall = time.perf_counter() - started
+    meta = {"max_concurrency": max_concurrency} if max_concurrency else {}
+    return LoadReport(mode, wall, results, time.process_time() - cpu0, meta)
+
+
+async def _open_loop(
+    client: Client, kind: str, next_request: Any, started: float, stop_at: float
+) -> list[RequestResult]:
+    """Send each request at its scheduled offset; the wait for a slot counts."""
+    tasks = []
+    while (req := next_request()) is not None:
+        offset, body = req
+        due = started + offset
+        if due >= stop_at:
+            break
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = time.perf_counter() - started
+        r = RequestResult(start=now, scheduled=offset, dispatched=now)
+        tasks.append(asyncio.create_task(_one(client, kind, body, started, r)))
+    return list(await asyncio.gather(*tasks))
+
+
+def run_load(url: str, prompts: list[str], **kwargs: Any) -> LoadReport:
+    """Blocking :func:`run_load_async` (its own event loop; call it off any running loop)."""
+    return asyncio.run(run_load_async(url, prompts, **kwargs))
