@@ -1,0 +1,170 @@
+"""SLO gates (*how to judge*): always-valid sequential tests of the candidate against the
+baseline running at the same time, plus the handbook's absolute thresholds.
+
+Why these tests (hand-written: scipy and statsmodels have no sequential tests):
+
+- **Errors.** In one check interval, given the total number of errors ``m`` of both
+  versions, the candidate's share of them is Binomial(m, n_c / (n_c + n_b)) when
+  both have the same error rate, whatever that rate is and however it moves in
+  time (both run at the same time). The likelihood ratio against "the candidate's
+  rate is R times the baseline's" is then a test martingale, and so is a fixed
+  mixture over several R; by Ville's inequality the chance that it *ever* crosses
+  ``1/alpha`` under a quiet A/A rollout is at most ``alpha``, however many checks
+  run. That is what keeps false rollbacks rare without a fixed sample size.
+- **Latency / TTFT / TPOT tails.** The same test on "above the pooled p95 of this
+  interval": under A/A the samples are exchangeable, so the candidate's count of
+  exceedances is hypergeometric, which is dominated in convex order by the binomial
+  (Hoeffding 1963); the ratio stays a supermartingale and the bound holds.
+- **Absolute SLOs** (the handbook's ``max_error_rate`` / ``max_latency_ms``): one-sample
+  mixture tests that the candidate's error rate is above ``max_error_rate``, and that
+  more than ``1 - tail_quantile`` of its requests are slower than ``max_latency_ms``
+  (p95 above the limit). A window mean over the limit alone only *holds* the ramp,
+  so noise on a few requests cannot roll back.
+- **Shadow agreement.** A one-sample mixture test that the share of shadow pairs
+  agreeing less than ``min_agreement`` is above ``max_disagreement``.
+
+The false-rollback budget ``alpha`` is split evenly (Bonferroni) over the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import Field
+
+from modelkiln.configbase import KilnModel
+
+TESTS = ("errors", "latency", "ttft", "tpot", "agreement", "slo_errors", "slo_latency")
+
+
+class AnalysisConfig(KilnModel):
+    """How a check judges the candidate (the AnalysisTemplate)."""
+
+    alpha: float = Field(
+        default=0.01, gt=0, lt=0.5, description="False-rollback budget for a whole A/A rollout."
+    )
+    ratios: list[float] = Field(
+        default=[1.5, 2.0, 4.0, 8.0, 16.0],
+        description="Alternatives mixed by the tests (candidate/baseline rate ratios).",
+    )
+    tail_quantile: float = Field(
+        default=0.95, gt=0.5, lt=1, description="Pooled quantile the tail tests count above."
+    )
+    min_agreement: float = Field(
+        default=0.9, ge=0, le=1, description="A shadow pair below this agreement disagrees."
+    )
+    max_disagreement: float = Field(
+        default=0.02, gt=0, lt=0.5, description="Share of disagreeing pairs tolerated."
+    )
+    drift_action: Literal["hold", "rollback"] = Field(
+        default="hold", description="What a drift alarm on the candidate does."
+    )
+
+
+@dataclass
+class ArmWindow:
+    """What one version did during one check interval."""
+
+    requests: int = 0
+    errors: int = 0
+    latency_ms: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+    tpot_ms: list[float] = field(default_factory=list)
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of ``values``; NaN when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def _log_mean_exp(xs: list[float]) -> float:
+    top = max(xs)
+    return top + math.log(sum(math.exp(x - top) for x in xs) / len(xs))
+
+
+@dataclass
+class SequentialTest:
+    """A mixture likelihood-ratio test martingale; ``log_lr`` holds one entry per ratio."""
+
+    ratios: list[float]
+    log_lr: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.log_lr:
+            self.log_lr = [0.0] * len(self.ratios)
+
+    @property
+    def log_evidence(self) -> float:
+        """log of the mixture likelihood ratio (evidence that the candidate is worse)."""
+        return _log_mean_exp(self.log_lr)
+
+    def update_two_arm(self, x_c: int, n_c: int, x_b: int, n_b: int) -> None:
+        """Add one interval: ``x`` events out of ``n`` trials on candidate and baseline."""
+        if n_c <= 0 or n_b <= 0 or x_c + x_b == 0:
+            return  # no information about the ratio in this interval
+        p0 = n_c / (n_c + n_b)
+        for i, r in enumerate(self.ratios):
+            p1 = r * n_c / (r * n_c + n_b)
+            self.log_lr[i] += x_c * math.log(p1 / p0) + x_b * math.log((1 - p1) / (1 - p0))
+
+    def update_one_arm(self, x: int, n: int, p0: float) -> None:
+        """Add ``x`` events in ``n`` trials against a null event rate ``p0``."""
+        for i, r in enumerate(self.ratios):
+            p1 = min(0.999, r * p0)
+            self.log_lr[i] += x * math.log(p1 / p0) + (n - x) * math.log((1 - p1) / (1 - p0))
+
+
+def tail_counts(cand: list[float], base: list[float], q: float) -> tuple[int, int]:
+    """How many samples of each arm lie above the pooled ``q`` quantile."""
+    if not cand or not base:
+        return 0, 0
+    thr = quantile(cand + base, q)
+    return sum(v > thr for v in cand), sum(v > thr for v in base)
+
+
+def new_tests(cfg: AnalysisConfig) -> dict[str, SequentialTest]:
+    """A fresh test for every gate."""
+    return {name: SequentialTest(list(cfg.ratios)) for name in TESTS}
+
+
+def update_tests(
+    tests: dict[str, SequentialTest],
+    cfg: AnalysisConfig,
+    slo: tuple[float, float],
+    windows: tuple[ArmWindow, ArmWindow],
+    agreement: list[float],
+) -> None:
+    """Feed one check interval to every test.
+
+    Args:
+        tests: the tests, updated in place.
+        cfg: the analysis config.
+        slo: ``(max_error_rate, max_latency_ms)``.
+        windows: ``(candidate, baseline)`` of this interval.
+        agreement: agreement scores of this interval's shadow pairs.
+    """
+    cand, base = windows
+    tests["errors"].update_two_arm(cand.errors, cand.requests, base.errors, base.requests)
+    for name, attr in (("latency", "latency_ms"), ("ttft", "ttft_ms"), ("tpot", "tpot_ms")):
+        c, b = getattr(cand, attr), getattr(base, attr)
+        x_c, x_b = tail_counts(c, b, cfg.tail_quantile)
+        tests[name].update_two_arm(x_c, len(c), x_b, len(b))
+    if agreement:
+        bad = sum(a < cfg.min_agreement for a in agreement)
+        tests["agreement"].update_one_arm(bad, len(agreement), cfg.max_disagreement)
+    max_err, max_ms = slo
+    if max_err > 0:
+        tests["slo_errors"].update_one_arm(cand.errors, cand.requests, max_err)
+    slow = sum(v > max_ms for v in cand.latency_ms)
+    tests["slo_latency"].update_one_arm(slow, len(cand.latency_ms), 1 - cfg.tail_quantile)
+
+
+def failing_tests(tests: dict[str, SequentialTest], cfg: AnalysisConfig) -> list[str]:
+    """Names of the tests whose evidence crossed ``log(k / alpha)`` (Bonferroni over k)."""
+    bound = math.log(len(TESTS) / cfg.alpha)
+    return [n for n, t in tests.items() if t.log_evidence >= bound]

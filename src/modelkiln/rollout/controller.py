@@ -1,0 +1,292 @@
+"""The rollout controller: pure logic under a clock (fake in tests, monotonic in servers).
+
+At each check it drains one interval of both versions' figures, feeds the
+sequential tests (:mod:`.analysis`) and decides: advance, promote, hold or roll
+back. Every decision is logged with its numbers and reason; the state is saved
+after every change, and traffic policies are *derived* from the saved state
+(:func:`.stages.policy_for`), so a restart either resumes the saved stage or
+reverts to the baseline, never a half-applied split.
+
+Example (tests drive it like the generation scheduler, with a fake clock):
+    >>> clock, rec = FakeClock(), Recorder()
+    >>> ctl = Controller(StateStore(tmp), clock, rec)
+    >>> ctl.start(RolloutSpec(model="m", baseline="1", candidate="2"))
+    >>> clock.advance(30); ctl.tick()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from modelkiln.errors import ConfigError
+from modelkiln.rollout import analysis
+from modelkiln.rollout.policy import TrafficPolicy
+from modelkiln.rollout.recorder import MetricsSource
+from modelkiln.rollout.spec import ACTIVE, Decision, RolloutSpec, RolloutState
+from modelkiln.rollout.stages import candidate_weight, n_stages, policy_for
+from modelkiln.rollout.state import StateStore
+
+
+class Clock(Protocol):
+    """A monotonic source of seconds (``modelkiln.serve.clock`` has a real and a fake one;
+    declared here as a protocol so this package does not import the serve stage)."""
+
+    def now(self) -> float:
+        """The current time."""
+        ...
+
+
+ApplyFn = Callable[[str, TrafficPolicy], None]
+FinishFn = Callable[[RolloutState], None]
+DriftProbe = Callable[[str, str], bool]
+"""``(model, version) -> True`` when monitoring reports drift on that version."""
+
+
+class Controller:
+    """Runs every model's rollout: start, tick (checks), promote, rollback, abort, resume."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        clock: Clock,
+        source: MetricsSource,
+        *,
+        apply: ApplyFn | None = None,
+        on_finish: FinishFn | None = None,
+        drift: DriftProbe | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.source = source
+        self.apply = apply or (lambda _m, _p: None)
+        self.on_finish = on_finish or (lambda _s: None)
+        self.drift = drift
+
+    # -- commands ------------------------------------------------------------
+    def start(self, spec: RolloutSpec) -> RolloutState:
+        """Start a rollout; refuse while another rollout of the same model is active.
+
+        Raises:
+            ConfigError: a rollout of ``spec.model`` is running, or baseline == candidate.
+        """
+        if spec.baseline == spec.candidate:
+            raise ConfigError(
+                f"{spec.model}: candidate {spec.candidate!r} is the baseline",
+                hint="roll out a different version than the one serving",
+            )
+        with self.store.lock(spec.model):
+            old = self.store.load(spec.model)
+            if old is not None and old.status in ACTIVE:
+                raise ConfigError(
+                    f"a rollout of {spec.model!r} is already {old.status} "
+                    f"({old.spec.baseline} -> {old.spec.candidate}, {old.spec.strategy})",
+                    hint=f"finish it first: kiln rollout promote|rollback|abort {spec.model}",
+                )
+            now = self.clock.now()
+            state = RolloutState(spec=spec, started=now, stage_started=now, last_check=now)
+            state.tests = {k: t.log_lr for k, t in analysis.new_tests(spec.analysis).items()}
+            for v in (spec.baseline, spec.candidate):
+                self.source.drain(spec.model, v)  # figures before the start do not count
+            self.source.drain_pairs(spec.model)
+            self._commit(state, "start", f"{spec.strategy} rollout started")
+        return state
+
+    def promote(self, model: str, reason: str = "promoted by an operator") -> RolloutState:
+        """Finish now with the candidate at 100 %."""
+        return self._finish(self._active(model), "promoted", "promote", reason)
+
+    def rollback(self, model: str, reason: str = "rolled back by an operator") -> RolloutState:
+        """Finish now with the baseline at 100 %."""
+        return self._finish(self._active(model), "rolled-back", "rollback", reason)
+
+    def abort(self, model: str, reason: str = "aborted by an operator") -> RolloutState:
+        """Stop the rollout; traffic goes back to the baseline."""
+        return self._finish(self._active(model), "aborted", "abort", reason)
+
+    def status(self, model: str) -> RolloutState | None:
+        """The model's last rollout state (active or finished)."""
+        return self.store.load(model)
+
+    def policy(self, model: str) -> TrafficPolicy | None:
+        """The traffic policy of the model's last rollout (None: no rollout yet)."""
+        state = self.store.load(model)
+        return policy_for(state) if state else None
+
+    def resume(self) -> list[RolloutState]:
+        """After a restart: re-apply every active rollout's policy, or revert it (on_restart)."""
+        out = []
+        for state in self.store.active():
+            if state.spec.on_restart == "revert":
+                state = self._finish(state, "rolled-back", "rollback", "reverted after a restart")
+            else:
+                # The interrupted interval's figures are gone; the tests keep their evidence.
+                state.last_check = state.stage_started = self.clock.now()
+                self._commit(state, "check", f"resumed at stage {state.stage} after a restart")
+            out.append(state)
+        return out
+
+    # -- checks --------------------------------------------------------------
+    def tick(self) -> list[Decision]:
+        """Run every check that is due; return the decisions taken."""
+        decisions = []
+        for state in self.store.active():
+            due = self.clock.now() - state.last_check >= state.spec.canary.check_interval_s
+            if state.status == "running" and due:
+                decisions.append(self._check(state))
+        return decisions
+
+    def _check(self, state: RolloutState) -> Decision:
+        spec = state.spec
+        cand = self.source.drain(spec.model, spec.candidate)
+        base = self.source.drain(spec.model, spec.baseline)
+        pairs = self.source.drain_pairs(spec.model)
+        tests = {
+            k: analysis.SequentialTest(list(spec.analysis.ratios), v)
+            for k, v in state.tests.items()
+        }
+        slo = (spec.canary.max_error_rate, spec.canary.max_latency_ms)
+        analysis.update_tests(tests, spec.analysis, slo, (cand, base), pairs)
+        state.tests = {k: t.log_lr for k, t in tests.items()}
+        state.last_check = self.clock.now()
+        state.checks += 1
+        state.stage_requests += cand.requests
+        state.window = ([*state.window, _figures(cand, base, pairs)])[-spec.canary.window :]
+        numbers = _numbers(state, tests)
+        action, reason = self._judge(state, analysis.failing_tests(tests, spec.analysis), numbers)
+        if action == "rollback":
+            self._finish(state, "rolled-back", "rollback", reason, numbers)
+        elif action == "advance":
+            self._advance(state, reason, numbers)
+        else:
+            self._commit(state, "hold", reason, numbers)
+        return self.store.decisions(spec.model)[-1]
+
+    def _judge(
+        self, state: RolloutState, failing: list[str], numbers: dict[str, Any]
+    ) -> tuple[str, str]:
+        spec, means = state.spec, numbers["window_mean"]
+        absolute = [f for f in failing if f.startswith("slo_")]
+        relative = [f for f in failing if not f.startswith("slo_")]
+        if relative:
+            return "rollback", "candidate worse than the baseline: " + _evidence(relative, numbers)
+        base_over = (
+            means["base_error_rate"] > spec.canary.max_error_rate
+            or means["base_p95_ms"] > spec.canary.max_latency_ms
+        )
+        if absolute and not base_over:
+            return "rollback", "candidate over its SLO: " + _evidence(absolute, numbers)
+        if absolute:
+            return "hold", "both versions over the SLO (environment, not the candidate)"
+        if self.drift is not None and self.drift(spec.model, spec.candidate):
+            if spec.analysis.drift_action == "rollback":
+                return "rollback", "monitoring reports drift on the candidate"
+            return "hold", "monitoring reports drift on the candidate"
+        over = (
+            means["cand_error_rate"] > spec.canary.max_error_rate
+            or means["cand_p95_ms"] > spec.canary.max_latency_ms
+        )
+        waited = self.clock.now() - state.stage_started >= spec.canary.dwell_s
+        enough = state.stage_requests >= spec.canary.min_requests
+        if waited and enough and not over:
+            return "advance", f"stage {state.stage} passed its {spec.canary.dwell_s:g} s"
+        why = "window mean over a threshold" if over else "dwell time not over"
+        if waited and not enough:
+            why = f"{state.stage_requests} < {spec.canary.min_requests} candidate requests"
+        return "hold", why
+
+    def _advance(self, state: RolloutState, reason: str, numbers: dict[str, Any]) -> None:
+        spec = state.spec
+        if state.stage + 1 >= n_stages(spec):
+            if spec.strategy == "shadow":
+                state.status = "awaiting-promotion"
+                self._commit(state, "hold", reason + "; awaiting a manual promotion", numbers)
+                return
+            self._finish(state, "promoted", "promote", reason, numbers)
+            return
+        state.stage += 1
+        state.stage_started = self.clock.now()
+        state.stage_requests = 0
+        state.window = []
+        self._commit(state, "advance", reason, numbers)
+
+    # -- state changes ---------------------------------------------------------
+    def _active(self, model: str) -> RolloutState:
+        state = self.store.load(model)
+        if state is None or state.status not in ACTIVE:
+            raise ConfigError(
+                f"no active rollout of {model!r}"
+                + (f" (the last one was {state.status})" if state else ""),
+                hint=f"start one: kiln rollout start {model}@VERSION",
+            )
+        return state
+
+    def _finish(
+        self,
+        state: RolloutState,
+        status: str,
+        action: str,
+        reason: str,
+        numbers: dict[str, Any] | None = None,
+    ) -> RolloutState:
+        state.status = status  # type: ignore[assignment]
+        self._commit(state, action, reason, numbers or {})
+        self.on_finish(state)
+        return state
+
+    def _commit(
+        self, state: RolloutState, action: str, reason: str, numbers: dict[str, Any] | None = None
+    ) -> None:
+        """Save the state, apply its policy, log the decision (in that order)."""
+        state.reason = reason
+        self.store.save(state)
+        self.apply(state.spec.model, policy_for(state))
+        spec = state.spec
+        self.store.log(
+            Decision(
+                time=self.clock.now(), model=spec.model, baseline=spec.baseline,
+                candidate=spec.candidate, stage=state.stage, weight=candidate_weight(state),
+                action=action, reason=reason, numbers=numbers or {},
+            )
+        )  # fmt: skip
+
+
+def _figures(
+    cand: analysis.ArmWindow, base: analysis.ArmWindow, pairs: list[float]
+) -> dict[str, float]:
+    def rate(a: analysis.ArmWindow) -> float:
+        return a.errors / a.requests if a.requests else 0.0
+
+    def p95(a: analysis.ArmWindow) -> float:
+        q = analysis.quantile(a.latency_ms, 0.95)
+        return 0.0 if math.isnan(q) else q
+
+    return {
+        "cand_requests": cand.requests, "base_requests": base.requests,
+        "cand_error_rate": rate(cand), "base_error_rate": rate(base),
+        "cand_p95_ms": p95(cand), "base_p95_ms": p95(base),
+        "agreement": sum(pairs) / len(pairs) if pairs else 1.0, "pairs": len(pairs),
+    }  # fmt: skip
+
+
+def _numbers(state: RolloutState, tests: dict[str, analysis.SequentialTest]) -> dict[str, Any]:
+    keys = state.window[-1].keys() if state.window else []
+    mean = {k: sum(w[k] for w in state.window) / len(state.window) for k in keys}
+    bound = math.log(len(analysis.TESTS) / state.spec.analysis.alpha)
+    return {
+        "last": state.window[-1] if state.window else {},
+        "window_mean": mean,
+        "log_evidence": {k: round(t.log_evidence, 3) for k, t in tests.items()},
+        "bound": round(bound, 3),
+    }
+
+
+def _evidence(names: list[str], numbers: dict[str, Any]) -> str:
+    ev = numbers["log_evidence"]
+    parts = [f"{n} log-LR {ev[n]:.2f} >= {numbers['bound']:.2f}" for n in names]
+    m = numbers["window_mean"]
+    return "; ".join(parts) + (
+        f" (window: candidate errors {m['cand_error_rate']:.1%} vs {m['base_error_rate']:.1%},"
+        f" p95 {m['cand_p95_ms']:.0f} vs {m['base_p95_ms']:.0f} ms)"
+    )
