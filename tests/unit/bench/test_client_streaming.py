@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from http_helpers import run
 
-from modelkiln.errors import ConfigError
 from modelkiln.bench import LoadReport, RequestResult, run_load_async
+from modelkiln.errors import ConfigError
 
 #: Answers the n-th request (0-based) of a connection; returns whether to keep the connection.
 Script = Callable[[int, asyncio.StreamWriter], Awaitable[bool]]

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pytest
 from http_helpers import FakeEngine, tiny_encoder_dir
 
+from modelkiln.bench import SLO, LoadReport, RequestResult, percentile, run_load
 from modelkiln.errors import ConfigError
 from modelkiln.serve import ModelServer, ServeConfig
-from modelkiln.bench import SLO, LoadReport, RequestResult, percentile, run_load
 
 
 @pytest.fixture(scope="module")

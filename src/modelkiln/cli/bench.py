@@ -1,0 +1,142 @@
+"""``kiln bench``: server load, offline sweeps, comparisons and history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from modelkiln.cli._common import console, guard
+
+bench_app = typer.Typer(
+    help="Benchmark a server (serve), a model offline (offline), compare runs (compare, history).",
+    no_args_is_help=True,
+)
+
+_ROWS = ("throughput_rps", "goodput_rps", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
+         "ttft_response_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p99_ms", "latency_p50_ms",
+         "latency_p99_ms", "response_p50_ms", "response_p99_ms", "wait_p99_ms",
+         "send_lag_p99_ms", "client_cpu_util", "errors")  # fmt: skip
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    table = Table(title=f"kiln bench serve {result['url']} ({result['model']}, {result['kind']})",
+                  title_justify="left")  # fmt: skip
+    s = result.get("summary")
+    if s is not None:
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_row("mode", s["mode"])
+        for key in _ROWS:
+            if key in s:
+                table.add_row(key, _fmt(s[key]))
+        for name, row in (result.get("slo") or {}).get("targets", {}).items():
+            ci = row.get("ci_ms")
+            extra = f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""
+            mark = "ok" if row["ok"] else "FAIL"
+            table.add_row(
+                f"slo {name}", f"{_fmt(row['value_ms'])}{extra} <= {row['bound_ms']:g} {mark}"
+            )
+    else:
+        rows = result.get("steps") or result.get("probes") or []
+        table.add_column("offered rps", justify="right")
+        table.add_column("achieved rps", justify="right")
+        table.add_column("detail")
+        for row in rows:
+            detail = (
+                ("SLO ok" if row.get("ok") else "SLO fail")
+                if "ok" in row
+                else (f"response p99 {_fmt(row.get('response_p99_ms'))} ms, errors {row['errors']}")
+            )
+            table.add_row(_fmt(row.get("offered_rps", row.get("rate"))),
+                          _fmt(row["throughput_rps"]), detail)  # fmt: skip
+    console.print(table)
+    if "best_rate_rps" in result:
+        lo, hi = result["ci_rps"]
+        console.print(f"highest rate meeting {result['slo']}: {_fmt(result['best_rate_rps'])} "
+                      f"req/s (interval {_fmt(lo)} .. {_fmt(hi)})")  # fmt: skip
+    if "saturated_at_rps" in result:
+        console.print(f"saturated at {_fmt(result['saturated_at_rps'])} req/s; "
+                      f"max throughput {_fmt(result['max_throughput_rps'])} req/s")  # fmt: skip
+
+
+@bench_app.command("serve")
+def serve(
+    url: Annotated[str, typer.Argument(help="Server base URL, e.g. http://127.0.0.1:8000.")],
+    kind: Annotated[str, typer.Option(help="completions | chat | embeddings.")] = "completions",
+    model: Annotated[str | None, typer.Option(help="Model (default: first of /v1/models).")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-c", help="Closed loop: N clients.")
+    ] = None,
+    rate: Annotated[
+        float | None, typer.Option(help="Open loop: requests/s (start of sweep/search).")
+    ] = None,
+    arrival: Annotated[str, typer.Option(help="constant | poisson | gamma.")] = "poisson",
+    burstiness: Annotated[float, typer.Option(help="Gamma shape (<1 bursty, 1 = Poisson).")] = 1.0,
+    trace: Annotated[
+        Path | None, typer.Option(help="Replay a JSONL trace (timestamp, lengths).")
+    ] = None,
+    speedup: Annotated[float, typer.Option(help="Trace replay: divide its times by this.")] = 1.0,
+    do_sweep: Annotated[
+        bool, typer.Option("--sweep", help="Double the rate until saturation.")
+    ] = False,
+    search: Annotated[bool, typer.Option("--search", help="Highest rate meeting --slo.")] = False,
+    slo: Annotated[str | None, typer.Option(help="e.g. ttft_p95=500ms,tpot_p95=50ms.")] = None,
+    max_concurrency: Annotated[
+        int | None, typer.Option(help="Open loop: cap in flight (wait counts).")
+    ] = None,
+    requests: Annotated[
+        int | None, typer.Option("--requests", "-n", help="Requests per run.")
+    ] = None,
+    duration: Annotated[float | None, typer.Option(help="Seconds of sending per run.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per request.")] = 64,
+    seed: Annotated[int, typer.Option(help="Arrival seed.")] = 0,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="KILN_API_KEY", help="Bearer token.")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the full result (every request) here.")
+    ] = None,
+    history: Annotated[
+        Path | None, typer.Option(help="Append the summary to this JSONL history.")
+    ] = None,
+) -> None:
+    """Load-test any OpenAI-compatible server (kiln serve, vLLM, llama-server, infinity).
+
+    Open-loop latencies run from each request's scheduled send (response time) and
+    from its actual send (service time), reported apart.
+
+    Example: kiln bench serve http://127.0.0.1:8000 --rate 4 -n 200 --json out.json
+    """
+    from modelkiln.bench.outputs.serialized import append_history, write_json
+    from modelkiln.bench.serving import make_config, run_serve_bench
+
+    with guard():
+        cfg = make_config(
+            url=url, kind=kind, model=model, concurrency=concurrency, rate=rate, arrival=arrival,
+            burstiness=burstiness, trace=trace, speedup=speedup, sweep=do_sweep, search=search,
+            slo=slo, max_concurrency=max_concurrency, requests=requests, duration_s=duration,
+            max_tokens=max_tokens, seed=seed, api_key=api_key,
+        )  # fmt: skip
+        result = run_serve_bench(cfg)
+        if json_out is not None:
+            write_json(result, json_out)
+        if history is not None:
+            append_history(result, history)
+    _print_summary(result)
+    if json_out is not None:
+        console.print(f"json: {json_out}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``bench`` group."""
+    app.add_typer(bench_app, name="bench")
+
+
+__all__ = ["bench_app", "register"]

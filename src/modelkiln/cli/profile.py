@@ -1,0 +1,67 @@
+"""``kiln profile``: where a model's time and memory go, or a running server's CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from modelkiln.cli._common import console, guard
+
+
+def profile(
+    model: Annotated[
+        str | None, typer.Argument(help="Model dir, hub-cache name or optimize variant dir.")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("profile"),
+    batch: Annotated[int, typer.Option(min=1, help="Batch size profiled.")] = 4,
+    seq: Annotated[int, typer.Option(min=1, help="Sequence length profiled.")] = 64,
+    steps: Annotated[int, typer.Option(min=1, help="Profiled forward passes.")] = 3,
+    top: Annotated[int, typer.Option(min=1, help="Rows of the top-ops table.")] = 15,
+    server: Annotated[
+        str | None, typer.Option(help="Sample a running server process (py-spy) instead.")
+    ] = None,
+    pid: Annotated[int | None, typer.Option(help="With --server: the server's process id.")] = None,
+    seconds: Annotated[float, typer.Option(help="With --server: seconds to sample.")] = 10.0,
+) -> None:
+    """Profile a model (torch.profiler / ONNX Runtime trace, top ops, memory) or a server.
+
+    Writes trace.json (open it in https://ui.perfetto.dev), ops.json and memory.json.
+    With --server URL --pid PID: a py-spy flame graph SVG of the running server.
+
+    Example: kiln profile runs/quickstart/train/model --batch 8 --seq 128 -o prof/
+    """
+    from modelkiln.bench.profiling import profile_model, profile_server
+
+    with guard():
+        if server is not None:
+            svg = profile_server(server, out, seconds=seconds, pid=pid)
+            console.print(f"flame graph: {svg}")
+            return
+        if model is None:
+            from modelkiln.errors import ConfigError
+
+            raise ConfigError("give MODEL or --server URL", hint="e.g. kiln profile MODEL_DIR")
+        result = profile_model(model, out, batch=batch, seq=seq, steps=steps, top=top)
+    table = Table(title=f"top ops by self time ({result['backend']})", title_justify="left")
+    for col in ("op", "calls", "self ms", "%"):
+        table.add_column(col, justify="left" if col == "op" else "right")
+    for row in result["top_ops"]:
+        table.add_row(row["name"][:60], str(row["calls"]), f"{row['self_ms']:.3f}",
+                      f"{row['self_pct']:.1f}")  # fmt: skip
+    console.print(table)
+    mem = result.get("memory") or {}
+    for key, value in mem.items():
+        if isinstance(value, int | float):
+            console.print(f"{key}: {value:,.0f}" if value > 100 else f"{key}: {value}")
+    console.print(f"trace: {result['trace']}  (open in https://ui.perfetto.dev)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``profile`` command."""
+    app.command("profile")(profile)
+
+
+__all__ = ["profile", "register"]
