@@ -83,10 +83,10 @@ async def run_engine(
         GenerationRequest,
         SamplingParams,
         TorchCausalLMBackend,
-        TorchGenerationEngine,
+        ContinuousBatchingEngine,
     )
 
-    engine = TorchGenerationEngine(
+    engine = ContinuousBatchingEngine(
         TorchCausalLMBackend(model), tok, max_num_seqs=len(prompts), max_batched_tokens=4096
     )
     engine.scheduler.eos_token_ids = frozenset()  # every request makes exactly its budget

@@ -169,10 +169,10 @@ def engine_only(model_dir: Path, prompts: list[str], tokens: int, tag: str,
     """Seconds for modelkiln's generation engine, in-process (no HTTP), on all prompts at once."""
     import asyncio
 
-    from modelkiln.serve.generation import GenerationRequest, SamplingParams, TorchGenerationEngine
+    from modelkiln.serve.generation import GenerationRequest, SamplingParams, ContinuousBatchingEngine
 
     async def run() -> float:
-        engine = TorchGenerationEngine.from_path(
+        engine = ContinuousBatchingEngine.from_path(
             model_dir, max_num_seqs=len(prompts), threads=2, backend=backend
         )
         await engine.start()

@@ -99,10 +99,10 @@ def load_engine(spec: ModelSpec, cfg: ServeConfig, on_batch: Callable[[BatchStat
             "torch.compile recompile; set compile only on encoder models",
         )
     try:
-        from modelkiln.serve.generation.engine import TorchGenerationEngine
+        from modelkiln.serve.generation.engine import ContinuousBatchingEngine
     except ImportError as exc:  # the engine lives in its own package; guard partial installs
         raise ServingError(f"the generation engine is unavailable: {exc}") from exc
-    return TorchGenerationEngine.from_path(
+    return ContinuousBatchingEngine.from_path(
         spec.path,
         adapter=spec.adapter,
         precision=spec.precision,

@@ -22,7 +22,7 @@ from modelkiln.serve.generation import (
     SamplingParams,
     TokenEvent,
     TorchCausalLMBackend,
-    TorchGenerationEngine,
+    ContinuousBatchingEngine,
 )
 
 T = TypeVar("T")
@@ -58,8 +58,8 @@ def tiny_model(arch: str = "gpt2", seed: int = 0) -> Any:
     return LlamaForCausalLM(cfg).eval()
 
 
-def make_engine(model: Any, **kwargs: Any) -> TorchGenerationEngine:
-    return TorchGenerationEngine(TorchCausalLMBackend(model), tokenizer(), **kwargs)
+def make_engine(model: Any, **kwargs: Any) -> ContinuousBatchingEngine:
+    return ContinuousBatchingEngine(TorchCausalLMBackend(model), tokenizer(), **kwargs)
 
 
 def greedy(rid: str, prompt: list[int], max_tokens: int, **kw: Any) -> GenerationRequest:
@@ -329,7 +329,7 @@ def test_from_path_loads_model_tokenizer_and_adapter(tmp_path: Path) -> None:
     merged = lora.merge_and_unload()
     prompt = prompts(2)[1]
 
-    async def generate(engine: TorchGenerationEngine) -> list[int]:
+    async def generate(engine: ContinuousBatchingEngine) -> list[int]:
         await engine.start()
         events = await drain(engine.generate(greedy("x", prompt, 10)))
         await engine.shutdown(5)
@@ -337,15 +337,15 @@ def test_from_path_loads_model_tokenizer_and_adapter(tmp_path: Path) -> None:
 
     threads = torch.get_num_threads()
     try:
-        engine = TorchGenerationEngine.from_path(tmp_path / "m", precision="fp32", threads=1)
+        engine = ContinuousBatchingEngine.from_path(tmp_path / "m", precision="fp32", threads=1)
         assert engine.model_name == "m" and engine.backend.dtype == torch.float32
         assert run(generate(engine)) == reference(model, prompt, 10)
-        adapted = TorchGenerationEngine.from_path(tmp_path / "m", adapter=tmp_path / "adapter")
+        adapted = ContinuousBatchingEngine.from_path(tmp_path / "m", adapter=tmp_path / "adapter")
         assert run(generate(adapted)) == reference(merged, prompt, 10)
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(ServingError, match="cannot load a causal LM"):
-        TorchGenerationEngine.from_path(tmp_path / "missing")
+        ContinuousBatchingEngine.from_path(tmp_path / "missing")
 
 
 def test_prefill_groups_prompts_by_length_without_changing_results() -> None:

@@ -26,7 +26,7 @@ from test_gen_engine import (  # noqa: E402
 
 from modelkiln.errors import ServingError  # noqa: E402
 from modelkiln.optimize.kv_export import KV_ONNX  # noqa: E402
-from modelkiln.serve.generation import TorchGenerationEngine  # noqa: E402
+from modelkiln.serve.generation import ContinuousBatchingEngine  # noqa: E402
 from modelkiln.serve.generation.ort_backend import OrtCausalLMBackend  # noqa: E402
 
 
@@ -83,7 +83,7 @@ def test_engine_on_the_onnx_backend_streams_generate_tokens_concurrently(
     model, path = saved["llama"]
     ps, budgets = prompts(5, seed=2), [9, 4, 12, 6, 10]
     expected = [reference(model, p, n) for p, n in zip(ps, budgets, strict=True)]
-    engine = TorchGenerationEngine.from_path(path, backend="onnx", max_num_seqs=3, threads=1)
+    engine = ContinuousBatchingEngine.from_path(path, backend="onnx", max_num_seqs=3, threads=1)
     assert isinstance(engine.backend, OrtCausalLMBackend)
 
     async def main() -> list[list[int]]:
@@ -127,7 +127,7 @@ def test_refusals_name_the_problem(saved: dict[str, tuple[Any, Path]], tmp_path:
     with pytest.raises(ServingError, match="not loaded on the onnx backend"):
         backend.prefill([("x", [5, 6])], {"x": "a"})
     with pytest.raises(ServingError, match="need backend: torch"):
-        TorchGenerationEngine.from_path(path, backend="onnx", precision="bf16")
+        ContinuousBatchingEngine.from_path(path, backend="onnx", precision="bf16")
     empty = tmp_path / "config-only"
     empty.mkdir()
     saved["gpt2"][0].config.save_pretrained(empty)

@@ -18,7 +18,7 @@ from modelkiln.serve.generation import (
     GenerationRequest,
     SamplingParams,
     TorchCausalLMBackend,
-    TorchGenerationEngine,
+    ContinuousBatchingEngine,
 )
 
 peft = pytest.importorskip("peft")
@@ -73,8 +73,8 @@ def reference(adapter: str | None, prompt: list[int], max_tokens: int) -> list[i
     return [t for t in out[0, len(prompt) :].tolist() if t != EOS]
 
 
-def engine() -> TorchGenerationEngine:
-    return TorchGenerationEngine(TorchCausalLMBackend(base_model()), code_tokenizer(),
+def engine() -> ContinuousBatchingEngine:
+    return ContinuousBatchingEngine(TorchCausalLMBackend(base_model()), code_tokenizer(),
                                  model_name="lm", max_num_seqs=8)  # fmt: skip
 
 

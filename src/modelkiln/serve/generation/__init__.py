@@ -8,8 +8,8 @@ text; :mod:`.runs` turns one OpenAI request into engine requests and merges
 their event streams. Importing this package does not import torch.
 
 Example:
-    >>> from modelkiln.serve.generation import TorchGenerationEngine
-    >>> engine = TorchGenerationEngine.from_path("runs/x/train/model", max_num_seqs=32)
+    >>> from modelkiln.serve.generation import ContinuousBatchingEngine
+    >>> engine = ContinuousBatchingEngine.from_path("runs/x/train/model", max_num_seqs=32)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from modelkiln.serve.generation.api import (
     TokenEvent,
 )
 from modelkiln.serve.generation.backend import TorchCausalLMBackend
-from modelkiln.serve.generation.engine import TorchGenerationEngine
+from modelkiln.serve.generation.engine import ContinuousBatchingEngine
 from modelkiln.serve.generation.scheduler import (
     DEADLINE_EXCEEDED,
     FakeClock,
@@ -34,6 +34,7 @@ from modelkiln.serve.generation.scheduler import (
 
 __all__ = [
     "DEADLINE_EXCEEDED",
+    "ContinuousBatchingEngine",
     "FakeClock",
     "FinishReason",
     "GenerationEngine",
@@ -45,5 +46,4 @@ __all__ = [
     "SchedulerOutput",
     "TokenEvent",
     "TorchCausalLMBackend",
-    "TorchGenerationEngine",
 ]

@@ -18,7 +18,7 @@ contextlib.aclosing(engine.generate(r)) as events``) or be cancelled while it
 awaits the next event; either cancels the request and frees its batch slot.
 
 Example:
-    >>> engine = TorchGenerationEngine.from_path("runs/x/train/model", max_num_seqs=16)
+    >>> engine = ContinuousBatchingEngine.from_path("runs/x/train/model", max_num_seqs=16)
     >>> await engine.start()
     >>> async for event in engine.generate(GenerationRequest("r1", ids, SamplingParams())):
     ...     print(event.text, end="")
@@ -58,6 +58,7 @@ from modelkiln.serve.generation.scheduler import (
     SchedulerConfig,
     SchedulerOutput,
 )
+from modelkiln.serve.generation.stream import RequestStream
 
 if TYPE_CHECKING:
     import torch
@@ -100,9 +101,10 @@ class _Stats:
     busy_seconds: float = 0.0
 
 
-class TorchGenerationEngine:
-    """Continuous-batching generation over a :class:`TorchCausalLMBackend` or an
-    :class:`~modelkiln.serve.generation.ort_backend.OrtCausalLMBackend` (ONNX Runtime).
+class ContinuousBatchingEngine:
+    """Continuous-batching generation over either backend: a :class:`TorchCausalLMBackend`
+    (PyTorch) or an :class:`~modelkiln.serve.generation.ort_backend.OrtCausalLMBackend`
+    (ONNX Runtime).
 
     Implements :class:`~modelkiln.serve.generation.api.GenerationEngine`. Call
     :meth:`generate` from the event loop's thread.
@@ -156,7 +158,7 @@ class TorchGenerationEngine:
         threads: int | None = None,
         model_name: str | None = None,
         backend: Literal["torch", "onnx"] = "torch",
-    ) -> TorchGenerationEngine:
+    ) -> ContinuousBatchingEngine:
         """Load a saved causal LM (+ optional PEFT adapter, merged) and its tokenizer.
 
         ``precision="auto"`` resolves with :func:`~modelkiln.hardware.resolve_precision`
@@ -258,7 +260,7 @@ class TorchGenerationEngine:
         )
         self._live[request.request_id] = live
         self._poke()
-        return _RequestStream(self, live)
+        return RequestStream(live.queue, lambda: self.cancel(request.request_id))
 
     def stats(self) -> dict[str, float]:
         """Live numbers: running, waiting, last batch size, tokens in/out, steps, finishes."""
@@ -455,49 +457,6 @@ class TorchGenerationEngine:
             self._wake.set()
 
 
-class _RequestStream:
-    """Async iterator over one request's events; closing it early cancels the request."""
-
-    def __init__(self, engine: TorchGenerationEngine, live: _Live) -> None:
-        self._engine = engine
-        self._live = live
-        self._finished = False
-
-    def __aiter__(self) -> _RequestStream:
-        return self
-
-    async def __anext__(self) -> TokenEvent:
-        if self._finished:
-            raise StopAsyncIteration
-        try:
-            event = await self._live.queue.get()
-        except asyncio.CancelledError:
-            await self.aclose()
-            raise
-        if event.finish_reason is not None:
-            self._finished = True
-        return event
-
-    def ready(self) -> list[TokenEvent]:
-        """The events already waiting, without waiting for more (empty when none or finished).
-
-        Lets a consumer that fell behind the engine answer several tokens at once.
-        """
-        out: list[TokenEvent] = []
-        queue = self._live.queue
-        while not self._finished and not queue.empty():
-            event = queue.get_nowait()
-            self._finished = event.finish_reason is not None
-            out.append(event)
-        return out
-
-    async def aclose(self) -> None:
-        """Cancel the request if it is still running (client went away)."""
-        if not self._finished:
-            self._finished = True
-            self._engine.cancel(self._live.request.request_id)
-
-
 def _set_threads(threads: int) -> None:
     import torch
 
@@ -519,4 +478,4 @@ def _eos_ids(backend: Backend, tokenizer: Any) -> set[int]:
 if TYPE_CHECKING:  # mypy proves the engine meets the HTTP layer's contract
     from modelkiln.serve.generation.api import GenerationEngine
 
-    _CONTRACT: type[GenerationEngine] = TorchGenerationEngine
+    _CONTRACT: type[GenerationEngine] = ContinuousBatchingEngine
