@@ -25,6 +25,8 @@ GROUPS: tuple[str, ...] = (
     "serve",
     "doctor",
     "registry",
+    "bench",
+    "profile",
 )
 
 
