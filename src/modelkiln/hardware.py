@@ -1,33 +1,137 @@
-"""Hardware-aware defaults shared by every stage (precision, device).
+"""Hardware-aware defaults shared by every stage: CPU class, precision and int8 decisions.
 
-``precision: auto`` means bf16 only where bf16 has a fast kernel — a CUDA GPU
-with bf16 support, or a CPU with AMX-BF16 / AVX512-BF16 — and fp32 elsewhere.
-On a CPU without those units (e.g. AVX2-only) a bf16 matmul is tens of times
-slower than fp32 (see docs/BENCHMARKS.md, doctor section), so "auto" must
-never pick it there.
+``precision: auto`` is decided by measurement, not by CPU flags: a short matmul
+micro-benchmark (about 1 s, shapes near the model's) times fp32, bf16 and int8
+on this CPU, once per machine (CPU model + flags + torch version; cached under
+:func:`cache_dir`). bf16 is chosen only where it measures at least
+:data:`MIN_SPEEDUP` × fp32 *and* its result stays within :data:`TOLERANCE`
+of fp32; otherwise fp32. The same rule picks whether ``optimize`` tries its torch
+int8 / bf16 variants by default. Every decision carries the measured reason.
+
+The CPU class can be overridden with ``MODELKILN_CPU_CLASS=avx2|avx512_bf16|amx``:
+the probes (:func:`modelkiln.doctor.probe.cpu_info`) then report that class's
+flags and the decisions use the figures measured on that class
+(/work/shared/PLATFORM.md, docs/BENCHMARKS.md), labelled "assumed from class X".
+Tests use it to run every class's code path on any machine.
 
 Example:
-    >>> resolve_precision("auto")   # 'bf16' on AMX / CUDA, 'fp32' on AVX2-only CPUs
-    'fp32'
+    >>> d = precision_decision("auto", "cpu")
+    >>> d.value, d.reason   # ('bf16', 'measured bf16 2.31x fp32 (...), error 2.1e-03 ...')
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Literal
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
 
 from modelkiln.errors import ConfigError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Resolved = Literal["fp32", "bf16", "fp16"]
+CpuClass = Literal["avx2", "avx512_bf16", "amx"]
+
+MIN_SPEEDUP = 1.2  # bf16 / int8 must beat fp32 by this much to be chosen
+# Largest relative error (Frobenius) of a bf16 matmul against fp32 that "auto" accepts:
+# bf16 keeps 8 mantissa bits (eps 2**-8 = 3.9e-3); a correct kernel accumulating in fp32
+# lands near 2e-3 at these sizes.
+BF16_MAX_REL_ERROR = 1e-2
+# Output tolerance (absolute, on unit-scale outputs such as normalised embeddings or
+# logits of a tiny model) for comparing a model run at a precision with its reference.
+TOLERANCE: dict[str, float] = {"fp32": 1e-5, "bf16": 5e-2, "fp16": 1e-2}
+CPU_CLASS_ENV = "MODELKILN_CPU_CLASS"
+CACHE_ENV = "MODELKILN_CACHE_DIR"
+BENCH_SHAPE = (256, 512, 512)  # (tokens, in, out) of the timed matmul; ~0.07 GFLOP
+BENCH_BUDGET_S = 0.25  # time per dtype; three dtypes stay well under 2 s
 
 
-@lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU advertises AMX-BF16 or AVX512-BF16."""
+@dataclass(frozen=True)
+class ClassProfile:
+    """What one CPU class advertises and what was measured on it (2 threads, torch 2.13)."""
+
+    label: str
+    flags: tuple[str, ...]
+    fp32: float  # GFLOP/s, 2048² matmul
+    bf16: float
+    int8: float  # GOP/s
+
+
+# Figures from /work/shared/PLATFORM.md (class A from docs/BENCHMARKS.md, pre-2026-12).
+CLASSES: dict[str, ClassProfile] = {
+    "avx2": ClassProfile("A: AVX2 only (AMD EPYC Zen 3)", ("avx2",), 130.0, 2.0, 1.0),
+    "avx512_bf16": ClassProfile(
+        "B: AVX-512 + AVX512-BF16 + VNNI, no AMX (AMD EPYC Zen 4)",
+        ("avx2", "avx512f", "avx512_bf16", "avx512_vnni"),
+        163.0,
+        373.0,
+        853.0,
+    ),
+    "amx": ClassProfile(
+        "C: AVX-512 + AMX-BF16 + AMX-INT8 (Intel Sapphire Rapids)",
+        ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"),
+        340.0,
+        2000.0,
+        3500.0,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A hardware decision and why: ``value`` is what runs, ``reason`` says why in words."""
+
+    name: str  # "precision" or "int8"
+    value: str
+    reason: str
+    source: Literal["explicit", "cuda", "measured", "assumed"]
+    speedup: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict for reports and JSON."""
+        return asdict(self)
+
+
+def cpu_class_override() -> CpuClass | None:
+    """The class forced by ``MODELKILN_CPU_CLASS`` (None when unset).
+
+    Raises:
+        ConfigError: the variable names no known class.
+    """
+    raw = os.environ.get(CPU_CLASS_ENV, "").strip().lower()
+    if not raw:
+        return None
+    if raw not in CLASSES:
+        raise ConfigError(
+            f"{CPU_CLASS_ENV}={raw!r} is not a CPU class",
+            hint=f"use one of {', '.join(CLASSES)} or unset it",
+        )
+    return raw  # type: ignore[return-value]
+
+
+def classify(flags: dict[str, bool | None]) -> CpuClass:
+    """The class a set of CPU flags belongs to (AVX2-or-less counts as ``avx2``)."""
+    if flags.get("amx_bf16"):
+        return "amx"
+    if flags.get("avx512_bf16"):
+        return "avx512_bf16"
+    return "avx2"
+
+
+def cpu_class() -> CpuClass:
+    """This machine's CPU class (or the overridden one)."""
     from modelkiln.doctor.probe import cpu_info
 
-    flags = cpu_info().flags
-    return bool(flags.get("amx_bf16") or flags.get("avx512_bf16"))
+    return classify(cpu_info().flags)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU advertises AMX-BF16 or AVX512-BF16 (flags only; see decisions)."""
+    return cpu_class() != "avx2"
 
 
 def device_name() -> str:
@@ -37,30 +141,172 @@ def device_name() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_precision(
-    precision: Precision, device: str | None = None
-) -> Literal["fp32", "bf16", "fp16"]:
-    """Turn ``auto`` into a concrete precision for ``device`` and validate explicit choices.
+def cache_dir() -> Path:
+    """modelkiln's per-user cache: ``$MODELKILN_CACHE_DIR``, else ``$XDG_CACHE_HOME/modelkiln``,
+    else ``~/.cache/modelkiln`` (the XDG rule platformdirs applies on Linux)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "modelkiln"
+
+
+def _machine_key(shape: tuple[int, int, int]) -> str:
+    import torch
+
+    from modelkiln.doctor.probe import cpu_info
+
+    info = cpu_info()
+    flags = ",".join(sorted(f for f, v in info.flags.items() if v))
+    raw = f"{info.model}|{flags}|torch {torch.__version__}|{torch.get_num_threads()}t|{shape}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _time(fn: Any, budget_s: float) -> float:
+    """Best seconds per call of ``fn`` within about ``budget_s`` (one warm-up call first)."""
+    fn()
+    best, spent = float("inf"), 0.0
+    while spent < budget_s:
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+        if elapsed > budget_s / 2:  # a kernel-less path: one sample is enough
+            break
+    return best
+
+
+def _measure(shape: tuple[int, int, int]) -> dict[str, float | None]:
+    """GFLOP/s of fp32, bf16 and int8 matmuls at ``shape`` and bf16's relative error."""
+    import torch
+
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    flop = 2 * m * k * n / 1e9
+    out: dict[str, float | None] = {
+        "fp32": flop / _time(lambda: a @ b, BENCH_BUDGET_S),
+        "bf16": flop / _time(lambda: a16 @ b16, BENCH_BUDGET_S),
+        "int8": None,
+    }
+    ref = a.double() @ b.double()
+    out["bf16_rel_error"] = float(((a16 @ b16).double() - ref).norm() / ref.norm())
+    if hasattr(torch, "_int_mm"):
+        ai = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
+        bi = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=gen)
+        try:
+            out["int8"] = flop / _time(lambda: torch._int_mm(ai, bi), BENCH_BUDGET_S)
+        except RuntimeError:  # no int8 kernel for this shape/build
+            out["int8"] = None
+    return out
+
+
+@cache
+def measured_throughput(shape: tuple[int, int, int] = BENCH_SHAPE) -> dict[str, Any]:
+    """fp32 / bf16 / int8 matmul throughput on this CPU, measured once per machine.
+
+    Read from ``cache_dir()/hardware.json`` when this CPU model, flag set, torch
+    version and thread count were measured before; else timed (about 1 s) and saved.
+    """
+    key = _machine_key(shape)
+    path = cache_dir() / "hardware.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return dict(cached[key], cached=True)
+    result: dict[str, Any] = {**_measure(shape), "shape": list(shape), "at": time.time()}
+    cached[key] = result
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=1))
+        tmp.replace(path)  # atomic: parallel processes never read half a file
+    except OSError:
+        pass  # a read-only home still gets a decision, just measured again next time
+    return dict(result, cached=False)
+
+
+def _figures() -> tuple[dict[str, Any], str]:
+    """Throughput figures and where they come from (measured here, or assumed from a class)."""
+    forced = cpu_class_override()
+    if forced is not None:
+        p = CLASSES[forced]
+        figures: dict[str, Any] = {"fp32": p.fp32, "bf16": p.bf16, "int8": p.int8}
+        figures["bf16_rel_error"] = 2e-3  # a correct bf16 kernel's error at these sizes
+        return figures, f"assumed from class {forced} ({p.label}; {CPU_CLASS_ENV} is set)"
+    figures = measured_throughput()
+    where = "cached measurement" if figures.get("cached") else "measured"
+    shape = "x".join(str(n) for n in figures["shape"])
+    return figures, f"{where}, {shape} matmul"
+
+
+def _speed_decision(name: str, fast: str, figures: dict[str, Any], origin: str) -> Decision:
+    source: Literal["measured", "assumed"] = (
+        "assumed" if origin.startswith("assumed") else "measured"
+    )
+    fp32, other = figures.get("fp32"), figures.get(fast)
+    if not fp32 or other is None:
+        return Decision(name, "fp32", f"{fast} has no kernel here ({origin})", source)
+    ratio = other / fp32
+    speeds = f"{fast} {other:,.0f} vs fp32 {fp32:,.0f} G/s = {ratio:.2f}x"
+    if ratio < MIN_SPEEDUP:
+        return Decision(name, "fp32", f"{speeds} < {MIN_SPEEDUP}x needed ({origin})", source, ratio)
+    error = figures.get("bf16_rel_error")
+    if fast == "bf16" and (error is None or error > BF16_MAX_REL_ERROR):
+        why = f"{speeds}, but bf16 error {error} > {BF16_MAX_REL_ERROR} ({origin})"
+        return Decision(name, "fp32", why, source, ratio)
+    return Decision(name, fast, f"{speeds} >= {MIN_SPEEDUP}x ({origin})", source, ratio)
+
+
+def precision_decision(precision: Precision = "auto", device: str | None = None) -> Decision:
+    """The concrete precision for ``precision`` on ``device``, with the reason.
 
     Raises:
         ConfigError: fp16 asked for on a CPU (no fp16 fast path, and no loss scaling there).
     """
     device = device or device_name()
-    if precision == "auto":
-        if device.startswith("cuda"):
-            import torch
+    if precision != "auto":
+        if precision == "fp16" and not device.startswith("cuda"):
+            raise ConfigError(
+                "precision 'fp16' needs a CUDA GPU (CPUs have no fp16 fast path)",
+                hint="use precision: auto, fp32 or bf16",
+            )
+        return Decision("precision", precision, "set in the config", "explicit")
+    if device.startswith("cuda"):
+        import torch
 
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if precision == "fp16" and not device.startswith("cuda"):
-        raise ConfigError(
-            "precision 'fp16' needs a CUDA GPU (CPUs have no fp16 fast path)",
-            hint="use precision: auto, fp32 or bf16",
-        )
-    return precision
+        value = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return Decision("precision", value, f"CUDA GPU, bf16 supported: {value == 'bf16'}", "cuda")
+    return _speed_decision("precision", "bf16", *_figures())
 
 
-def torch_dtype(precision: Literal["fp32", "bf16", "fp16"]) -> object:
+def int8_decision() -> Decision:
+    """``int8`` when torch int8 matmuls beat fp32 here by :data:`MIN_SPEEDUP`, else ``fp32``."""
+    return _speed_decision("int8", "int8", *_figures())
+
+
+def resolve_precision(precision: Precision, device: str | None = None) -> Resolved:
+    """Turn ``auto`` into a concrete precision for ``device`` and validate explicit choices.
+
+    Raises:
+        ConfigError: fp16 asked for on a CPU (no fp16 fast path, and no loss scaling there).
+    """
+    return precision_decision(precision, device).value  # type: ignore[return-value]
+
+
+def clear_caches() -> None:
+    """Forget probed and measured facts (after changing ``MODELKILN_CPU_CLASS`` in-process)."""
+    from modelkiln.doctor.probe import cpu_info
+
+    measured_throughput.cache_clear()
+    clear = getattr(cpu_info, "cache_clear", None)
+    if clear is not None:
+        clear()
+
+
+def torch_dtype(precision: Resolved) -> object:
     """The torch dtype of a concrete precision."""
     import torch
 

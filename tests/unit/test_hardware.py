@@ -1,33 +1,102 @@
-"""Precision choice follows the hardware: bf16 only where it has a fast kernel."""
+"""Precision and int8 decisions: measured here, cached per machine, overridable per CPU class."""
 
 from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from modelkiln import hardware
 from modelkiln.errors import ConfigError
 
+EXPECTED = {  # class -> (precision auto, int8), as PLATFORM.md's figures decide them
+    "avx2": ("fp32", "fp32"),
+    "avx512_bf16": ("bf16", "int8"),
+    "amx": ("bf16", "int8"),
+}
 
-def test_auto_on_cpu_follows_the_bf16_unit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
-    assert hardware.resolve_precision("auto", "cpu") == "fp32"
-    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
-    assert hardware.resolve_precision("auto", "cpu") == "bf16"
+
+@pytest.mark.parametrize("cpu", list(EXPECTED))
+def test_each_class_decides_as_that_class_would(
+    cpu: str, fake_cpu_class: Callable[[str], None]
+) -> None:
+    fake_cpu_class(cpu)
+    precision, int8 = hardware.precision_decision("auto", "cpu"), hardware.int8_decision()
+    assert (precision.value, int8.value) == EXPECTED[cpu]
+    assert precision.source == "assumed" and f"assumed from class {cpu}" in precision.reason
+    assert hardware.resolve_precision("auto", "cpu") == EXPECTED[cpu][0]
+    assert hardware.cpu_class() == cpu
+    assert hardware.cpu_has_fast_bf16() is (cpu != "avx2")
+
+
+def test_the_override_reaches_the_probe(fake_cpu_class: Callable[[str], None]) -> None:
+    from modelkiln.doctor.probe import cpu_info
+
+    fake_cpu_class("avx2")
+    info = cpu_info()
+    assert info.flags_source == "override" and info.cpu_class == "avx2"
+    assert info.flags["avx2"] and not info.flags["avx512_bf16"] and not info.flags["amx_bf16"]
+    fake_cpu_class("amx")
+    assert cpu_info().flags["amx_bf16"] is True
+
+
+def test_an_unknown_class_is_refused(fake_cpu_class: Callable[[str], None]) -> None:
+    fake_cpu_class("avx9000")
+    with pytest.raises(ConfigError, match="avx9000"):
+        hardware.cpu_class_override()
 
 
 def test_explicit_choices_pass_and_fp16_on_cpu_is_refused() -> None:
     assert hardware.resolve_precision("bf16", "cpu") == "bf16"
     assert hardware.resolve_precision("fp32", "cpu") == "fp32"
+    assert hardware.precision_decision("fp32", "cpu").source == "explicit"
     with pytest.raises(ConfigError, match="fp16' needs a CUDA GPU"):
         hardware.resolve_precision("fp16", "cpu")
 
 
-def test_this_machine_answer_matches_its_cpu_flags() -> None:
-    from modelkiln.doctor.probe import cpu_info
+def test_rule_needs_speed_and_accuracy() -> None:
+    slow = {"fp32": 100.0, "bf16": 110.0, "bf16_rel_error": 2e-3}
+    assert hardware._speed_decision("precision", "bf16", slow, "measured").value == "fp32"
+    fast = {"fp32": 100.0, "bf16": 250.0, "bf16_rel_error": 2e-3}
+    assert hardware._speed_decision("precision", "bf16", fast, "measured").value == "bf16"
+    wrong = {"fp32": 100.0, "bf16": 250.0, "bf16_rel_error": 0.2}
+    d = hardware._speed_decision("precision", "bf16", wrong, "measured")
+    assert d.value == "fp32" and "error" in d.reason
+    none = {"fp32": 100.0, "int8": None}
+    assert hardware._speed_decision("int8", "int8", none, "measured").value == "fp32"
 
-    flags = cpu_info().flags
-    expected = bool(flags.get("amx_bf16") or flags.get("avx512_bf16"))
-    assert hardware.cpu_has_fast_bf16() is expected
+
+def test_this_machine_is_measured_once_and_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(hardware.CPU_CLASS_ENV, raising=False)
+    monkeypatch.setenv(hardware.CACHE_ENV, str(tmp_path))
+    hardware.clear_caches()
+    first = hardware.precision_decision("auto", "cpu")
+    assert first.source == "measured" and first.value in ("fp32", "bf16")
+    assert first.speedup is not None and first.speedup > 0
+    stored = json.loads((tmp_path / "hardware.json").read_text())
+    (entry,) = stored.values()
+    assert entry["fp32"] > 0 and entry["bf16"] > 0
+    # The rule, applied to what was measured: no flag is consulted.
+    fast = entry["bf16"] / entry["fp32"] >= hardware.MIN_SPEEDUP
+    assert (first.value == "bf16") is (fast and entry["bf16_rel_error"] <= 1e-2)
+    hardware.clear_caches()  # a new process: reads the file, does not time again
+    entry["fp32"], entry["bf16"] = 100.0, 1.0
+    (tmp_path / "hardware.json").write_text(json.dumps(stored))
+    again = hardware.precision_decision("auto", "cpu")
+    assert again.value == "fp32" and "cached" in again.reason
+    hardware.clear_caches()
+
+
+def test_cache_dir_follows_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(hardware.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert hardware.cache_dir() == tmp_path / "modelkiln"
+    monkeypatch.setenv(hardware.CACHE_ENV, str(tmp_path / "x"))
+    assert hardware.cache_dir() == tmp_path / "x"
 
 
 def test_torch_dtype() -> None:

@@ -22,6 +22,7 @@ from modelkiln.doctor.report import (
     CpuInfo,
     DiskInfo,
     ExtraStatus,
+    FlagsSource,
     GpuDevice,
     GpuInfo,
     MemoryInfo,
@@ -29,6 +30,7 @@ from modelkiln.doctor.report import (
     PythonInfo,
     ThreadInfo,
 )
+from modelkiln.hardware import CLASSES, CPU_CLASS_ENV, classify, cpu_class_override
 
 CORE_MODULES = ("torch", "transformers", "tokenizers", "datasets", "pydantic", "yaml", "numpy")
 OPTIONAL_MODULES = (
@@ -215,20 +217,30 @@ def _usable_cores() -> int:
 
 
 def cpu_info(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> CpuInfo:
-    """CPU model, logical and usable cores, instruction-set flags and torch's CPU capability."""
+    """CPU model, logical and usable cores, instruction-set flags, class and torch's capability.
+
+    ``MODELKILN_CPU_CLASS`` replaces the flags with that class's (``flags_source="override"``).
+    """
     try:
         model, parsed = parse_cpuinfo(cpuinfo_path.read_text(errors="replace"))
     except OSError:
         model, parsed = "", {}
     torch_flags, capability = _torch_cpu_flags()
     flags: dict[str, bool | None] = dict(parsed) if parsed else torch_flags
+    source: FlagsSource = "cpuinfo" if parsed else ("torch" if capability else "none")
+    model = model or platform.processor() or platform.machine() or "unknown"
+    forced = cpu_class_override()
+    if forced is not None:  # MODELKILN_CPU_CLASS: every decision sees that class's flags
+        flags = {f: f in CLASSES[forced].flags for f in CPU_FLAGS}
+        model, source = f"{model} (as class {forced}: {CPU_CLASS_ENV})", "override"
     return CpuInfo(
-        model=model or platform.processor() or platform.machine() or "unknown",
+        model=model,
         logical_cores=os.cpu_count() or 1,
         usable_cores=_usable_cores(),
         flags=flags,
-        flags_source="cpuinfo" if parsed else ("torch" if capability else "none"),
+        flags_source=source,
         torch_capability=capability,
+        cpu_class=classify(flags),
     )
 
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, computed_field
 Status = Literal["pass", "warn", "fail"]
 Dtype = Literal["fp32", "bf16", "int8"]
 Row = tuple[str, str, str, str]
+FlagsSource = Literal["cpuinfo", "torch", "none", "override"]
 
 
 class Check(BaseModel):
@@ -53,8 +54,9 @@ class CpuInfo(BaseModel):
     logical_cores: int
     usable_cores: int
     flags: dict[str, bool | None]  # None: could not be determined
-    flags_source: Literal["cpuinfo", "torch", "none"]
+    flags_source: FlagsSource
     torch_capability: str | None = None
+    cpu_class: str = ""  # avx2 | avx512_bf16 | amx (modelkiln.hardware.CLASSES)
 
 
 class GpuDevice(BaseModel):
@@ -181,6 +183,7 @@ class DoctorReport(BaseModel):
             ("cpu", "model", cpu.model, ""),
             ("cpu", "cores", f"{cpu.logical_cores} logical, {cpu.usable_cores} usable", ""),
             ("cpu", "flags", f"{_flags_text(cpu.flags)} (from {cpu.flags_source})", ""),
+            ("cpu", "class", _class_text(cpu.cpu_class), ""),
             ("cpu", "torch capability", cpu.torch_capability or "unknown", ""),
             ("gpu", "cuda", _gpu_text(gpu), ""),
             ("gpu", "mps", "available" if gpu.mps_available else "not available", ""),
@@ -227,6 +230,12 @@ def _flags_text(flags: dict[str, bool | None]) -> str:
         "unknown: ": [f for f, v in flags.items() if v is None],
     }
     return " | ".join(label + " ".join(names) for label, names in groups.items() if names) or "none"
+
+
+def _class_text(name: str) -> str:
+    from modelkiln.hardware import CLASSES
+
+    return f"{name} — {CLASSES[name].label}" if name in CLASSES else (name or "unknown")
 
 
 def _gpu_text(gpu: GpuInfo) -> str:

@@ -259,7 +259,24 @@ class QLoraMethod(LoraMethod):
             use_gradient_checkpointing=ctx.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+        keep_bnb_autograd_path(model)
         return super().apply(model, cfg, ctx)
+
+
+def keep_bnb_autograd_path(model: nn.Module) -> None:
+    """Keep every 4-bit layer on bitsandbytes' dequantize + matmul path while training.
+
+    On AVX512-BF16 CPUs bitsandbytes (>= 0.48) repacks a Linear4bit the first time it runs
+    in eval mode without grad (the Trainer's eval steps): the repack rounds the block
+    scales to bf16 for good and later forwards use a bf16 kernel that has no backward, so
+    the rest of training got wrong gradients and the trained model drifted from the saved
+    base (reload parity 1e-3 on class B, exact on AVX2). Call it right after loading, before
+    any eval forward. Inference after a plain transformers reload may still use that kernel
+    (bitsandbytes' choice).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 @register("adalora")

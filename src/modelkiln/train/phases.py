@@ -46,7 +46,12 @@ from modelkiln.train.models import (
     resolve_tokenizer,
 )
 from modelkiln.train.outputs import save_final, write_outputs
-from modelkiln.train.peft_methods import MethodContext, TrainingMethod, get_method
+from modelkiln.train.peft_methods import (
+    MethodContext,
+    TrainingMethod,
+    get_method,
+    keep_bnb_autograd_path,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, TrainerCallback
@@ -268,7 +273,9 @@ def _load_model(
         base = str(base_dir)
     if base is None:
         return build_scratch_model(env.cfg.model, env.tokenizer), None
-    return load_pretrained(base, **load_kwargs), base
+    model = load_pretrained(base, **load_kwargs)
+    keep_bnb_autograd_path(model)  # before the first eval forward can repack 4-bit layers
+    return model, base
 
 
 def _run_phase(

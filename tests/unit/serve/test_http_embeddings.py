@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from http_helpers import client, config, encoder_spec, metric, run, tiny_encoder_dir
 
+from modelkiln.hardware import TOLERANCE
 from modelkiln.serve import create_app
 from modelkiln.serve.encoders import TorchEncoderBackend
 
@@ -33,33 +35,64 @@ def post(body: dict[str, Any], **cfg: Any) -> httpx.Response:
     return post_all([body], **cfg)[0][0]
 
 
-@pytest.fixture(scope="module")
-def reference() -> np.ndarray:
-    backend = TorchEncoderBackend.from_path(tiny_encoder_dir(), precision="fp32")
+PRECISIONS = ["fp32", "bf16"]  # both kernel paths run on every CPU class
+
+
+@pytest.fixture(scope="module", params=PRECISIONS)
+def precision(request: pytest.FixtureRequest) -> str:
+    """The served precision, pinned (``auto`` is the subject of its own test)."""
+    return str(request.param)
+
+
+@functools.cache
+def vectors(precision: str) -> np.ndarray:
+    """The model's vectors at ``precision``, one text at a time (no padding)."""
+    backend = TorchEncoderBackend.from_path(tiny_encoder_dir(), precision=precision)  # type: ignore[arg-type]
     ids = backend.tokenizer(TEXTS)["input_ids"]
-    return np.stack([backend.encode([seq])[0] for seq in ids])  # one by one: no padding
+    return np.stack([backend.encode([seq])[0] for seq in ids])
 
 
-def test_float_embeddings_match_the_model_in_order(reference: np.ndarray) -> None:
-    r = post({"model": "enc", "input": TEXTS})
+@pytest.fixture
+def reference(precision: str) -> np.ndarray:
+    """The reference at the served precision."""
+    return vectors(precision)
+
+
+def enc(precision: str) -> dict[str, Any]:
+    """The tiny encoder spec served at ``precision``."""
+    return {"models": [encoder_spec() | {"precision": precision}]}
+
+
+def test_float_embeddings_match_the_model_in_order(reference: np.ndarray, precision: str) -> None:
+    r = post({"model": "enc", "input": TEXTS}, **enc(precision))
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "list" and body["model"] == "enc"
     assert [d["index"] for d in body["data"]] == [0, 1, 2]
     got = np.array([d["embedding"] for d in body["data"]])
-    np.testing.assert_allclose(got, reference, atol=1e-5)  # batched (padded) == one by one
+    # Batched (padded) == one by one, at the same precision: the tolerance is that precision's.
+    np.testing.assert_allclose(got, reference, atol=TOLERANCE[precision])
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
 
 
-def test_base64_and_dimensions(reference: np.ndarray) -> None:
-    r = post({"model": "enc", "input": TEXTS[0], "encoding_format": "base64", "dimensions": 8})
+def test_base64_and_dimensions(reference: np.ndarray, precision: str) -> None:
+    body = {"model": "enc", "input": TEXTS[0], "encoding_format": "base64", "dimensions": 8}
+    r = post(body, **enc(precision))
     assert r.status_code == 200, r.text
     vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
     expected = reference[0, :8] / np.linalg.norm(reference[0, :8])
-    np.testing.assert_allclose(vec, expected, atol=1e-5)
-    r = post({"model": "enc", "input": "x", "dimensions": 33})
+    np.testing.assert_allclose(vec, expected, atol=TOLERANCE[precision])
+    r = post({"model": "enc", "input": "x", "dimensions": 33}, **enc(precision))
     assert r.status_code == 400 and r.json()["error"]["param"] == "dimensions"
+
+
+@pytest.mark.parametrize(("cpu", "dtype"), [("avx2", "float32"), ("avx512_bf16", "bfloat16"),
+                                            ("amx", "bfloat16")])  # fmt: skip
+def test_auto_precision_follows_the_cpu_class(cpu: str, dtype: str, fake_cpu_class: Any) -> None:
+    fake_cpu_class(cpu)
+    backend = TorchEncoderBackend.from_path(tiny_encoder_dir(), precision="auto", device="cpu")
+    assert str(backend.model.dtype) == f"torch.{dtype}"
 
 
 def test_token_id_inputs_and_input_limits() -> None:
@@ -149,7 +182,7 @@ def _export_onnx(out: Path) -> Path:
 
 
 @pytest.mark.filterwarnings("ignore")  # the TorchScript exporter's tracer warnings
-def test_onnx_backend_serves_the_same_vectors(tmp_path: Path, reference: np.ndarray) -> None:
+def test_onnx_backend_serves_the_same_vectors(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     onnx_dir = _export_onnx(tmp_path)
@@ -157,7 +190,7 @@ def test_onnx_backend_serves_the_same_vectors(tmp_path: Path, reference: np.ndar
     r = post_all([{"model": "enc", "input": TEXTS}], models=[spec])[0][0]
     assert r.status_code == 200, r.text
     got = np.array([d["embedding"] for d in r.json()["data"]])
-    np.testing.assert_allclose(got, reference, atol=1e-4)
+    np.testing.assert_allclose(got, vectors("fp32"), atol=1e-4)  # the ONNX export is fp32
 
 
 def test_slow_batches_give_504_past_the_deadline() -> None:
