@@ -1,0 +1,21 @@
+"""Security: scoped API keys with rate and token limits, JWT / OIDC, a tamper-evident audit
+log, signed and encrypted artifacts, and the pickle guard.
+
+Modules (heavy dependencies are imported inside functions):
+
+- :mod:`~modelkiln.security.keys` — key store (HMAC-hashed, re-read on change), principals.
+- :mod:`~modelkiln.security.ratelimit` — rpm / tpm token buckets, in-process or Redis.
+- :mod:`~modelkiln.security.jwt_auth` — HS256 / RS256 / ES256 bearer JWTs, JWKS cache.
+- :mod:`~modelkiln.security.audit` — hash-chained JSONL audit log and its verifier.
+- :mod:`~modelkiln.security.signing` — OpenSSF ``model_signing`` sign / verify, trust policy.
+- :mod:`~modelkiln.security.encryption` — AES-GCM weights, decrypted in memory.
+- :mod:`~modelkiln.security.pickles` — pickle checkpoints refused or allowlist-scanned.
+- :mod:`~modelkiln.security.middleware` — the server's ASGI security layer.
+"""
+
+from __future__ import annotations
+
+from modelkiln.security.audit import AuditLog, verify_audit_log
+from modelkiln.security.keys import KeyRecord, KeyStore, Principal, parse_duration
+
+__all__ = ["AuditLog", "KeyRecord", "KeyStore", "Principal", "parse_duration", "verify_audit_log"]

@@ -1,0 +1,142 @@
+"""Encryption at rest: AES-256-GCM weight files, decrypted only in memory.
+
+``encrypt_path`` turns every weight file (``*.safetensors``, ``*.onnx``,
+``*.onnx.data``) under a path into ``<file>.enc``: the magic ``KILNENC1``, a
+96-bit random nonce, then the AES-GCM ciphertext and tag. The file's name is
+the associated data, so swapping two encrypted files is detected like any other
+tampering. The key file (32 random bytes, hex) must not live inside the
+encrypted directory.
+
+Loading decrypts into ``bytes`` and hands them to ``safetensors.torch.load`` or
+``onnxruntime.InferenceSession`` directly: plaintext never touches the disk. A
+wrong key or a changed byte fails the GCM tag check: a clear error, never
+garbage weights.
+
+Example:
+    >>> generate_key_file("/secure/model.key")
+    >>> encrypt_path("runs/x/train/model", "/secure/model.key", remove_plaintext=True)
+    >>> state_dict = load_safetensors_encrypted("runs/x/train/model/model.safetensors.enc",
+    ...                                         "/secure/model.key")
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from modelkiln.errors import ConfigError, SecurityError
+
+MAGIC = b"KILNENC1"
+SUFFIX = ".enc"
+WEIGHT_PATTERNS = ("*.safetensors", "*.onnx", "*.onnx.data", "*.bin")
+_NONCE = 12
+
+
+def generate_key_file(path: str | Path) -> Path:
+    """Write a new 256-bit key (hex) to ``path`` with mode 0600."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
+def read_key_file(path: str | Path) -> bytes:
+    """The 32-byte key of a key file (hex text).
+
+    Raises:
+        ConfigError: missing file or not 64 hex characters.
+    """
+    try:
+        key = bytes.fromhex(Path(path).read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot read key file {path}: {exc}",
+            hint="make one with: kiln encrypt --generate-key FILE",
+        ) from None
+    if len(key) != 32:
+        raise ConfigError(
+            f"key file {path} holds {len(key)} bytes, not 32",
+            hint="make one with: kiln encrypt --generate-key FILE",
+        )
+    return key
+
+
+def encrypt_bytes(data: bytes, key: bytes, name: str) -> bytes:
+    """``MAGIC + nonce + AES-GCM(data)`` with ``name`` as associated data."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = secrets.token_bytes(_NONCE)
+    return MAGIC + nonce + AESGCM(key).encrypt(nonce, data, name.encode())
+
+
+def decrypt_bytes(blob: bytes, key: bytes, name: str) -> bytes:
+    """The plaintext of :func:`encrypt_bytes`'s output.
+
+    Raises:
+        SecurityError: not an encrypted file, wrong key, or tampered ciphertext.
+    """
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    if not blob.startswith(MAGIC):
+        raise SecurityError(f"{name} is not a modelkiln encrypted file (no {MAGIC!r} header)")
+    nonce = blob[len(MAGIC) : len(MAGIC) + _NONCE]
+    try:
+        return AESGCM(key).decrypt(nonce, blob[len(MAGIC) + _NONCE :], name.encode())
+    except InvalidTag:
+        raise SecurityError(
+            f"cannot decrypt {name}: wrong key, or the file was changed after encryption",
+            hint="pass the key file it was encrypted with (--decrypt-key-file)",
+        ) from None
+
+
+def _plain_name(path: Path) -> str:
+    return path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else path.name
+
+
+def encrypt_path(
+    path: str | Path, key_file: str | Path, remove_plaintext: bool = False
+) -> list[Path]:
+    """Encrypt the weight files of a directory (or one file); return the ``.enc`` paths."""
+    path, key_path = Path(path).resolve(), Path(key_file).resolve()
+    if path.is_dir() and key_path.is_relative_to(path):
+        raise ConfigError(
+            f"key file {key_file} is inside {path}", hint="keep the key away from the ciphertext"
+        )
+    key = read_key_file(key_path)
+    files = (
+        [path] if path.is_file() else sorted({f for p in WEIGHT_PATTERNS for f in path.rglob(p)})
+    )
+    if not files:
+        raise ConfigError(f"no weight files under {path}", hint=f"expected {WEIGHT_PATTERNS}")
+    out = []
+    for f in files:
+        target = f.with_name(f.name + SUFFIX)
+        target.write_bytes(encrypt_bytes(f.read_bytes(), key, f.name))
+        if remove_plaintext:
+            f.unlink()
+        out.append(target)
+    return out
+
+
+def decrypt_file(path: str | Path, key_file: str | Path) -> bytes:
+    """The plaintext of one ``.enc`` file, in memory."""
+    path = Path(path)
+    return decrypt_bytes(path.read_bytes(), read_key_file(key_file), _plain_name(path))
+
+
+def load_safetensors_encrypted(path: str | Path, key_file: str | Path) -> dict[str, Any]:
+    """A state dict from an encrypted safetensors file, never written in plaintext."""
+    from safetensors.torch import load
+
+    return dict(load(decrypt_file(path, key_file)))
+
+
+def onnx_session_encrypted(path: str | Path, key_file: str | Path, **kwargs: Any) -> Any:
+    """An ONNX Runtime session over an encrypted ``model.onnx.enc`` (single-file graphs)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(decrypt_file(path, key_file), **kwargs)

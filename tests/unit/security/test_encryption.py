@@ -1,0 +1,67 @@
+"""AES-GCM at rest: round trip in memory, wrong key, tampering, swapped files, key placement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from modelkiln.errors import ConfigError, SecurityError
+from modelkiln.security.encryption import (
+    decrypt_file,
+    encrypt_path,
+    generate_key_file,
+    load_safetensors_encrypted,
+)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    d = tmp_path / "model"
+    d.mkdir()
+    save_file({"w": torch.arange(6, dtype=torch.float32)}, str(d / "model.safetensors"))
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def test_round_trip_in_memory_and_plaintext_removed(model_dir: Path, tmp_path: Path) -> None:
+    key = generate_key_file(tmp_path / "k.key")
+    (enc,) = encrypt_path(model_dir, key, remove_plaintext=True)
+    assert enc.name == "model.safetensors.enc" and not (model_dir / "model.safetensors").exists()
+    assert b"\x00\x00\x80?" not in enc.read_bytes()  # 1.0f is not visible in the ciphertext
+    state = load_safetensors_encrypted(enc, key)
+    assert state["w"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "model.safetensors.enc"]
+
+
+def test_wrong_key_and_tampering_fail_cleanly(model_dir: Path, tmp_path: Path) -> None:
+    key = generate_key_file(tmp_path / "k.key")
+    other = generate_key_file(tmp_path / "other.key")
+    (enc,) = encrypt_path(model_dir, key)
+    with pytest.raises(SecurityError, match="wrong key, or the file was changed"):
+        decrypt_file(enc, other)
+    blob = bytearray(enc.read_bytes())
+    blob[-40] ^= 1
+    enc.write_bytes(bytes(blob))
+    with pytest.raises(SecurityError, match="wrong key, or the file was changed"):
+        decrypt_file(enc, key)
+
+
+def test_renamed_ciphertext_is_detected(model_dir: Path, tmp_path: Path) -> None:
+    key = generate_key_file(tmp_path / "k.key")
+    (enc,) = encrypt_path(model_dir, key)
+    moved = enc.rename(enc.with_name("other.safetensors.enc"))
+    with pytest.raises(SecurityError):
+        decrypt_file(moved, key)
+
+
+def test_key_inside_the_model_dir_is_refused(model_dir: Path) -> None:
+    key = generate_key_file(model_dir / "k.key")
+    with pytest.raises(ConfigError, match="inside"):
+        encrypt_path(model_dir, key)
+    (model_dir / "bad.key").write_text("abcd")
+    with pytest.raises(ConfigError, match="2 bytes, not 32"):
+        encrypt_path(model_dir.parent / "model" / "model.safetensors", model_dir / "bad.key")
