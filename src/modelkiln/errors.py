@@ -78,6 +78,10 @@ class ServingError(KilnError):
     """The model server cannot start or cannot serve a request."""
 
 
+class SecurityError(KilnError):
+    """A key, token, signature, ciphertext or audit log failed a security check."""
+
+
 def require(module: str, extra: str, *, purpose: str = "") -> None:
     """Raise :class:`DependencyMissingError` unless ``module`` can be imported.
 
