@@ -27,6 +27,9 @@ GROUPS: tuple[str, ...] = (
     "registry",
     "bench",
     "profile",
+    "keys",
+    "audit",
+    "sign",
 )
 
 
