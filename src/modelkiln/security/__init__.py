@@ -10,7 +10,8 @@ Modules (heavy dependencies are imported inside functions):
 - :mod:`~modelkiln.security.signing` — OpenSSF ``model_signing`` sign / verify, trust policy.
 - :mod:`~modelkiln.security.encryption` — AES-GCM weights, decrypted in memory.
 - :mod:`~modelkiln.security.pickles` — pickle checkpoints refused or allowlist-scanned.
-- :mod:`~modelkiln.security.middleware` — the server's ASGI security layer.
+- :mod:`~modelkiln.security.serving` — the server plug-in (authenticator, guard, observer).
+- :mod:`~modelkiln.security.extension` — the `kiln serve` flags of the plug-in.
 """
 
 from __future__ import annotations
