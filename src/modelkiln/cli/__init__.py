@@ -27,6 +27,7 @@ GROUPS: tuple[str, ...] = (
     "registry",
     "bench",
     "profile",
+    "deploy",
     "keys",
     "audit",
     "sign",
