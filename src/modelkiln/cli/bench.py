@@ -134,6 +134,77 @@ def serve(
         console.print(f"json: {json_out}")
 
 
+def _ints(text: str, what: str) -> list[int]:
+    from modelkiln.errors import ConfigError
+
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}",
+                          hint="e.g. 1,8,32") from None  # fmt: skip
+    if not values or min(values) < 1:
+        raise ConfigError(f"{what} must be positive integers, got {text!r}", hint="e.g. 1,8,32")
+    return values
+
+
+@bench_app.command("offline")
+def offline(
+    model: Annotated[str, typer.Argument(help="Model directory or optimize variant directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
+        "bench-offline"
+    ),
+    batches: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8,16,32,64",
+    seqs: Annotated[str, typer.Option(help="Sequence lengths, comma-separated.")] = "128",
+    backend: Annotated[
+        list[str] | None, typer.Option(help="torch / onnx (repeatable; default: all it holds).")
+    ] = None,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed calls per cell.")] = 3,
+    min_runs: Annotated[int, typer.Option(min=2, help="Timed calls before a cell may stop.")] = 5,
+    max_runs: Annotated[int, typer.Option(min=2, help="Timed calls at most per cell.")] = 200,
+    cv: Annotated[
+        float, typer.Option(help="Stop a cell when its mean's standard error < this.")
+    ] = 0.02,
+    budget: Annotated[float, typer.Option(help="Seconds for the timed rounds.")] = 60.0,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads.")] = None,
+    memory_cap_mb: Annotated[float | None, typer.Option(help="Optimal batch: memory cap.")] = None,
+    history: Annotated[Path | None, typer.Option(help="Append the headline to this JSONL.")] = None,
+) -> None:
+    """Sweep batch x sequence length on torch and ONNX Runtime; JSON + PNG + HTML.
+
+    Reports p50/p95/p99, throughput, peak RSS (CUDA memory on a GPU), samples/s per
+    MB and the optimal batch (largest that still gains > 5 % within --memory-cap-mb).
+
+    Example: kiln bench offline runs/quickstart/optimize/model --batches 1,8,32 --seqs 64,128
+    """
+    from modelkiln.bench.offline import OfflineConfig, run_offline
+    from modelkiln.bench.offline.report import write_offline
+    from modelkiln.bench.outputs.serialized import append_history
+
+    with guard():
+        cfg = OfflineConfig(
+            model=model, backends=backend or None, batches=_ints(batches, "--batches"),
+            seqs=_ints(seqs, "--seqs"), warmup=warmup, min_runs=min_runs, max_runs=max_runs,
+            cv_target=cv, budget_s=budget, threads=threads, memory_cap_mb=memory_cap_mb,
+        )  # fmt: skip
+        console.print(f"[dim]sweeping {model} ...[/dim]")
+        result = run_offline(cfg)
+        paths = write_offline(result, out)
+        if history is not None:
+            append_history(result, history)
+    table = Table(title=f"kiln bench offline {result['name']}", title_justify="left")
+    cols = ("backend", "batch", "seq", "runs", "p50_ms", "p95_ms", "p99_ms", "items_per_s",
+            "rss_mb", "items_per_s_per_mb", "stop")  # fmt: skip
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("backend", "stop") else "right")
+    for row in result["rows"]:
+        table.add_row(*(_fmt(row[c]) for c in cols))
+    console.print(table)
+    for o in result["optimal"]:
+        console.print(f"optimal batch {o['backend']} seq {o['seq']}: {o['batch']} "
+                      f"({_fmt(o['items_per_s'])} samples/s)")  # fmt: skip
+    console.print("  ".join(f"{k}: {v}" for k, v in paths.items()))
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``bench`` group."""
     app.add_typer(bench_app, name="bench")
