@@ -1,0 +1,344 @@
+"""The rollout gateway: an ASGI layer in front of the model server that runs several
+versions of one model side by side under a traffic policy.
+
+Each version is served by the server as its own model (``<name>.v<version>``);
+clients keep asking for ``<name>``. Per request the gateway picks a version
+(:func:`.policy.assign`: sticky ``X-User-Key`` / ``user``, ``X-Model-Version``
+override, weighted split), rewrites the body's ``model``, records the outcome
+per version for the controller, and mirrors a share to a shadow version whose
+answer is compared and discarded. A request keeps its version for its whole
+life, so after a blue-green switch in-flight requests and streams finish on the
+old version. It also adds the versions and split to ``/v1/models``, the
+rollout's own metrics to ``/metrics`` and serves ``/admin/rollout`` (admin key).
+
+Plain ASGI on purpose: it wraps any ASGI app and imports nothing of the serve stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from modelkiln.errors import KilnError
+from modelkiln.rollout.agreement import response_agreement
+from modelkiln.rollout.controller import Controller
+from modelkiln.rollout.faults import FaultInjector
+from modelkiln.rollout.gateway_http import json_response, read_body, replay
+from modelkiln.rollout.metrics import RolloutMetrics
+from modelkiln.rollout.policy import (
+    OVERRIDE_HEADER,
+    Assignment,
+    TrafficPolicy,
+    assign,
+    single,
+)
+from modelkiln.rollout.recorder import Recorder
+from modelkiln.rollout.spec import ACTIVE
+from modelkiln.rollout.stages import policy_for
+
+log = logging.getLogger(__name__)
+MODEL_ROUTES = frozenset(
+    {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/inference"}
+)
+ASGI = Callable[
+    [dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+    Awaitable[None],
+]
+
+
+def served_name(model: str, version: str) -> str:
+    """The name the inner server serves one version under."""
+    return f"{model}.v{version}"
+
+
+class RolloutGateway:
+    """ASGI app: version routing, shadowing, per-version records, rollout admin routes."""
+
+    def __init__(
+        self,
+        app: ASGI,
+        *,
+        versions: dict[str, list[str]],
+        serving: dict[str, str],
+        controller_factory: Callable[[Callable[[str, TrafficPolicy], None]], Controller],
+        recorder: Recorder,
+        admin_keys: list[str],
+        faults: dict[tuple[str, str], FaultInjector] | None = None,
+        tick_s: float = 1.0,
+    ) -> None:
+        self.app = app
+        self.versions = versions
+        self.recorder = recorder
+        self.metrics = RolloutMetrics()
+        self.policies = {m: single(v) for m, v in serving.items()}
+        self.controller = controller_factory(self.apply)
+        self.admin_keys = admin_keys
+        self.faults = faults or {}
+        self.started = time.monotonic()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stop = threading.Event()
+        self.controller.resume()
+        for model in self.versions:  # a finished rollout left the split it ended with
+            state = self.controller.status(model)
+            if state is not None and state.status not in ACTIVE:
+                with contextlib.suppress(KilnError):  # its versions may no longer be loaded
+                    self.apply(model, policy_for(state))
+        self._ticker = threading.Thread(
+            target=self._tick_loop, args=(tick_s,), name="kiln-rollout", daemon=True
+        )
+        self._ticker.start()
+
+    # -- policy ----------------------------------------------------------------
+    def apply(self, model: str, policy: TrafficPolicy) -> None:
+        """Install a model's policy (one assignment: atomic for new requests)."""
+        loaded = set(self.versions.get(model, []))
+        missing = {*policy.weights, *([policy.shadow] if policy.shadow else [])} - loaded
+        if missing:
+            raise KilnError(
+                f"{model}: version(s) {sorted(missing)} are not loaded (loaded: {sorted(loaded)})",
+                hint="start the server with every version the rollout needs (--versions)",
+            )
+        self.policies[model] = policy
+        self.metrics.policy(model, policy)
+
+    def _tick_loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                for d in self.controller.tick():
+                    self.metrics.decision(d)
+            except Exception:  # a failed check must not stop later ones
+                log.exception("rollout check failed")
+
+    def close(self) -> None:
+        """Stop the controller's thread."""
+        self._stop.set()
+
+    # -- ASGI ------------------------------------------------------------------
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.close()
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/admin/rollout" or path.startswith("/admin/rollout/"):
+            from modelkiln.rollout.gateway_admin import handle_admin
+
+            await handle_admin(self, scope, receive, send)
+        elif method == "POST" and path in MODEL_ROUTES:
+            await self._route(scope, receive, send)
+        elif method == "GET" and path in ("/v1/models", "/metrics"):
+            await self._decorate(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = await read_body(receive)
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if not isinstance(model, str) or model not in self.policies:
+            await self.app(scope, replay(body, receive), send)
+            return
+        assert isinstance(payload, dict)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        key = headers.get("x-user-key") or (str(payload["user"]) if payload.get("user") else None)
+        override = headers.get(OVERRIDE_HEADER.lower())
+        policy = self.policies[model]
+        try:
+            if override in self.versions[model] and policy.allow_override:
+                a = Assignment(override, None, "override")  # any loaded version, not only split
+            else:
+                a = assign(policy, key=key, override=override)
+        except KilnError as exc:
+            await json_response(
+                send,
+                400,
+                {
+                    "error": {
+                        "message": str(exc),
+                        "type": "invalid_request_error",
+                        "code": "bad_model_version",
+                    }
+                },
+            )
+            return
+        keep = a.shadow is not None and not payload.get("stream")
+        status, answer = await self._serve_one(
+            scope, receive, send, payload, model, a.version, keep
+        )
+        if a.shadow is not None:
+            task = asyncio.create_task(
+                self._shadow(scope, payload, model, a.shadow, status, answer)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve_one(
+        self, scope: dict[str, Any], receive: Any, send: Any, payload: dict[str, Any],
+        model: str, version: str, keep: bool,
+    ) -> tuple[int, bytes]:  # fmt: skip
+        """Run one request on ``version``; record it; return its status (and body if kept)."""
+        fault = self._fault(model, version)
+        t0 = time.perf_counter()
+        if fault is not None and fault.delay_ms:
+            await asyncio.sleep(fault.delay_ms / 1000)
+        if fault is not None and fault.fail:
+            await json_response(
+                send,
+                500,
+                {
+                    "error": {
+                        "message": "injected fault",
+                        "type": "server_error",
+                        "code": "injected_fault",
+                    }
+                },
+            )
+            self._record(model, version, 500, t0, None, 0, t0)
+            return 500, b""
+        body = json.dumps({**payload, "model": served_name(model, version)}).encode()
+        state: dict[str, Any] = {"status": 500, "first": None, "chunks": 0, "body": []}
+
+        async def send2(msg: dict[str, Any]) -> None:
+            if msg["type"] == "http.response.start":
+                state["status"] = msg["status"]
+                msg = {
+                    **msg,
+                    "headers": [*msg.get("headers", []), (b"x-model-version", version.encode())],
+                }
+            elif msg["type"] == "http.response.body" and msg.get("body"):
+                state["first"] = state["first"] or time.perf_counter()
+                state["chunks"] += 1
+                if keep:
+                    state["body"].append(msg["body"])
+            await send(msg)
+
+        try:
+            await self.app(_with_length(scope, len(body)), replay(body, receive), send2)
+        finally:
+            self._record(
+                model,
+                version,
+                state["status"],
+                t0,
+                state["first"],
+                state["chunks"],
+                time.perf_counter(),
+                bool(payload.get("stream")),
+            )
+        return state["status"], b"".join(state["body"])
+
+    def _fault(self, model: str, version: str) -> Any:
+        inj = self.faults.get((model, version))
+        return inj.draw(time.monotonic() - self.started) if inj is not None else None
+
+    def _record(
+        self, model: str, version: str, status: int, t0: float, first: float | None,
+        chunks: int, end: float, stream: bool = False,
+    ) -> None:  # fmt: skip
+        ok = status < 500 or status == 499  # a client that went away is not the model's fault
+        ms = (end - t0) * 1000
+        ttft = (first - t0) * 1000 if stream and first is not None else None
+        tpot = (end - first) * 1000 / (chunks - 1) if stream and first and chunks > 1 else None
+        self.recorder.record(model, version, ok=ok, latency_ms=ms, ttft_ms=ttft, tpot_ms=tpot)
+        self.metrics.request(model, version, status, ms / 1000)
+
+    async def _shadow(
+        self, scope: dict[str, Any], payload: dict[str, Any], model: str, version: str,
+        served_status: int, served_body: bytes,
+    ) -> None:  # fmt: skip
+        """Mirror the request to ``version``; compare and discard its answer."""
+        mirror = {**payload, "stream": False}
+        chunks: list[bytes] = []
+        status = [500]
+
+        async def sink(msg: dict[str, Any]) -> None:
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            elif msg["type"] == "http.response.body":
+                chunks.append(msg.get("body", b""))
+
+        async def no_more() -> dict[str, Any]:
+            await asyncio.Event().wait()  # never disconnects; the app stops reading at the end
+            return {"type": "http.disconnect"}
+
+        shadow_scope = {**scope, "method": "POST"}
+        await self._serve_one(shadow_scope, no_more, sink, mirror, model, version, True)
+        if served_status == 200 and status[0] == 200 and served_body:
+            try:
+                score = response_agreement(json.loads(served_body), json.loads(b"".join(chunks)))
+            except ValueError:
+                score = None
+            if score is not None:
+                self.recorder.record_pair(model, score)
+
+    async def _decorate(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Pass GET /v1/models or /metrics through, adding the rollout's part."""
+        start: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def grab(msg: dict[str, Any]) -> None:
+            if msg["type"] == "http.response.start":
+                start.update(msg)
+            elif msg["type"] == "http.response.body":
+                chunks.append(msg.get("body", b""))
+
+        await self.app(scope, receive, grab)
+        body = b"".join(chunks)
+        if start.get("status") == 200:
+            if scope["path"] == "/metrics":
+                body += self.metrics.render()
+            else:
+                body = self._models_json(body)
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send(
+            {
+                "type": "http.response.start",
+                "status": start.get("status", 500),
+                "headers": [*headers, (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _models_json(self, body: bytes) -> bytes:
+        data = json.loads(body)
+        for model, versions in self.versions.items():
+            state = self.controller.status(model)
+            policy = self.policies[model]
+            data.setdefault("data", []).append(
+                {
+                    "id": model,
+                    "object": "model",
+                    "owned_by": "modelkiln",
+                    "versions": versions,
+                    "split": policy.weights,
+                    "shadow": policy.shadow,
+                    "shadow_percent": policy.shadow_percent,
+                    "rollout": None
+                    if state is None
+                    else {
+                        "status": state.status,
+                        "candidate": state.spec.candidate,
+                        "stage": state.stage,
+                    },
+                }
+            )
+        return json.dumps(data).encode()
+
+
+def _with_length(scope: dict[str, Any], n: int) -> dict[str, Any]:
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+    return {**scope, "headers": [*headers, (b"content-length", str(n).encode())]}
