@@ -306,7 +306,7 @@ def clear_caches() -> None:
         clear()
 
 
-def torch_dtype(precision: Resolved) -> object:
+def torch_dtype(precision: str) -> object:
     """The torch dtype of a concrete precision."""
     import torch
 

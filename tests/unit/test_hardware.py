@@ -103,3 +103,20 @@ def test_torch_dtype() -> None:
     import torch
 
     assert hardware.torch_dtype("bf16") is torch.bfloat16
+
+
+@pytest.mark.parametrize("cpu", list(EXPECTED))
+def test_optimize_tries_bf16_and_int8_where_the_class_makes_them_faster(
+    cpu: str, fake_cpu_class: Callable[[str], None]
+) -> None:
+    pytest.importorskip("torch")
+    from modelkiln.optimize.registry import VARIANTS
+
+    fake_cpu_class(cpu)
+    bf16, int8 = EXPECTED[cpu]
+    skip_bf16 = VARIANTS.get("torch-bf16")().not_default_here()
+    skip_int8 = VARIANTS.get("torch-int8-dynamic")().not_default_here()
+    assert (skip_bf16 is None) is (bf16 == "bf16")
+    assert (skip_int8 is None) is (int8 == "int8")
+    for reason in (skip_bf16, skip_int8):
+        assert reason is None or "assumed from class avx2" in reason

@@ -195,7 +195,7 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     """CPU model, usable cores, vector units, threads, and library versions."""
     import torch
 
-    from modelkiln.hardware import cpu_has_fast_bf16
+    from modelkiln.hardware import cpu_class, cpu_has_fast_bf16, precision_decision
 
     cpu = platform.machine()
     flags: set[str] = set()
@@ -223,6 +223,8 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         "cores": cores,
         "vector_units": units,
         "fast_bf16": cpu_has_fast_bf16(),
+        "cpu_class": cpu_class(),
+        "precision_auto": precision_decision("auto", "cpu").as_dict(),
         "threads": threads or torch.get_num_threads(),
         "versions": versions,
     }

@@ -75,11 +75,10 @@ class TorchBf16Variant(Variant):
 
     def not_default_here(self) -> str | None:
         """Left out by default where bf16 has no fast kernel (AVX2-only CPUs)."""
-        from modelkiln.hardware import resolve_precision
+        from modelkiln.hardware import precision_decision
 
-        if resolve_precision("auto") == "bf16":
-            return None
-        return "no fast bf16 on this machine (no AMX / AVX512-bf16): bf16 runs 10-40x slower"
+        decision = precision_decision("auto", "cpu")  # measured here (or the forced CPU class)
+        return None if decision.value == "bf16" else f"bf16 is not faster here: {decision.reason}"
 
     def build(self, ctx: BuildContext, out: Path) -> dict[str, Any]:
         """Cast a copy of the reference to bf16 and save it."""
@@ -122,9 +121,10 @@ class TorchInt8DynamicVariant(Variant):
 
     def not_default_here(self) -> str | None:
         """Left out by default on CPUs without int8 dot-product units (VNNI / AMX-int8)."""
-        if cpu_has_int8_dot():
-            return None
-        return "no VNNI / AMX-int8 on this CPU: torchao int8 runs ~10-40x slower than fp32 here"
+        from modelkiln.hardware import int8_decision
+
+        decision = int8_decision()  # measured here (or the forced CPU class)
+        return None if decision.value == "int8" else f"int8 is not faster here: {decision.reason}"
 
     def build(self, ctx: BuildContext, out: Path) -> dict[str, Any]:
         """Quantize (swapping Conv1D for Linear when present) and save."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from modelkiln.errors import DependencyMissingError, ServingError
-from modelkiln.hardware import Precision, resolve_precision, torch_dtype
+from modelkiln.hardware import Precision, precision_decision, torch_dtype
 
 if TYPE_CHECKING:
     import numpy as np
@@ -226,7 +226,9 @@ class TorchEncoderBackend:
 
         path = Path(model_dir)
         device = device or device_name()
-        dtype = torch_dtype(resolve_precision(precision, device))
+        decision = precision_decision(precision, device)
+        log.info("encoder %s runs in %s: %s", path.name, decision.value, decision.reason)
+        dtype = torch_dtype(decision.value)
         try:
             model = AutoModel.from_pretrained(str(path), dtype=dtype)
         except (OSError, ValueError, KeyError) as exc:

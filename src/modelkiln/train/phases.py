@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkiln.artifacts import hash_json, sha256_file
-from modelkiln.hardware import resolve_precision
+from modelkiln.hardware import precision_decision
 from modelkiln.progress import QUIET, Progress
 from modelkiln.train import data as tdata
 from modelkiln.train import distributed as tdist
@@ -90,10 +90,12 @@ class FitResult:
     layout: dict[str, Any]
     precision: str
     seed: int
+    precision_reason: str = ""  # why this precision ran (hardware.precision_decision)
 
     def metrics(self) -> dict[str, Any]:
         """Manifest metrics: per phase numbers (no log history) plus run facts."""
         out: dict[str, Any] = {"precision": self.precision, "seed": self.seed, **self.layout}
+        out["precision_reason"] = self.precision_reason
         for p in self.phases:
             out[p.name] = {k: v for k, v in asdict(p).items() if k not in ("log_history", "name")}
         return out
@@ -111,6 +113,7 @@ class _Env:
     resume: bool
     progress: Progress
     callbacks: Sequence[TrainerCallback]
+    precision_reason: str = ""
 
 
 def fit(
@@ -141,9 +144,11 @@ def fit(
         callbacks: extra Trainer callbacks for every phase.
     """
     tok, tok_dir = resolve_tokenizer(cfg.model, tokenizer)
+    decision = precision_decision(cfg.precision)
+    progress.message(f"train: precision {decision.value} ({decision.reason})")
     env = _Env(
-        cfg, tok, tok_dir, ckpt_root, final_dir, resolve_precision(cfg.precision), seed,
-        cfg.resume if resume is None else resume, progress, callbacks,
+        cfg, tok, tok_dir, ckpt_root, final_dir, decision.value, seed,  # type: ignore[arg-type]
+        cfg.resume if resume is None else resume, progress, callbacks, decision.reason,
     )  # fmt: skip
     splits = tdata.split_texts(
         tdata.load_corpus(data), cfg.data.domain_modules, cfg.data.domain_eval_fraction
@@ -174,7 +179,7 @@ def fit(
         finals.append(final)
         base_dir = ft_base if get_method(result.method).uses_peft else None
     if not is_main_process():  # under torchrun only rank 0 writes the artifact
-        return FitResult(phases, {}, env.precision, seed)
+        return FitResult(phases, {}, env.precision, seed, env.precision_reason)
     layout = write_outputs(
         out,
         tokenizer=tok,
@@ -190,7 +195,7 @@ def fit(
         shutil.rmtree(ckpt_root, ignore_errors=True)
         with contextlib.suppress(OSError):
             ckpt_root.parent.rmdir()  # only when no other stage keeps checkpoints there
-    return FitResult(phases, layout, env.precision, seed)
+    return FitResult(phases, layout, env.precision, seed, env.precision_reason)
 
 
 def _tok_hash(folder: Path) -> str:

@@ -43,7 +43,9 @@ def render_report(result: FitResult) -> str:
     lines = [
         "## Train",
         "",
-        f"Precision {result.precision}, seed {result.seed}. "
+        f"Precision {result.precision}"
+        + (f" ({result.precision_reason})" if result.precision_reason else "")
+        + f", seed {result.seed}. "
         f"Output: model `{result.layout['model']}`"
         + (f", adapter `{result.layout['adapter']}`" if result.layout["adapter"] else "")
         + f"; block size {result.layout['block_size']} tokens.",

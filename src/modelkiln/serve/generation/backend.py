@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkiln.errors import ServingError
-from modelkiln.hardware import Precision, resolve_precision, torch_dtype
+from modelkiln.hardware import Precision, precision_decision, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -114,7 +114,11 @@ class TorchCausalLMBackend:
         from modelkiln.hardware import device_name
 
         device = device or device_name()
-        dtype = torch_dtype(resolve_precision(precision, device))
+        decision = precision_decision(precision, device)
+        log.info(
+            "causal LM %s runs in %s: %s", Path(model_dir).name, decision.value, decision.reason
+        )
+        dtype = torch_dtype(decision.value)
         try:
             model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
         except (OSError, ValueError, KeyError) as exc:
