@@ -15,10 +15,25 @@ bench_app = typer.Typer(
     no_args_is_help=True,
 )
 
-_ROWS = ("throughput_rps", "goodput_rps", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
-         "ttft_response_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p99_ms", "latency_p50_ms",
-         "latency_p99_ms", "response_p50_ms", "response_p99_ms", "wait_p99_ms",
-         "send_lag_p99_ms", "client_cpu_util", "errors")  # fmt: skip
+_ROWS = (
+    "throughput_rps",
+    "goodput_rps",
+    "output_tokens_per_s",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "ttft_response_p99_ms",
+    "tpot_p50_ms",
+    "tpot_p99_ms",
+    "itl_p99_ms",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "response_p50_ms",
+    "response_p99_ms",
+    "wait_p99_ms",
+    "send_lag_p99_ms",
+    "client_cpu_util",
+    "errors",
+)
 
 
 def _fmt(v: Any) -> str:
@@ -26,8 +41,10 @@ def _fmt(v: Any) -> str:
 
 
 def _print_summary(result: dict[str, Any]) -> None:
-    table = Table(title=f"kiln bench serve {result['url']} ({result['model']}, {result['kind']})",
-                  title_justify="left")  # fmt: skip
+    table = Table(
+        title=f"kiln bench serve {result['url']} ({result['model']}, {result['kind']})",
+        title_justify="left",
+    )
     s = result.get("summary")
     if s is not None:
         table.add_column("metric")
@@ -54,16 +71,21 @@ def _print_summary(result: dict[str, Any]) -> None:
                 if "ok" in row
                 else (f"response p99 {_fmt(row.get('response_p99_ms'))} ms, errors {row['errors']}")
             )
-            table.add_row(_fmt(row.get("offered_rps", row.get("rate"))),
-                          _fmt(row["throughput_rps"]), detail)  # fmt: skip
+            table.add_row(
+                _fmt(row.get("offered_rps", row.get("rate"))), _fmt(row["throughput_rps"]), detail
+            )
     console.print(table)
     if "best_rate_rps" in result:
         lo, hi = result["ci_rps"]
-        console.print(f"highest rate meeting {result['slo']}: {_fmt(result['best_rate_rps'])} "
-                      f"req/s (interval {_fmt(lo)} .. {_fmt(hi)})")  # fmt: skip
+        console.print(
+            f"highest rate meeting {result['slo']}: {_fmt(result['best_rate_rps'])} "
+            f"req/s (interval {_fmt(lo)} .. {_fmt(hi)})"
+        )
     if "saturated_at_rps" in result:
-        console.print(f"saturated at {_fmt(result['saturated_at_rps'])} req/s; "
-                      f"max throughput {_fmt(result['max_throughput_rps'])} req/s")  # fmt: skip
+        console.print(
+            f"saturated at {_fmt(result['saturated_at_rps'])} req/s; "
+            f"max throughput {_fmt(result['max_throughput_rps'])} req/s"
+        )
 
 
 @bench_app.command("serve")
@@ -119,11 +141,25 @@ def serve(
 
     with guard():
         cfg = make_config(
-            url=url, kind=kind, model=model, concurrency=concurrency, rate=rate, arrival=arrival,
-            burstiness=burstiness, trace=trace, speedup=speedup, sweep=do_sweep, search=search,
-            slo=slo, max_concurrency=max_concurrency, requests=requests, duration_s=duration,
-            max_tokens=max_tokens, seed=seed, api_key=api_key,
-        )  # fmt: skip
+            url=url,
+            kind=kind,
+            model=model,
+            concurrency=concurrency,
+            rate=rate,
+            arrival=arrival,
+            burstiness=burstiness,
+            trace=trace,
+            speedup=speedup,
+            sweep=do_sweep,
+            search=search,
+            slo=slo,
+            max_concurrency=max_concurrency,
+            requests=requests,
+            duration_s=duration,
+            max_tokens=max_tokens,
+            seed=seed,
+            api_key=api_key,
+        )
         result = run_serve_bench(cfg)
         if json_out is not None:
             write_json(result, json_out)
@@ -140,8 +176,9 @@ def _ints(text: str, what: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}",
-                          hint="e.g. 1,8,32") from None  # fmt: skip
+        raise ConfigError(
+            f"{what} must be comma-separated integers, got {text!r}", hint="e.g. 1,8,32"
+        ) from None
     if not values or min(values) < 1:
         raise ConfigError(f"{what} must be positive integers, got {text!r}", hint="e.g. 1,8,32")
     return values
@@ -182,27 +219,137 @@ def offline(
 
     with guard():
         cfg = OfflineConfig(
-            model=model, backends=backend or None, batches=_ints(batches, "--batches"),
-            seqs=_ints(seqs, "--seqs"), warmup=warmup, min_runs=min_runs, max_runs=max_runs,
-            cv_target=cv, budget_s=budget, threads=threads, memory_cap_mb=memory_cap_mb,
-        )  # fmt: skip
+            model=model,
+            backends=backend or None,
+            batches=_ints(batches, "--batches"),
+            seqs=_ints(seqs, "--seqs"),
+            warmup=warmup,
+            min_runs=min_runs,
+            max_runs=max_runs,
+            cv_target=cv,
+            budget_s=budget,
+            threads=threads,
+            memory_cap_mb=memory_cap_mb,
+        )
         console.print(f"[dim]sweeping {model} ...[/dim]")
         result = run_offline(cfg)
         paths = write_offline(result, out)
         if history is not None:
             append_history(result, history)
     table = Table(title=f"kiln bench offline {result['name']}", title_justify="left")
-    cols = ("backend", "batch", "seq", "runs", "p50_ms", "p95_ms", "p99_ms", "items_per_s",
-            "rss_mb", "items_per_s_per_mb", "stop")  # fmt: skip
+    cols = (
+        "backend",
+        "batch",
+        "seq",
+        "runs",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "items_per_s",
+        "rss_mb",
+        "items_per_s_per_mb",
+        "stop",
+    )
     for c in cols:
         table.add_column(c, justify="left" if c in ("backend", "stop") else "right")
     for row in result["rows"]:
         table.add_row(*(_fmt(row[c]) for c in cols))
     console.print(table)
     for o in result["optimal"]:
-        console.print(f"optimal batch {o['backend']} seq {o['seq']}: {o['batch']} "
-                      f"({_fmt(o['items_per_s'])} samples/s)")  # fmt: skip
+        console.print(
+            f"optimal batch {o['backend']} seq {o['seq']}: {o['batch']} "
+            f"({_fmt(o['items_per_s'])} samples/s)"
+        )
     console.print("  ".join(f"{k}: {v}" for k, v in paths.items()))
+
+
+def _percent(text: str) -> float:
+    from modelkiln.errors import ConfigError
+
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise ConfigError(f"cannot parse {text!r} as a percentage", hint="e.g. 10%") from None
+    return value / 100
+
+
+@bench_app.command("compare")
+def compare(
+    files: Annotated[list[Path], typer.Argument(help="Result JSONs; the first is the baseline.")],
+    fail_if_slower: Annotated[
+        str | None, typer.Option(help="Exit 1 if a metric is this much slower (e.g. 10%).")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a ratio plot (PNG) here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the rows here.")] = None,
+) -> None:
+    """Compare runs with a bootstrap 95 % interval on each ratio (noise is not a regression).
+
+    Example: kiln bench compare base.json new.json --fail-if-slower 10%
+    """
+    from modelkiln.bench.compare import compare_runs, slower_than
+    from modelkiln.bench.outputs.plot import plot_compare
+    from modelkiln.bench.outputs.serialized import write_json
+
+    with guard():
+        threshold = _percent(fail_if_slower) if fail_if_slower else None
+        rows = compare_runs(files)
+        if plot is not None:
+            plot_compare(rows, plot)
+        if json_out is not None:
+            write_json({"rows": rows}, json_out)
+    table = Table(title=f"kiln bench compare (baseline {files[0].name})", title_justify="left")
+    for c in ("run", "metric", "baseline ms", "ms", "ratio", "95 % CI", "verdict"):
+        table.add_column(c, justify="left" if c in ("run", "metric", "verdict") else "right")
+    for r in rows:
+        ci = f"{r['ci'][0]:.3f} .. {r['ci'][1]:.3f}"
+        table.add_row(
+            r["run"],
+            r["metric"],
+            _fmt(r["baseline_median"]),
+            _fmt(r["median"]),
+            f"{r['ratio']:.3f}",
+            ci,
+            r["verdict"],
+        )
+    console.print(table)
+    if threshold is not None:
+        bad = slower_than(rows, threshold)
+        if bad:
+            names = ", ".join(f"{r['run']}:{r['metric']}" for r in bad)
+            console.print(f"[red]slower than {fail_if_slower}:[/red] {names}")
+            raise typer.Exit(1)
+
+
+@bench_app.command("history")
+def history_cmd(
+    file: Annotated[Path, typer.Argument(help="JSONL history (from --history).")],
+    metric: Annotated[str, typer.Option(help="Metric to show and plot.")] = "response_p99_ms",
+    plot: Annotated[Path | None, typer.Option(help="Write the plot (PNG) here.")] = None,
+) -> None:
+    """Show (and plot) one metric of every run in a JSONL history.
+
+    Example: kiln bench history bench-history.jsonl --metric throughput_rps --plot h.png
+    """
+    from modelkiln.bench.outputs.plot import plot_history
+    from modelkiln.bench.outputs.serialized import read_history
+
+    with guard():
+        entries = read_history(file)
+        if plot is not None:
+            plot_history(entries, metric, plot)
+    table = Table(title=f"{file.name}: {metric}", title_justify="left")
+    for c in ("time", "label", "bench", metric):
+        table.add_column(c)
+    for e in entries:
+        table.add_row(
+            e.get("time", ""),
+            str(e.get("label", "")),
+            e.get("bench", ""),
+            _fmt((e.get("metrics") or {}).get(metric)),
+        )
+    console.print(table)
+    if plot is not None:
+        console.print(f"plot: {plot}")
 
 
 def register(app: typer.Typer) -> None:

@@ -69,6 +69,7 @@ class Cell:
             "cuda_peak_mb": self.cuda_peak_mb,
             "items_per_s_per_mb": items / mem if items and mem else None,
             "stop": self.stop,
+            "times_ms": [round(x, 4) for x in t],
         }
 
 
