@@ -10,7 +10,9 @@ later requests naming it get 404. ``GET /admin/adapters`` lists them.
 
 Auth: ``Authorization: Bearer <admin key>`` with a key from ``admin_keys`` /
 ``$MODELKILN_ADMIN_KEYS`` (separate from the API keys, which do not open these
-routes). With no admin key configured the routes answer 403. Anyone holding an
+routes). With no admin key configured the routes answer 403. With a plugged
+authenticator (:class:`~modelkiln.contract.serving.ServeHooks`), the caller's
+principal needs the ``admin`` scope instead. Anyone holding an
 admin key can make the server read any adapter directory it can access.
 
 Example:
@@ -20,12 +22,15 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from modelkiln.errors import ServingError
+from modelkiln.contract.serving import RequestRejected
+from modelkiln.errors import KilnError
+from modelkiln.serve.access import require_admin
 from modelkiln.serve.http_errors import APIError, bad_request, unavailable
 from modelkiln.serve.state import ServedModel, ServerState
 
@@ -68,22 +73,14 @@ class AdapterUnloaded(BaseModel):
 
 
 def _state(request: Request) -> ServerState:
-    """The app's state, once the caller proved an admin key."""
+    """The app's state, once the caller proved it may administer the server."""
     state: ServerState = request.app.state.kiln
-    if not state.admin_keys.enabled:
-        raise APIError(
-            403,
-            "the admin API is disabled: no admin key is configured",
-            code="admin_disabled",
-        )
-    if not state.admin_keys.check(request.headers.get("authorization")):
-        state.metrics.rejections.labels("unauthorized").inc()
-        raise APIError(
-            401,
-            "missing or invalid admin key: send 'Authorization: Bearer <admin key>'",
-            code="invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    try:
+        require_admin(request, state.admin_keys, plugged=state.hooks.authenticator is not None)
+    except RequestRejected as exc:
+        if exc.status == 401:
+            state.metrics.rejections.labels("unauthorized").inc()
+        raise
     if state.draining:
         raise unavailable("the server is shutting down", "draining")
     if not state.ready:
@@ -143,8 +140,9 @@ async def load_adapter(request: Request, body: AdapterLoad) -> AdapterInfo:
             f"'{body.path}' holds no adapter_config.json (not a saved PEFT adapter)", param="path"
         )
     try:
+        await asyncio.to_thread(state.check_model, path)  # plug-ins' checks (signatures ...)
         await served.engine.load_adapter(body.name, path)
-    except ServingError as exc:
+    except KilnError as exc:
         raise bad_request(str(exc), param="path") from exc
     key = (served.name, body.name)
     state.adapter_loads[key] = state.adapter_loads.get(key, 0) + 1

@@ -1,8 +1,9 @@
 """The FastAPI application: OpenAI-compatible routes, probes, metrics, docs.
 
 Layers (outermost first): metrics (counts every model request and its
-status) -> auth (401) -> body limit (413) -> FastAPI with OpenAI-shaped error
-handlers -> routes. Models load in the background after startup, so
+status) -> hooks (request records for the observers, the guards' headers; only
+when plugged) -> auth (401) -> body limit (413) -> FastAPI with OpenAI-shaped
+error handlers -> routes. Models load in the background after startup, so
 ``/health`` answers at once and ``/ready`` turns 200 when every engine is warm.
 
 Example:
@@ -22,9 +23,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from modelkiln.contract.serving import Authenticator, ServeHooks
 from modelkiln.serve import admin, completions, embedding_routes
-from modelkiln.serve.auth import AuthMiddleware
+from modelkiln.serve.access import APIKeyAuthenticator, AuthMiddleware
 from modelkiln.serve.config import ServeConfig
+from modelkiln.serve.hooks import HooksMiddleware
 from modelkiln.serve.http_errors import install_error_handlers
 from modelkiln.serve.limits import BodyLimitMiddleware
 from modelkiln.serve.metrics import CONTENT_TYPE, MetricsMiddleware
@@ -45,6 +48,7 @@ def create_app(
     engines: dict[str, Any] | None = None,
     started: float | None = None,
     on_fatal: Callable[[BaseException], None] | None = None,
+    hooks: ServeHooks | None = None,
 ) -> FastAPI:
     """Build the app serving ``cfg.models`` (or the prebuilt ``engines`` by name).
 
@@ -54,8 +58,11 @@ def create_app(
             by served name; they are started, warmed and shut down by the app.
         started: ``time.monotonic()`` at process start, for the cold-start figure.
         on_fatal: called if loading fails (the server should exit).
+        hooks: what plug-ins add: request observers, an authenticator, request guards,
+            extra routers, Prometheus collectors, model checks
+            (:class:`~modelkiln.contract.serving.ServeHooks`).
     """
-    state = ServerState(cfg, engines, started=started, on_fatal=on_fatal)
+    state = ServerState(cfg, engines, started=started, on_fatal=on_fatal, hooks=hooks)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -86,20 +93,32 @@ def create_app(
     app.include_router(completions.router)
     app.include_router(embedding_routes.router)
     app.include_router(admin.router)
+    for router in state.hooks.routers:
+        app.include_router(router)
     _add_probes(app, state)
-    # add_middleware wraps: the last added runs first.
+    _add_middleware(app, state)
+    return app
+
+
+def _add_middleware(app: FastAPI, state: ServerState) -> None:
+    """Metrics -> hooks -> auth -> body limit (add_middleware wraps: the last added runs first)."""
     app.add_middleware(
         BodyLimitMiddleware,
-        max_bytes=cfg.max_body_bytes,
+        max_bytes=state.cfg.max_body_bytes,
         on_reject=lambda: state.metrics.rejections.labels("too_large").inc(),
     )
-    app.add_middleware(
-        AuthMiddleware,
-        keys=state.keys,
-        on_reject=lambda: state.metrics.rejections.labels("unauthorized").inc(),
-    )
+    plugged = state.hooks.authenticator
+    if plugged is not None or state.keys.enabled:
+        authenticator: Authenticator = plugged or APIKeyAuthenticator(state.keys)
+        app.add_middleware(
+            AuthMiddleware,
+            authenticator=authenticator,
+            skip_admin=plugged is None,  # the admin router checks the admin keys itself
+            on_reject=lambda reason: state.metrics.rejections.labels(reason).inc(),
+        )
+    if state.observers.active or state.hooks.guards:
+        app.add_middleware(HooksMiddleware, hub=state.observers)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
-    return app
 
 
 def _add_probes(app: FastAPI, state: ServerState) -> None:

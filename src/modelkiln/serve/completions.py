@@ -33,9 +33,10 @@ from modelkiln.serve.generation.runs import (
     new_id,
     token_ids,
 )
+from modelkiln.serve.hooks import note
 from modelkiln.serve.http_errors import bad_request
 from modelkiln.serve.limits import cancel_on_disconnect
-from modelkiln.serve.routing import JSON, admit, cached, state_of
+from modelkiln.serve.routing import JSON, admit, cached, guard, state_of
 from modelkiln.serve.schemas import (
     ChatChoice,
     ChatChoiceMessage,
@@ -141,9 +142,12 @@ class _ChatChunks(_Chunks):
 DONE = b"data: [DONE]\n\n"
 
 
-def _fresh_id(body: bytes, prefix: str) -> Response:
+def _fresh_id(request: Request, body: bytes, prefix: str) -> Response:
     data = json.loads(body)
     data["id"], data["created"] = new_id(prefix), int(time.time())
+    usage = data.get("usage") or {}
+    note(request, cached=True, input_tokens=usage.get("prompt_tokens", 0),
+         output_tokens=usage.get("completion_tokens", 0))  # fmt: skip
     return Response(json.dumps(data), media_type=JSON)
 
 
@@ -171,6 +175,15 @@ def _completion_prompts(served: ServedModel, body: CompletionRequest) -> list[li
     if all(isinstance(p, int) for p in prompt):
         return [[int(p) for p in prompt]]  # type: ignore[arg-type]
     return [list(p) for p in prompt]  # type: ignore[arg-type]
+
+
+def _text_bytes(text: object) -> int:
+    """UTF-8 bytes of a text input or a list of them (token-id inputs count 0)."""
+    if isinstance(text, str):
+        return len(text.encode("utf-8"))
+    if isinstance(text, list):
+        return sum(len(t.encode("utf-8")) for t in text if isinstance(t, str))
+    return 0
 
 
 def _bos(served: ServedModel) -> list[int]:
@@ -230,6 +243,7 @@ def _usage(run: Run) -> Usage:
 
 
 async def _generate(
+    request: Request,
     state: ServerState,
     served: ServedModel,
     prompts: list[list[int]],
@@ -237,9 +251,12 @@ async def _generate(
     body: CompletionRequest | ChatCompletionRequest,
     route: str,
 ) -> tuple[Run | None, bytes | None, str | None, Ticket | None]:
-    """Validate lengths, try the cache, admit, and build the run (shared by both routes)."""
+    """Validate lengths, guard, try the cache, admit, and build the run (shared by both routes)."""
     cfg = state.cfg
     limits = [check_prompt(served, p, max_tokens, cfg.max_input_tokens) for p in prompts]
+    tokens = sum(len(p) + m for p, m in zip(prompts, limits, strict=True)) * body.n
+    guard(request, state, served, tokens)
+    note(request, stream=body.stream, prompt_ids=tuple(prompts))
     key = None
     if body.temperature == 0 and not body.stream:
         fields = {"prompts": prompts, "max_tokens": limits, "stop": body.stops, "n": body.n}
@@ -247,10 +264,11 @@ async def _generate(
         hit = await cached(state, served, key)
         if hit is not None:
             return None, hit, key, None
-    tokens = sum(len(p) + m for p, m in zip(prompts, limits, strict=True)) * body.n
     ticket = admit(state, served, tokens)
     params = [_params(body, m) for m in limits]
-    return build_run(served, prompts, params, body.n, cfg.request_timeout_s), None, key, ticket
+    run = build_run(served, prompts, params, body.n, cfg.request_timeout_s)
+    note(request, run=run)
+    return run, None, key, ticket
 
 
 @router.post("/v1/completions", response_model=CompletionResponse)
@@ -259,11 +277,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state = state_of(request)
     served = state.model(request, body.model, "causal_lm")
     prompts = _completion_prompts(served, body)
+    note(request, input_bytes=_text_bytes(body.prompt) + _text_bytes(body.suffix))
     run, hit, key, ticket = await _generate(
-        state, served, prompts, body.max_tokens, body, "completions"
+        request, state, served, prompts, body.max_tokens, body, "completions"
     )
     if hit is not None:
-        return _fresh_id(hit, "cmpl")
+        return _fresh_id(request, hit, "cmpl")
     assert run is not None and ticket is not None
     rid, created = new_id("cmpl"), int(time.time())
     if body.stream:
@@ -306,9 +325,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = state_of(request)
     served = state.model(request, body.model, "causal_lm")
     prompt = _chat_prompt(served, body)
-    run, hit, key, ticket = await _generate(state, served, [prompt], body.token_limit, body, "chat")
+    note(request, input_bytes=sum(_text_bytes(m.text()) for m in body.messages))
+    run, hit, key, ticket = await _generate(
+        request, state, served, [prompt], body.token_limit, body, "chat"
+    )
     if hit is not None:
-        return _fresh_id(hit, "chatcmpl")
+        return _fresh_id(request, hit, "chatcmpl")
     assert run is not None and ticket is not None
     rid, created = new_id("chatcmpl"), int(time.time())
     if body.stream:
@@ -336,17 +358,23 @@ async def inference(body: InferenceRequest, request: Request) -> Response:
     served = state.model(request, body.model, "causal_lm")
     ids = token_ids(served.tokenizer, body.text) or _bos(served)
     max_tokens = check_prompt(served, ids, body.max_length, state.cfg.max_input_tokens)
+    n = body.num_return_sequences
+    tokens = (len(ids) + max_tokens) * n
+    guard(request, state, served, tokens)
+    note(request, input_bytes=_text_bytes(body.text), prompt_ids=(ids,))
     key = None
     if body.temperature == 0:
-        fields = {"ids": ids, "max_tokens": max_tokens, "n": body.num_return_sequences}
+        fields = {"ids": ids, "max_tokens": max_tokens, "n": n}
         key = cache_key(served.name, served.version, "inference", fields)
         hit = await cached(state, served, key)
         if hit is not None:
+            generated = json.loads(hit).get("tokens_generated", 0)
+            note(request, cached=True, input_tokens=len(ids), output_tokens=generated)
             return Response(hit, media_type=JSON)
-    n = body.num_return_sequences
-    ticket = admit(state, served, (len(ids) + max_tokens) * n)
+    ticket = admit(state, served, tokens)
     params = SamplingParams(max_tokens, body.temperature, body.top_p)
     run = build_run(served, [ids], [params], n, state.cfg.request_timeout_s)
+    note(request, run=run)
     t0 = time.perf_counter()
     await _run_collected(request, state, run, ticket)
     seconds = time.perf_counter() - t0

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from modelkiln.contract.serving import OutputRecord
 from modelkiln.serve.cache import cache_key
+from modelkiln.serve.hooks import note
 from modelkiln.serve.http_errors import bad_request, deadline_exceeded
 from modelkiln.serve.limits import cancel_on_disconnect
-from modelkiln.serve.routing import JSON, admit, cached, state_of
+from modelkiln.serve.routing import JSON, admit, cached, guard, state_of
 from modelkiln.serve.schemas import EmbeddingRequest, EmbeddingResponse
 from modelkiln.serve.state import ServedModel
 
@@ -81,14 +83,19 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
         )
     limit = min(state.cfg.max_input_tokens, engine.max_length)
     ids = _inputs(served, body, limit)
+    tokens = sum(len(s) for s in ids)
+    guard(request, state, served, tokens)
+    raw = [body.input] if isinstance(body.input, str) else body.input
+    text_bytes = sum(len(x.encode("utf-8")) for x in raw if isinstance(x, str))
+    note(request, input_tokens=tokens, input_bytes=text_bytes, prompt_ids=tuple(ids))
     key = cache_key(
         served.name, served.version, "embeddings",
         {"ids": ids, "format": body.encoding_format, "dimensions": body.dimensions},
     )  # fmt: skip
     hit = await cached(state, served, key)
     if hit is not None:
+        note(request, cached=True)
         return Response(hit, media_type=JSON)
-    tokens = sum(len(s) for s in ids)
     timeout = state.cfg.request_timeout_s
     with admit(state, served, tokens):
         try:
@@ -98,6 +105,8 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
         except TimeoutError:
             raise deadline_exceeded(timeout) from None
     state.metrics.tokens.labels(served.name, "in").inc(tokens)
+    if state.observers.active:
+        note(request, outputs=tuple(OutputRecord(i, embedding=v) for i, v in enumerate(vectors)))
     data = [
         {"object": "embedding", "index": i, "embedding": e}
         for i, e in enumerate(_format(vectors, body.dimensions, body.encoding_format))

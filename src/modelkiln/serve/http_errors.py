@@ -23,79 +23,32 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from modelkiln.contract.serving import RequestRejected, error_body
 from modelkiln.errors import KilnError, ServingError
+
+__all__ = ["APIError", "ClientGone", "RequestRejected", "error_body", "install_error_handlers"]
 
 log = logging.getLogger(__name__)
 
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    503: "service_unavailable",
-    504: "timeout_error",
-}
 
-
-class APIError(ServingError):
+class APIError(RequestRejected):
     """A request failed with an HTTP status; rendered in the OpenAI error shape.
 
-    Args:
-        status: HTTP status code.
-        message: what went wrong, naming the bad value.
-        code: machine-readable reason (``model_not_found``, ``queue_full``, ...).
-        param: the request field at fault, if any.
-        headers: extra response headers (``Retry-After``, ``WWW-Authenticate``).
-        reason: label of ``ml_rejections_total`` (defaults to ``code``).
+    The server's own refusals; plug-ins raise the core :class:`RequestRejected`
+    (same arguments), which renders the same way.
     """
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        code: str | None = None,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-        reason: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.param = param
-        self.headers = headers or {}
-        self.reason = reason or code or f"http_{status}"
-
-    @property
-    def type(self) -> str:
-        """The OpenAI error type of the status."""
-        return _TYPES.get(
-            self.status, "invalid_request_error" if self.status < 500 else "server_error"
-        )
-
-    def body(self) -> dict[str, Any]:
-        """The JSON body."""
-        return error_body(self.message, self.type, self.param, self.code)
 
     def response(self) -> JSONResponse:
         """The HTTP response."""
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return _response(self)
+
+
+def _response(exc: RequestRejected) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 class ClientGone(Exception):
     """The client disconnected before the answer was ready (logged as status 499)."""
-
-
-def error_body(
-    message: str, type_: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    """``{"error": {...}}`` as the OpenAI API writes it."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
@@ -148,10 +101,10 @@ def _count(request: Request, reason: str) -> None:
 
 
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, APIError)
+    assert isinstance(exc, RequestRejected)
     if exc.status < 500 or exc.status in (503, 504):
         _count(request, exc.reason)
-    return exc.response()
+    return _response(exc)
 
 
 async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
@@ -209,7 +162,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     Refusals are reported to ``app.state.on_rejection(reason)`` when the app sets it.
     """
-    app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(RequestRejected, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_exception_handler(ClientGone, _on_client_gone)

@@ -2,6 +2,7 @@
 
 Example:
     >>> state = state_of(request)
+    >>> guard(request, state, served, tokens)
     >>> with admit(state, served, tokens):
     ...     ...
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from modelkiln.serve.admission import Overloaded, Ticket
+from modelkiln.serve.hooks import add_headers
 from modelkiln.serve.http_errors import overloaded
 from modelkiln.serve.state import ServedModel, ServerState
 
@@ -22,6 +24,24 @@ def state_of(request: Request) -> ServerState:
     """The app's :class:`ServerState`."""
     state: ServerState = request.app.state.kiln
     return state
+
+
+def guard(request: Request, state: ServerState, served: ServedModel, tokens: int) -> None:
+    """Ask the plugged request guards (scopes, allowlists, per-key limits) before anything runs.
+
+    Called before the cache is read, so a refused caller gets no cached answer either.
+
+    Raises:
+        RequestRejected: a guard refused the request (403, 429 ...).
+    """
+    if not state.hooks.guards:
+        return
+    principal = request.scope.get("state", {}).get("principal")
+    route = request.scope["path"]
+    for g in state.hooks.guards:
+        headers = g.admit(principal, served.name, route, tokens)
+        if headers:
+            add_headers(request, dict(headers))
 
 
 def admit(state: ServerState, served: ServedModel, tokens: int) -> Ticket:

@@ -26,6 +26,7 @@ from typing import Any
 
 import uvicorn
 
+from modelkiln.contract.serving import ServeHooks
 from modelkiln.errors import ServingError
 from modelkiln.serve.app import create_app
 from modelkiln.serve.config import (
@@ -106,6 +107,7 @@ def _build(
     log_level: str,
     started: float | None,
     engines: dict[str, Any] | None = None,
+    hooks: ServeHooks | None = None,
 ) -> tuple[_DrainingServer, list[BaseException]]:
     fatal: list[BaseException] = []
     holder: dict[str, _DrainingServer] = {}
@@ -114,7 +116,7 @@ def _build(
         fatal.append(exc)
         holder["server"].should_exit = True
 
-    app = create_app(cfg, engines=engines, started=started, on_fatal=on_fatal)
+    app = create_app(cfg, engines=engines, started=started, on_fatal=on_fatal, hooks=hooks)
     config = uvicorn.Config(
         app,
         host=cfg.host,
@@ -127,19 +129,22 @@ def _build(
         # they cut the event loop's CPU per streamed token by a fifth to a third.
         loop="auto",
         http="auto",
+        **(hooks.uvicorn_options if hooks is not None else {}),
     )
     server = _DrainingServer(config, app.state.kiln)
     holder["server"] = server
     return server, fatal
 
 
-def serve(cfg: ServeConfig, *, log_level: str = "info") -> None:
+def serve(cfg: ServeConfig, *, log_level: str = "info", hooks: ServeHooks | None = None) -> None:
     """Serve ``cfg`` until SIGTERM / SIGINT, drain, and return.
+
+    ``hooks``: what plug-ins add (see :class:`~modelkiln.contract.serving.ServeHooks`).
 
     Raises:
         ServingError: a model could not be loaded (the server stops at once).
     """
-    server, fatal = _build(cfg, log_level, process_started())
+    server, fatal = _build(cfg, log_level, process_started(), hooks=hooks)
     with _quiet_signals():
         server.run()
     if fatal:
@@ -158,6 +163,7 @@ class ModelServer:
         host: interface; port: TCP port (0: a free one, see :attr:`url`).
         config: a full :class:`ServeConfig` instead of the arguments above.
         engines: prebuilt engines by served name (custom backends, tests).
+        hooks: what plug-ins add (observers, authenticator, guards, routers ...).
     """
 
     def __init__(
@@ -172,6 +178,7 @@ class ModelServer:
         port: int = 8000,
         config: ServeConfig | None = None,
         engines: dict[str, Any] | None = None,
+        hooks: ServeHooks | None = None,
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise ServingError(f"unknown device {device!r}", hint="use auto, cpu or cuda")
@@ -192,17 +199,18 @@ class ModelServer:
         self.config = config
         self.device = device
         self.engines = engines
+        self.hooks = hooks
         self._server: _DrainingServer | None = None
         self._thread: threading.Thread | None = None
         self._fatal: list[BaseException] = []
 
     def create_app(self) -> Any:
         """A FastAPI app for this config (to mount or run elsewhere)."""
-        return create_app(self.config, engines=self.engines)
+        return create_app(self.config, engines=self.engines, hooks=self.hooks)
 
     def run(self, log_level: str = "info") -> None:
         """Serve in the foreground until SIGTERM / Ctrl-C (see :func:`serve`)."""
-        serve(self.config, log_level=log_level)
+        serve(self.config, log_level=log_level, hooks=self.hooks)
 
     def start(self, timeout: float = 120.0, log_level: str = "warning") -> str:
         """Serve from a background thread; return the base URL once ``/ready`` would be 200.
@@ -210,7 +218,9 @@ class ModelServer:
         Raises:
             ServingError: the server did not become ready within ``timeout`` s.
         """
-        self._server, self._fatal = _build(self.config, log_level, time.monotonic(), self.engines)
+        self._server, self._fatal = _build(
+            self.config, log_level, time.monotonic(), self.engines, self.hooks
+        )
         self._thread = threading.Thread(target=self._server.run, name="kiln-server", daemon=True)
         self._thread.start()
         state: ServerState = self._server.kiln_state

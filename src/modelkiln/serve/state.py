@@ -16,15 +16,18 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
 
+from modelkiln.contract.serving import ServeHooks
+from modelkiln.serve.access import APIKeys
 from modelkiln.serve.admission import AdmissionController
-from modelkiln.serve.auth import APIKeys
 from modelkiln.serve.cache import ResponseCache, make_cache
 from modelkiln.serve.config import ServeConfig
 from modelkiln.serve.embeddings import BatchStats
+from modelkiln.serve.hooks import ObserverHub
 from modelkiln.serve.http_errors import APIError, bad_request, model_not_found, unavailable
 from modelkiln.serve.loading import Kind, load_engine
 from modelkiln.serve.metrics import ServeMetrics
@@ -81,6 +84,7 @@ class ServerState:
             models not in it are loaded from ``cfg.models``.
         started: process start (``time.monotonic``) for the cold-start figure.
         on_fatal: called when loading fails (the server then exits).
+        hooks: what plug-ins add (observers, authenticator, guards, collectors, checks).
     """
 
     def __init__(
@@ -90,9 +94,16 @@ class ServerState:
         *,
         started: float | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
+        hooks: ServeHooks | None = None,
     ) -> None:
         self.cfg = cfg
+        self.hooks = hooks or ServeHooks()
+        self.observers = ObserverHub(self.hooks.observers)
         self.metrics = ServeMetrics()
+        for collector in self.hooks.collectors:
+            self.metrics.registry.register(collector)
+        if self.observers.active:
+            self.metrics.registry.register(self.observers)
         self.cache: ResponseCache = make_cache(cfg.cache)
         self.keys = APIKeys(cfg.resolved_api_keys())
         self.admin_keys = APIKeys(cfg.resolved_admin_keys())
@@ -121,6 +132,7 @@ class ServerState:
                 if spec.served_name in self._given:
                     continue
                 t0 = time.monotonic()
+                await asyncio.to_thread(self.check_model, spec.path)
                 engine = await asyncio.to_thread(
                     load_engine, spec, self.cfg, self._on_batch_for(spec.served_name)
                 )
@@ -172,6 +184,16 @@ class ServerState:
             except Exception:  # boundary: one engine failing to stop must not block the others
                 log.exception("engine %s did not shut down cleanly", served.name)
         await self.cache.close()
+        await asyncio.to_thread(self.observers.close)
+
+    def check_model(self, path: str | Path) -> None:
+        """Run the plug-ins' checks on a model or adapter directory before it loads.
+
+        Raises:
+            KilnError: a check refused the directory.
+        """
+        for check in self.hooks.model_checks:
+            check(Path(path))
 
     # -------------------------------------------------------------- lookups
     def model(self, request: Request, name: str | None, kind: Kind) -> ServedModel:

@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from modelkiln.contract.serving import OutputRecord
 from modelkiln.serve.generation.api import GenerationRequest, SamplingParams, TokenEvent
 from modelkiln.serve.http_errors import APIError, bad_request, deadline_exceeded
 
@@ -64,6 +65,12 @@ class Run:
     def completion_tokens(self) -> int:
         """Generated tokens of every choice."""
         return sum(c.completion_tokens for c in self.choices)
+
+    def outputs(self) -> tuple[OutputRecord, ...]:
+        """Each choice as the request observers see it."""
+        return tuple(
+            OutputRecord(c.index, c.completion_tokens, c.finish_reason) for c in self.choices
+        )
 
 
 def new_id(prefix: str) -> str:
