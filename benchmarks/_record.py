@@ -28,7 +28,14 @@ def machine_line() -> str:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"_{cpu_model()}, {cores} usable cores, {when}._"
+    return f"_{cpu_model()}, CPU class {cpu_class_label()}, {cores} usable cores, {when}._"
+
+
+def cpu_class_label() -> str:
+    """The CPU class the figures belong to (e.g. ``B: AVX-512 + AVX512-BF16 ...``)."""
+    from modelkiln.hardware import CLASSES, cpu_class
+
+    return CLASSES[cpu_class()].label
 
 
 def cpu_model() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,20 @@ def test_bad_arguments_are_config_errors() -> None:
 def test_importing_doctor_does_not_import_torch() -> None:
     code = "import sys, modelkiln.doctor; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_doctor_shows_the_class_and_each_decision_with_its_reason(
+    tmp_path: Path, fake_cpu_class: Callable[[str], None]
+) -> None:
+    fake_cpu_class("avx2")
+    report = run_doctor(measure=False, path=tmp_path)
+    assert report.cpu.cpu_class == "avx2" and report.cpu.flags_source == "override"
+    decisions = {d.name: d for d in report.decisions}
+    assert decisions["precision"].value == "fp32" and decisions["int8"].value == "fp32"
+    assert "assumed from class avx2" in decisions["precision"].reason
+    rows = {(section, item): value for section, item, value, _ in report.rows()}
+    assert rows[("cpu", "class")].startswith("avx2 — A: AVX2 only")
+    assert rows[("decision", "precision auto")].startswith("fp32 — bf16 2 vs fp32 130")
+    fake_cpu_class("amx")
+    report = run_doctor(measure=False, path=tmp_path)
+    assert {d.name: d.value for d in report.decisions} == {"precision": "bf16", "int8": "int8"}

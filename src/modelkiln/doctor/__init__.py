@@ -38,6 +38,7 @@ from modelkiln.doctor.report import (
     ExtraStatus,
     GpuDevice,
     GpuInfo,
+    HardwareDecision,
     MemoryInfo,
     PlatformInfo,
     PythonInfo,
@@ -49,6 +50,7 @@ from modelkiln.errors import ConfigError
 
 __all__ = [
     "Check", "CpuInfo", "DiskInfo", "DoctorReport", "ExtraStatus", "GpuDevice", "GpuInfo",
+    "HardwareDecision",
     "MemoryInfo", "PlatformInfo", "PythonInfo", "SmokeResult", "ThreadInfo", "Throughput",
     "make_checks", "measure_matmul", "parse_cpuinfo", "plot_doctor", "run_doctor",
     "run_smoke_test",
@@ -116,6 +118,23 @@ def run_doctor(
         report.smoke = run_smoke_test("cuda" if report.gpu.cuda_available else "cpu")
     elif measure:
         report.smoke = SmokeResult(passed=False, device="cpu", error=import_errors["torch"])
+    if "torch" not in import_errors:
+        report.decisions = _decisions()
     report.checks = make_checks(report)
     report.duration_s = time.perf_counter() - start
     return report
+
+
+def _decisions() -> list[HardwareDecision]:
+    """What ``precision: auto`` and optimize's int8 default decide here, and why."""
+    from modelkiln import hardware
+
+    log.info("timing the fp32 / bf16 / int8 micro-benchmark behind precision: auto")
+    found = [hardware.precision_decision("auto", "cpu"), hardware.int8_decision()]
+    if probe.gpu_info().cuda_available:
+        found.insert(1, hardware.precision_decision("auto", "cuda"))
+    return [
+        HardwareDecision(name=d.name if i == 0 or d.name != "precision" else "precision (cuda)",
+                         value=d.value, reason=d.reason, source=d.source)
+        for i, d in enumerate(found)
+    ]  # fmt: skip

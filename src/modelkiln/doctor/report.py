@@ -124,6 +124,15 @@ class SmokeResult(BaseModel):
     error: str | None = None
 
 
+class HardwareDecision(BaseModel):
+    """A decision ``auto`` settings take on this machine (precision, int8) and its reason."""
+
+    name: str
+    value: str
+    reason: str
+    source: str
+
+
 class DoctorReport(BaseModel):
     """Everything ``kiln doctor`` found; ``ok`` is False when any check failed."""
 
@@ -145,6 +154,7 @@ class DoctorReport(BaseModel):
     disk: DiskInfo
     throughput: list[Throughput] = []
     smoke: SmokeResult | None = None
+    decisions: list[HardwareDecision] = []
     checks: list[Check] = []
 
     @computed_field  # type: ignore[prop-decorator]
@@ -201,6 +211,8 @@ class DoctorReport(BaseModel):
             rows.append(("throughput", f"{t.device} {t.dtype}", _format_throughput(t, self), ""))
         if self.smoke is not None:
             rows.append(("smoke", "tiny gpt-2", _smoke_text(self.smoke), ""))
+        for d in self.decisions:
+            rows.append(("decision", f"{d.name} auto", f"{d.value} — {d.reason}", ""))
         for c in self.checks:
             rows.append(
                 ("check", c.name, c.detail + (f" — fix: {c.fix}" if c.fix else ""), c.status)
