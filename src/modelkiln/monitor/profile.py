@@ -17,7 +17,8 @@ A profile is a folder (``monitor_profile/`` next to the model it belongs to)::
   ``output`` or ``table``, ``test`` the default drift test and ``stats``
   summary statistics for people (mean, std, quantiles or category counts);
 - ``extras``: name -> ``{file, sha256}`` for arrays that are not features
-  (``common_token_ids``: the token ids the rare-token share is measured against).
+  (``common_token_ids``: the token ids the rare-token share is measured against;
+  ``tokenizer_info``: ``[vocab size, unknown token id or -1]``).
 
 Example::
 

@@ -98,8 +98,15 @@ def compute_profile(
         feats.update(_encoder_features(model, tok, prompts, spec.architecture))
     return write_profile(
         out or model_dir / PROFILE_DIR, feats, model_name=model_name or model_dir.name,
-        model_hash=model_hash(model_dir), source=source, extras={"common_token_ids": common},
+        model_hash=model_hash(model_dir), source=source,
+        extras={"common_token_ids": common, "tokenizer_info": _tokenizer_info(tok)},
     )  # fmt: skip
+
+
+def _tokenizer_info(tok: Any) -> np.ndarray:
+    """``[vocab size, unknown token id or -1]``, what a server needs to featurize requests."""
+    unk = tok.unk_token_id
+    return np.array([len(tok), -1 if unk is None else int(unk)], dtype=np.int64)
 
 
 def _request_features(

@@ -30,7 +30,18 @@ SEED = 0
 
 
 def mmd_stat(reference: np.ndarray, current: np.ndarray, feature_type: str) -> tuple[float, float]:
-    """Squared MMD and its permutation p-value."""
+    """Squared MMD and its permutation p-value (``N_PERMUTATIONS`` permutations)."""
+    return mmd_pvalue(reference, current)
+
+
+def mmd_pvalue(
+    reference: np.ndarray, current: np.ndarray, n_permutations: int = N_PERMUTATIONS
+) -> tuple[float, float]:
+    """Squared MMD and its p-value from ``n_permutations`` seeded permutations.
+
+    The smallest p-value it can return is ``1 / (n_permutations + 1)``: an online
+    monitor testing at a small alpha asks for more permutations.
+    """
     rng = np.random.default_rng(SEED)
     x, y = _cap(reference, rng), _cap(current, rng)
     x, y = x.reshape(len(x), -1), y.reshape(len(y), -1)
@@ -42,10 +53,10 @@ def mmd_stat(reference: np.ndarray, current: np.ndarray, feature_type: str) -> t
     k = np.exp(-d2 / bandwidth)
     n, m = len(x), len(y)
     base = np.concatenate([np.full(n, 1.0 / n), np.full(m, -1.0 / m)])
-    weights = np.stack([base] + [rng.permutation(base) for _ in range(N_PERMUTATIONS)])
+    weights = np.stack([base] + [rng.permutation(base) for _ in range(n_permutations)])
     stats = np.sum((weights @ k) * weights, axis=1)  # a^T K a for every weighting
     observed = float(stats[0])
-    p = (1.0 + np.sum(stats[1:] >= observed - 1e-12)) / (1.0 + N_PERMUTATIONS)
+    p = (1.0 + np.sum(stats[1:] >= observed - 1e-12)) / (1.0 + n_permutations)
     return observed, float(p)
 
 

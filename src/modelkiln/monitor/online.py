@@ -1,0 +1,331 @@
+"""The online drift monitor: sliding windows per model/version/feature, tested off the request path.
+
+:class:`DriftMonitor` is a ``RequestObserver`` (see :mod:`modelkiln.contract.serving`):
+the server hands it every finished request on its observer thread; ``observe``
+turns the record into features and appends them to fixed-memory windows
+(O(tokens), no test). A background thread started by :meth:`start` tests the
+windows against the model's reference profile every ``check_every_requests``
+requests or ``check_every_seconds`` seconds, with thresholds calibrated to
+``false_alarm_rate`` false alarms per request (:mod:`.calibration`). The last
+results are exported through :meth:`snapshot` (JSON) and :class:`DriftCollector`
+(Prometheus gauges).
+
+Example::
+
+    mon = DriftMonitor({"lm": load_profile(model_dir / PROFILE_DIR)}, MonitorConfig())
+    mon.start()
+    mon.observe(record)          # from the server's observer thread
+    mon.snapshot()["models"][0]["features"]
+    mon.stop()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from modelkiln.monitor.calibration import calibrate_distance, per_test_alpha
+from modelkiln.monitor.features import RequestFeaturizer
+from modelkiln.monitor.profile import Profile
+from modelkiln.monitor.stattests import StatTest, get_stattest
+from modelkiln.monitor.stattests.mmd import mmd_pvalue
+from modelkiln.monitor.tracks import ModelTrack
+
+log = logging.getLogger("modelkiln.monitor")
+
+
+class MonitorConfig(BaseModel):
+    """How the online monitor windows, tests and calibrates."""
+
+    model_config = ConfigDict(extra="forbid")
+    window: int = Field(500, ge=20, description="values per scalar feature in a window")
+    embedding_window: int = Field(200, ge=20, description="vectors per embedding window")
+    check_every_requests: int = Field(250, ge=1, description="test after this many requests")
+    check_every_seconds: float = Field(30.0, gt=0, description="or after this many seconds")
+    false_alarm_rate: float = Field(
+        1e-4, gt=0, lt=1, description="target false alarms per request without drift"
+    )
+    tests: dict[str, str] = Field(
+        default_factory=dict, description="feature -> drift test, overriding the profile's"
+    )
+    seed: int = Field(0, description="seed of the calibration simulations")
+
+
+@dataclass
+class FeatureState:
+    """The last judgement of one feature of one model version."""
+
+    model: str
+    version: str
+    feature: str
+    group: str
+    test: str
+    statistic: float
+    p_value: float | None
+    threshold: float
+    threshold_kind: str
+    score: float  # 1.0 at the calibrated threshold, above it means drift
+    drifted: bool
+    n_current: int
+    checked_at: float
+
+
+Listener = Callable[[list[FeatureState]], None]
+
+
+class DriftMonitor:
+    """Windows, background checks and exported state for every served model."""
+
+    def __init__(
+        self,
+        profiles: dict[str, Profile],
+        config: MonitorConfig | None = None,
+        *,
+        profile_status: dict[str, tuple[str, str]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config or MonitorConfig()
+        self.profiles = profiles
+        #: model -> (status, message): ok / missing / corrupt / mismatched
+        self.profile_status = dict(profile_status or {})
+        for name in profiles:
+            self.profile_status.setdefault(name, ("ok", str(profiles[name].path)))
+        self.clock = clock
+        self._featurizers = {n: _featurizer(p) for n, p in profiles.items()}
+        self._tracks: dict[tuple[str, str], ModelTrack] = {}
+        self._lock = threading.Lock()
+        self._thresholds: dict[tuple[str, str, str], float] = {}
+        self._states: dict[tuple[str, str, str], FeatureState] = {}
+        self._listeners: list[Listener] = []
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.checks = 0
+        for p in profiles.values():
+            for feat in p.features:
+                get_stattest(self.config.tests.get(feat, p.features[feat].test))  # fail early
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether a profile has log-prob features (the server computes them only then)."""
+        return any("mean_logprob" in p.features for p in self.profiles.values())
+
+    def add_listener(self, fn: Listener) -> None:
+        """Call ``fn(states)`` after every check (on the monitor's thread)."""
+        self._listeners.append(fn)
+
+    # -- the observer side (server's observer thread) ---------------------------------
+    def observe(self, record: Any) -> None:
+        """Take one finished request (a ``RequestRecord``; read duck-typed)."""
+        model = getattr(record, "model", "")
+        if not model:
+            return
+        track = self._track(model, str(getattr(record, "version", "")))
+        track.count(record, self.clock())
+        if int(getattr(record, "status", 200)) >= 400:
+            return
+        for feats in self._features(model, record):
+            track.add(feats)
+        if track.since_check >= self.config.check_every_requests:
+            self._wake.set()
+
+    def observe_features(self, model: str, version: str, features: dict[str, Any]) -> None:
+        """Add one request's features directly (library use, replays, tests)."""
+        track = self._track(model, version)
+        track.requests += 1
+        track.since_check += 1
+        track.add(features)
+        if track.since_check >= self.config.check_every_requests:
+            self._wake.set()
+
+    def _track(self, model: str, version: str) -> ModelTrack:
+        key = (model, version)
+        with self._lock:
+            if key not in self._tracks:
+                p = self.profiles.get(model)
+                kinds: dict[str, str] = {n: f.kind for n, f in p.features.items()} if p else {}
+                self._tracks[key] = ModelTrack(model, version, kinds, self.config)
+            return self._tracks[key]
+
+    def _features(self, model: str, record: Any) -> list[dict[str, Any]]:
+        fz = self._featurizers.get(model)
+        if fz is None:
+            return []
+        prompts = list(getattr(record, "prompt_ids", ()) or ())
+        n_bytes = int(getattr(record, "input_bytes", 0) or 0)
+        rows: list[dict[str, Any]] = []
+        for ids in prompts:  # bytes of a batch are split evenly: the record has one total
+            f: dict[str, Any] = fz.features(ids, n_bytes // max(len(prompts), 1))
+            if not n_bytes:
+                f.pop("byte_length")
+            rows.append(f)
+        for i, out in enumerate(getattr(record, "outputs", ()) or ()):
+            if i >= len(rows):  # more choices than prompts (n > 1): output features only
+                rows.append({})
+            _output_features(out, rows[i])
+        return rows
+
+    # -- the checking side (the monitor's own thread) ---------------------------------
+    def check(self, *, force: bool = False) -> list[FeatureState]:
+        """Test every due window now and return the new states (``force``: all full ones)."""
+        now = self.clock()
+        with self._lock:
+            tracks = list(self._tracks.values())
+        new: list[FeatureState] = []
+        for track in tracks:
+            if track.model not in self.profiles or not (force or track.due(now)):
+                continue
+            new.extend(self._check_track(track, now))
+        self.checks += 1
+        if new:
+            for fn in self._listeners:
+                try:
+                    fn(new)
+                except Exception:  # a listener bug must not stop monitoring
+                    log.exception("monitor listener failed")
+        return new
+
+    def _check_track(self, track: ModelTrack, now: float) -> list[FeatureState]:
+        profile = self.profiles[track.model]
+        full = {f: w for f, w in track.windows.items() if len(w) >= w.capacity}
+        if not full:
+            return []
+        new_requests = track.take_since_check(now)
+        every = min(max(new_requests, 1), self.config.check_every_requests)
+        alpha = per_test_alpha(self.config.false_alarm_rate, every=every, n_tests=len(full))
+        states = []
+        for feat, window in full.items():
+            ref = profile.features[feat]
+            test = get_stattest(self.config.tests.get(feat, ref.test))
+            state = self._judge(track, feat, ref.group, ref.kind, test, ref.values, window, alpha)
+            self._states[(track.model, track.version, feat)] = state
+            states.append(state)
+        return states
+
+    def _judge(
+        self, track: ModelTrack, feat: str, group: str, kind: str, test: StatTest,
+        ref: np.ndarray, window: Any, alpha: float,
+    ) -> FeatureState:  # fmt: skip
+        cur = window.values()
+        ref_t = ref.astype(str) if kind == "cat" else ref
+        cur_t = cur.astype(str) if kind == "cat" else cur
+        p_raw: float | None
+        if test.threshold_kind == "p_value":
+            if test.name == "mmd":
+                perms = min(2000, max(200, int(np.ceil(10 / alpha))))
+                stat, p_raw = mmd_pvalue(ref_t, cur_t, perms)
+            else:
+                stat, p_raw = test.func(ref_t, cur_t, kind)
+            p_val = float(p_raw if p_raw is not None else 1.0)
+            threshold, drifted, p = alpha, p_val < alpha, p_val
+            score = float(np.log(max(p_val, 1e-300)) / np.log(alpha))
+        else:
+            threshold = self._distance_threshold(track.model, feat, test, ref_t, kind, len(cur))
+            stat, p = test.func(ref_t, cur_t, kind)[0], None
+            drifted = stat > threshold
+            score = float(stat / threshold) if threshold > 0 else (10.0 if stat > 0 else 0.0)
+        return FeatureState(
+            track.model, track.version, feat, group, test.name, float(stat), p, float(threshold),
+            test.threshold_kind, score, bool(drifted), len(cur), self.clock(),
+        )  # fmt: skip
+
+    def _distance_threshold(
+        self, model: str, feat: str, test: StatTest, ref: np.ndarray, kind: str, n: int
+    ) -> float:
+        key = (model, feat, test.name)
+        if key not in self._thresholds:
+            # the smallest alpha a check can spend: a time-triggered check after few requests
+            n_tests = max(len(self.profiles[model].features), 1)
+            floor = max(1, self.config.check_every_requests // 10)
+            alpha = per_test_alpha(self.config.false_alarm_rate, every=floor, n_tests=n_tests)
+            self._thresholds[key] = max(
+                calibrate_distance(test, ref, kind, window=n, alpha=alpha, seed=self.config.seed),
+                1e-12,
+            )
+        return self._thresholds[key]
+
+    # -- background thread --------------------------------------------------------------
+    def start(self) -> None:
+        """Start the background checker (idempotent)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="kiln-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the background checker and wait for it."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    close = stop
+
+    def _run(self) -> None:
+        tick = min(1.0, self.config.check_every_seconds)
+        while not self._stop.is_set():
+            self._wake.wait(tick)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.check()
+            except Exception:  # keep monitoring whatever one check did
+                log.exception("drift check failed")
+
+    # -- exported state -----------------------------------------------------------------
+    def states(self) -> list[FeatureState]:
+        """The last state of every tested feature."""
+        return list(self._states.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything ``GET /v1/monitor`` shows, JSON-ready."""
+        now = self.clock()
+        with self._lock:
+            tracks = list(self._tracks.values())
+        models = []
+        for t in tracks:
+            feats = [asdict(s) for k, s in self._states.items() if k[:2] == (t.model, t.version)]
+            status, message = self.profile_status.get(t.model, ("missing", "no profile"))
+            models.append({
+                "model": t.model, "version": t.version, **t.service_stats(now),
+                "profile": {"status": status, "message": message},
+                "drift_detected": any(f["drifted"] for f in feats), "features": feats,
+                "windows": {f: len(w) for f, w in t.windows.items()},
+            })  # fmt: skip
+        known = {m["model"] for m in models}
+        for name, (status, message) in self.profile_status.items():
+            if name not in known:
+                models.append({"model": name, "version": "", "profile":
+                               {"status": status, "message": message}, "features": []})  # fmt: skip
+        return {"time": now, "config": self.config.model_dump(), "checks": self.checks,
+                "models": models}  # fmt: skip
+
+
+def _featurizer(p: Profile) -> RequestFeaturizer:
+    common = p.extras.get("common_token_ids", np.empty(0, dtype=np.int64))
+    info = p.extras.get("tokenizer_info", np.array([0, -1]))
+    unk = int(info[1]) if len(info) > 1 and int(info[1]) >= 0 else None
+    return RequestFeaturizer(common, int(info[0]), unk)
+
+
+def _output_features(out: Any, row: dict[str, Any]) -> None:
+    tokens = getattr(out, "tokens", 0)
+    if tokens:
+        row["output_tokens"] = float(tokens)
+    for name in ("mean_logprob", "mean_entropy"):
+        v = getattr(out, name, None)
+        if v is not None:
+            row[name] = float(v)
+    emb = getattr(out, "embedding", None)
+    if emb is not None:
+        row["embedding"] = np.asarray(emb, dtype=np.float32).ravel()

@@ -1,0 +1,85 @@
+"""What the monitor keeps per served model version: feature windows and service statistics.
+
+Request rate, error rate and latency percentiles come from small fixed windows
+of the last ``SERVICE_WINDOW`` requests, for the dashboard and alert rules.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from modelkiln.monitor.windows import Window
+
+SERVICE_WINDOW = 1000
+
+
+class ModelTrack:
+    """Windows of one (model, version)."""
+
+    def __init__(self, model: str, version: str, kinds: dict[str, str], config: Any) -> None:
+        self.model, self.version = model, version
+        self.config = config
+        self.kinds = kinds
+        self.windows: dict[str, Window] = {
+            f: Window(config.embedding_window if k == "emb" else config.window)
+            for f, k in kinds.items()
+        }
+        self.requests = 0
+        self.errors = 0
+        self.since_check = 0
+        self.last_check = 0.0
+        self._lock = threading.Lock()
+        self.latency = Window(SERVICE_WINDOW)
+        self.ends = Window(SERVICE_WINDOW)
+        self.failed = Window(SERVICE_WINDOW)
+
+    def count(self, record: Any, now: float) -> None:
+        """Count one finished request in the service statistics."""
+        status = int(getattr(record, "status", 200))
+        with self._lock:
+            self.requests += 1
+            self.since_check += 1
+            self.errors += status >= 500
+        self.latency.append(float(getattr(record, "latency_s", 0.0)))
+        self.ends.append(float(getattr(record, "time", now)))
+        self.failed.append(1.0 if status >= 500 else 0.0)
+
+    def add(self, features: dict[str, Any]) -> None:
+        """Append one request's features to the windows the profile has."""
+        for name, value in features.items():
+            w = self.windows.get(name)
+            if w is not None:
+                w.append(value)
+
+    def due(self, now: float) -> bool:
+        """Whether enough requests or time passed since the last check."""
+        if self.since_check >= self.config.check_every_requests:
+            return True
+        # on time, only with enough new requests: re-testing one window spends alpha for nothing
+        floor = max(1, self.config.check_every_requests // 10)
+        late = now - self.last_check >= self.config.check_every_seconds
+        return late and self.since_check >= floor
+
+    def take_since_check(self, now: float) -> int:
+        """New requests since the last check, resetting the count."""
+        with self._lock:
+            n, self.since_check, self.last_check = self.since_check, 0, now
+        return n
+
+    def service_stats(self, now: float) -> dict[str, Any]:
+        """Requests, rate, error rate and latency percentiles over the last requests."""
+        lat, ends, failed = self.latency.values(), self.ends.values(), self.failed.values()
+        span = float(now - ends.min()) if len(ends) else 0.0
+        pct = np.percentile(lat, [50, 95, 99]) if len(lat) else [None] * 3
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "request_rate_per_s": float(len(ends) / span) if span > 0 else 0.0,
+            "error_rate": float(failed.mean()) if len(failed) else 0.0,
+            "latency_p50_s": None if pct[0] is None else float(pct[0]),
+            "latency_p95_s": None if pct[1] is None else float(pct[1]),
+            "latency_p99_s": None if pct[2] is None else float(pct[2]),
+        }
