@@ -1,8 +1,15 @@
-"""``kiln serve``: the OpenAI-compatible server (flags are defined once, in ``modelkiln.serve``)."""
+"""``kiln serve``: the OpenAI-compatible server.
+
+The flags, the server extensions and the mapping of errors to exit codes are
+defined once, in :func:`modelkiln.serve.__main__.main` (also
+``python -m modelkiln.serve``); this command passes its arguments through.
+"""
 
 from __future__ import annotations
 
 import typer
+
+from modelkiln.cli._common import _state
 
 # kiln serve passes every argument through to the server's own parser, which owns --help.
 _SERVE_SETTINGS: dict = {
@@ -22,7 +29,7 @@ def serve(ctx: typer.Context) -> None:
     """
     from modelkiln.serve.__main__ import main as serve_main
 
-    raise typer.Exit(serve_main(list(ctx.args), prog="kiln serve"))
+    raise typer.Exit(serve_main(list(ctx.args), prog="kiln serve", debug=_state["debug"]))
 
 
 def register(app: typer.Typer) -> None:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import argparse
 
 __all__ = [
+    "SERVE_EXTENSIONS",
     "Authenticator",
     "OutputRecord",
     "Principal",
@@ -48,8 +49,14 @@ __all__ = [
     "ServeHooks",
     "error_body",
     "error_type",
+    "load_extensions",
     "merge_hooks",
 ]
+
+#: The extensions of ``kiln serve`` and ``python -m modelkiln.serve``, as
+#: ``"module:attribute"`` (an extension object, or a class built without arguments).
+#: Named, never imported here, like the stage registry: add one line per package.
+SERVE_EXTENSIONS: list[str] = []
 
 _TYPES = {
     400: "invalid_request_error",
@@ -260,3 +267,27 @@ def merge_hooks(*parts: ServeHooks | None) -> ServeHooks:
         merged.model_checks += part.model_checks
         merged.uvicorn_options |= part.uvicorn_options
     return merged
+
+
+def load_extensions(names: Sequence[str]) -> list[ServeExtension]:
+    """Import the extensions ``names`` (``"module:attribute"``) name.
+
+    Raises:
+        ConfigError: a name is malformed or does not resolve.
+    """
+    import importlib
+
+    from modelkiln.errors import ConfigError
+
+    out: list[ServeExtension] = []
+    for name in names:
+        module, _, attr = name.partition(":")
+        try:
+            found = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot load the server extension {name!r}: {exc}",
+                hint="fix SERVE_EXTENSIONS in modelkiln.contract.serving ('module:attribute')",
+            ) from exc
+        out.append(found() if isinstance(found, type) else found)
+    return out

@@ -1,8 +1,14 @@
 """``python -m modelkiln.serve --model-path DIR [--model-path DIR ...] --port 8000``.
 
-The handbook's command line. Flags override the YAML file given with
-``--config``; ``--set a.b=value`` overrides any field. Exit codes: 0 after a
-clean drain, 1 when serving failed, 2 for a bad command line or config.
+The handbook's command line, and the only definition of the server's flags:
+``kiln serve`` passes its arguments here unchanged. Flags override the YAML
+file given with ``--config``; ``--set a.b=value`` overrides any field. The
+server extensions (:data:`~modelkiln.contract.serving.SERVE_EXTENSIONS`) add
+their flags to the same parser and their hooks to the server.
+
+Exit codes, decided in one place (:func:`main`): 0 after a clean drain, 2 for a
+bad command line, config or extension flag (anything before serving starts,
+and a config error found while starting), 1 when serving failed.
 """
 
 from __future__ import annotations
@@ -11,11 +17,14 @@ import argparse
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from modelkiln.errors import KilnError
+from modelkiln.errors import ConfigError, KilnError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from modelkiln.contract.serving import ServeExtension
     from modelkiln.serve.config import ServeConfig
 
 _DESCRIPTION = "Serve Hugging Face causal LMs and encoders over an OpenAI-compatible HTTP API."
@@ -24,8 +33,10 @@ _DESCRIPTION = "Serve Hugging Face causal LMs and encoders over an OpenAI-compat
 _EPILOG = "Example: kiln serve --model-path runs/quickstart/train/model --port 8000"
 
 
-def build_parser(prog: str = "python -m modelkiln.serve") -> argparse.ArgumentParser:
-    """The command-line parser."""
+def build_parser(
+    prog: str = "python -m modelkiln.serve", extensions: Sequence[ServeExtension] = ()
+) -> argparse.ArgumentParser:
+    """The command-line parser: the server's flags, then each extension's."""
     p = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION, epilog=_EPILOG)
     p.add_argument("--model-path", action="append", default=[], metavar="DIR",
                    help="model directory (repeat to serve several)")  # fmt: skip
@@ -49,6 +60,8 @@ def build_parser(prog: str = "python -m modelkiln.serve") -> argparse.ArgumentPa
     p.add_argument("--threads", type=int, help="intra-op threads of torch and ONNX Runtime")
     p.add_argument("--drain-timeout", type=float, help="seconds to drain on SIGTERM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    for extension in extensions:
+        extension.add_arguments(p)
     return p
 
 
@@ -56,15 +69,17 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     """The :class:`ServeConfig` the arguments describe.
 
     Raises:
-        KilnError: the arguments or the config file are invalid.
+        ConfigError: the arguments or the config file are invalid.
     """
     from modelkiln.serve.config import ServeConfig, load_serve_config
 
+    if not args.model_path and not args.config:
+        raise ConfigError("no model to serve", hint="pass --model-path DIR (or --config YAML)")
     named: dict[str, object] = {"host": args.host, "port": args.port, "threads": args.threads,
                                 "drain_timeout_s": args.drain_timeout}  # fmt: skip
     if args.model_path:
         if args.name and len(args.name) != len(args.model_path):
-            raise KilnError("give one --name per --model-path", hint="or leave --name out")
+            raise ConfigError("give one --name per --model-path", hint="or leave --name out")
         models = []
         for i, path in enumerate(args.model_path):
             spec: dict[str, object] = {"path": path}
@@ -89,32 +104,49 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return cfg
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m modelkiln.serve") -> int:
-    """Parse, serve, return the exit code."""
-    args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not args.model_path and not args.config:
-        print("error: pass --model-path DIR (or --config YAML)", file=sys.stderr)
-        return 2
-    from modelkiln.errors import ConfigError
-    from modelkiln.serve.server import serve
+def main(
+    argv: list[str] | None = None,
+    prog: str = "python -m modelkiln.serve",
+    *,
+    extensions: Sequence[ServeExtension] | None = None,
+    debug: bool = False,
+) -> int:
+    """Parse, serve, return the exit code (the one place errors become exit codes).
 
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+        prog: the command name shown in help and usage.
+        extensions: the server extensions (default: those of ``SERVE_EXTENSIONS``).
+        debug: re-raise errors instead of printing them (``kiln --debug serve``).
+    """
+    from modelkiln.contract.serving import SERVE_EXTENSIONS, load_extensions
+
+    started = False
     try:
+        if extensions is None:
+            extensions = load_extensions(SERVE_EXTENSIONS)
+        args = build_parser(prog, extensions).parse_args(argv)  # exits 2 itself on bad flags
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         cfg = config_from_args(args)
+        hooks = _hooks(extensions, args, cfg)
+        started = True
+        from modelkiln.serve.server import serve
+
+        serve(cfg, log_level=args.log_level, hooks=hooks)
     except KilnError as exc:
+        if debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        serve(cfg, log_level=args.log_level)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KilnError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 1 if started and not isinstance(exc, ConfigError) else 2
     return 0
+
+
+def _hooks(extensions: Sequence[ServeExtension], args: argparse.Namespace, cfg: ServeConfig) -> Any:
+    from modelkiln.contract.serving import merge_hooks
+
+    return merge_hooks(*(extension.hooks(args, cfg) for extension in extensions))
 
 
 if __name__ == "__main__":
