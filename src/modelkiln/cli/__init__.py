@@ -25,6 +25,7 @@ GROUPS: tuple[str, ...] = (
     "serve",
     "doctor",
     "registry",
+    "rollout",
     "bench",
     "profile",
     "deploy",
