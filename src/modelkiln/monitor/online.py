@@ -104,6 +104,7 @@ class DriftMonitor:
         self._thresholds: dict[tuple[str, str, str], float] = {}
         self._states: dict[tuple[str, str, str], FeatureState] = {}
         self._listeners: list[Listener] = []
+        self._ticks: list[Callable[[], Any]] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -120,6 +121,10 @@ class DriftMonitor:
     def add_listener(self, fn: Listener) -> None:
         """Call ``fn(states)`` after every check (on the monitor's thread)."""
         self._listeners.append(fn)
+
+    def add_tick(self, fn: Callable[[], Any]) -> None:
+        """Call ``fn()`` on every wake-up of the background thread (at least once a second)."""
+        self._ticks.append(fn)
 
     # -- the observer side (server's observer thread) ---------------------------------
     def observe(self, record: Any) -> None:
@@ -277,10 +282,11 @@ class DriftMonitor:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            try:
-                self.check()
-            except Exception:  # keep monitoring whatever one check did
-                log.exception("drift check failed")
+            for fn in [self.check, *self._ticks]:
+                try:
+                    fn()
+                except Exception:  # keep monitoring whatever one check or rule did
+                    log.exception("monitor background step failed")
 
     # -- exported state -----------------------------------------------------------------
     def states(self) -> list[FeatureState]:
