@@ -140,3 +140,36 @@ def onnx_session_encrypted(path: str | Path, key_file: str | Path, **kwargs: Any
     import onnxruntime as ort
 
     return ort.InferenceSession(decrypt_file(path, key_file), **kwargs)
+
+
+def load_hf_model_encrypted(model_dir: str | Path, key_file: str | Path) -> Any:
+    """A Hugging Face model from ``config.json`` + encrypted ``*.safetensors.enc`` shards.
+
+    The shards are decrypted into memory and handed to ``from_pretrained`` as a state
+    dict: the plaintext weights never touch the disk.
+
+    Raises:
+        ConfigError: no encrypted shards or no config.json in ``model_dir``.
+        SecurityError: a wrong key or a tampered shard.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    shards = sorted(model_dir.glob("*.safetensors" + SUFFIX))
+    if not shards or not (model_dir / "config.json").is_file():
+        raise ConfigError(
+            f"{model_dir} holds no config.json + *.safetensors.enc",
+            hint="encrypt a save_pretrained directory with kiln encrypt",
+        )
+    state: dict[str, Any] = {}
+    for shard in shards:
+        state.update(load_safetensors_encrypted(shard, key_file))
+    config = AutoConfig.from_pretrained(model_dir)
+    archs = config.architectures or []
+    auto = (
+        AutoModelForCausalLM
+        if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+        else AutoModel
+    )
+    cls = auto._model_mapping[type(config)]
+    return cls.from_pretrained(None, config=config, state_dict=state).eval()
