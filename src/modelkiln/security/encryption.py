@@ -171,5 +171,5 @@ def load_hf_model_encrypted(model_dir: str | Path, key_file: str | Path) -> Any:
         if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
         else AutoModel
     )
-    cls = auto._model_mapping[type(config)]
+    cls: Any = auto._model_mapping[type(config)]  # the concrete class: from_pretrained(None, ...)
     return cls.from_pretrained(None, config=config, state_dict=state).eval()
