@@ -38,3 +38,12 @@ def resolve_model_uri(uri: str, registry: Path | str | None = None) -> Path:
         return Path(uri)
     name, sel = parse_ref(uri[len(SCHEME) :])
     return Registry(registry).resolve(name, sel)
+
+
+def registry_model_spec(uri: str, registry: Path | str | None = None) -> dict[str, object]:
+    """``ModelSpec`` fields for ``kiln serve --model-path registry://NAME@SEL``: the verified
+    folder, served as NAME, with the registry version as its version label."""
+    name, sel = parse_ref(uri[len(SCHEME) :])
+    reg = Registry(registry)
+    mv = reg.show(name, sel)
+    return {"path": str(reg.resolve(name, mv.version)), "name": name, "version": str(mv.version)}

@@ -83,6 +83,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         models = []
         for i, path in enumerate(args.model_path):
             spec: dict[str, object] = {"path": path}
+            if path.startswith("registry://"):  # a verified registry version (issue 13)
+                from modelkiln.rollout.uri import registry_model_spec
+
+                spec = registry_model_spec(path)
             if args.name:
                 spec["name"] = args.name[i]
             if args.precision:
