@@ -86,9 +86,13 @@ class SecurityExtension:
         )
 
     def hooks(self, args: argparse.Namespace, cfg: Any) -> ServeHooks | None:
-        """The hooks the flags ask for (None when no security flag is given)."""
+        """The hooks the flags ask for (only the pickle refusal when no flag is given)."""
         policy = policy_from_args(args)
-        return policy.hooks() if policy is not None else None
+        if policy is None:  # no security flag: pickle checkpoints are still refused
+            from modelkiln.security.serving import model_check
+
+            return ServeHooks(model_checks=[lambda path: model_check(path, None, False, None)])
+        return policy.hooks()
 
 
 def _tls_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -52,8 +52,15 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
 
 
 def is_pickle(path: str | Path) -> bool:
-    """Whether ``path`` looks like a pickle-based checkpoint (by suffix)."""
-    return Path(path).suffix in PICKLE_SUFFIXES
+    """Whether ``path`` looks like pickled weights a loader would read.
+
+    ``.bin`` files count only as ``pytorch_model*.bin`` / ``adapter_model.bin``: other
+    ``.bin`` files (the Trainer's ``training_args.bin``) are never loaded by the server.
+    """
+    path = Path(path)
+    if path.suffix == ".bin":
+        return path.name.startswith(("pytorch_model", "adapter_model"))
+    return path.suffix in PICKLE_SUFFIXES
 
 
 def scan_pickle(path: str | Path) -> list[str]:

@@ -1,0 +1,69 @@
+"""The kiln serve flags of the security plug-in: parsing, TLS options, errors, pickle default."""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+from pathlib import Path
+
+import pytest
+
+from modelkiln.errors import ConfigError, SecurityError
+from modelkiln.security.extension import SecurityExtension
+from modelkiln.security.serving import BearerAuthenticator
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    SecurityExtension().add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_no_flag_still_refuses_pickle_weights(tmp_path: Path) -> None:
+    hooks = SecurityExtension().hooks(_parse(), cfg=None)
+    assert hooks is not None and hooks.authenticator is None
+    (tmp_path / "training_args.bin").write_bytes(b"not loaded by the server")
+    hooks.model_checks[0](tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(SecurityError, match="refusing pickle"):
+        hooks.model_checks[0](tmp_path)
+
+
+def test_flags_build_authenticator_audit_and_mtls(tmp_path: Path) -> None:
+    args = _parse(
+        "--key-store",
+        str(tmp_path / "k.json"),
+        "--jwt-secret",
+        "x" * 32,
+        "--audit-log",
+        str(tmp_path / "a.jsonl"),
+        "--ssl-certfile",
+        "c.pem",
+        "--ssl-keyfile",
+        "k.pem",
+        "--ssl-ca-certs",
+        "ca.pem",
+    )
+    hooks = SecurityExtension().hooks(args, cfg=None)
+    assert hooks is not None and isinstance(hooks.authenticator, BearerAuthenticator)
+    assert len(hooks.guards) == 1 and len(hooks.observers) == 1
+    assert hooks.uvicorn_options == {
+        "ssl_certfile": "c.pem",
+        "ssl_keyfile": "k.pem",
+        "ssl_ca_certs": "ca.pem",
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+    }
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--ssl-certfile", "c.pem"], "both --ssl-certfile and --ssl-keyfile"),
+        (["--ssl-ca-certs", "ca.pem"], "needs --ssl-certfile"),
+        (["--jwt-secret", "short"], "jwt"),
+        (["--decrypt-key-file", "k"], "not wired"),
+    ],
+)
+def test_bad_flags_are_config_errors(argv: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        SecurityExtension().hooks(_parse(*argv), cfg=None)
