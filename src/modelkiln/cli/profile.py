@@ -20,6 +20,12 @@ def profile(
     seq: Annotated[int, typer.Option(min=1, help="Sequence length profiled.")] = 64,
     steps: Annotated[int, typer.Option(min=1, help="Profiled forward passes.")] = 3,
     top: Annotated[int, typer.Option(min=1, help="Rows of the top-ops table.")] = 15,
+    backend: Annotated[
+        str | None, typer.Option(help="torch / onnx (default: torch when it has weights).")
+    ] = None,
+    memory: Annotated[
+        bool, typer.Option(help="Training-memory analysis (torch; runs one Adam step).")
+    ] = True,
     server: Annotated[
         str | None, typer.Option(help="Sample a running server process (py-spy) instead.")
     ] = None,
@@ -44,7 +50,9 @@ def profile(
             from modelkiln.errors import ConfigError
 
             raise ConfigError("give MODEL or --server URL", hint="e.g. kiln profile MODEL_DIR")
-        result = profile_model(model, out, batch=batch, seq=seq, steps=steps, top=top)
+        result = profile_model(
+            model, out, batch=batch, seq=seq, steps=steps, top=top, backend=backend, memory=memory
+        )
     table = Table(title=f"top ops by self time ({result['backend']})", title_justify="left")
     for col in ("op", "calls", "self ms", "%"):
         table.add_column(col, justify="left" if col == "op" else "right")
@@ -55,7 +63,11 @@ def profile(
     mem = result.get("memory") or {}
     for key, value in mem.items():
         if isinstance(value, int | float):
-            console.print(f"{key}: {value:,.0f}" if value > 100 else f"{key}: {value}")
+            console.print(f"{key}: {value:,.3f}")
+    if mem.get("measured_how"):
+        console.print(
+            f"(measured: {mem['measured_how']}; estimate = grads + Adam 2x + activations)"
+        )
     console.print(f"trace: {result['trace']}  (open in https://ui.perfetto.dev)")
 
 

@@ -28,6 +28,7 @@ class Runner:
     vocab_size: int
     max_positions: int | None
     sync: Callable[[], None] | None = None
+    module: Any = None  # the torch module (torch backends), for profiling
 
 
 def _has_torch_weights(path: Path) -> bool:
@@ -67,14 +68,8 @@ def _torch_runner(path: Path, threads: int | None) -> Runner:
             return model(**inputs)
 
     sync = torch.cuda.synchronize if device == "cuda" else None
-    return Runner(
-        f"torch-{device}" if device != "cpu" else "torch",
-        make,
-        run,
-        vocab,
-        spec.max_positions,
-        sync,
-    )
+    name = f"torch-{device}" if device != "cpu" else "torch"
+    return Runner(name, make, run, vocab, spec.max_positions, sync, model)
 
 
 def _vocab_of(path: Path) -> tuple[int, int | None]:

@@ -1,0 +1,78 @@
+"""``kiln profile``: where a model's time and memory go, or a running server's CPU.
+
+- torch models: a torch.profiler Chrome trace (opens in Perfetto), the top ops by
+  self time, and the training-memory analysis (:mod:`.memory`);
+- ONNX Runtime variants: ORT's own profiler (:mod:`.ort`);
+- a running server: a py-spy flame graph (:mod:`.pyspy`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from modelkiln.errors import ConfigError
+
+__all__ = ["profile_model", "profile_server"]
+
+
+def profile_model(
+    model: str | Path,
+    out: Path,
+    *,
+    batch: int = 4,
+    seq: int = 64,
+    steps: int = 3,
+    top: int = 15,
+    backend: str | None = None,
+    memory: bool = True,
+) -> dict[str, Any]:
+    """Profile ``model`` (a model or variant directory) at ``batch`` x ``seq``.
+
+    Writes ``out/trace.json`` and ``out/profile.json``; returns the latter's content.
+
+    Raises:
+        ArtifactError: no weights there. ConfigError: a backend it has no weights for.
+    """
+    from modelkiln.bench.offline.runners import available_backends, load_runners
+
+    path = Path(model)
+    out.mkdir(parents=True, exist_ok=True)
+    runner = load_runners(path, [backend] if backend else None, threads=None)[0]
+    if runner.max_positions and seq > runner.max_positions:
+        raise ConfigError(
+            f"--seq {seq} exceeds the model's {runner.max_positions} positions",
+            hint=f"use --seq {runner.max_positions} or less",
+        )
+    inputs = runner.make(batch, seq)
+    result: dict[str, Any] = {
+        "model": str(path),
+        "backend": runner.name,
+        "batch": batch,
+        "seq": seq,
+        "steps": steps,
+        "available": available_backends(path),
+    }
+    if runner.name == "onnx":
+        from modelkiln.bench.profiling.ort import ort_trace
+        from modelkiln.contract import MODEL_ONNX
+
+        result |= ort_trace(path / MODEL_ONNX, inputs, out, steps, top)
+    else:
+        from modelkiln.bench.profiling.memory import memory_analysis
+        from modelkiln.bench.profiling.torch_trace import torch_trace
+
+        net = runner.module
+        result |= torch_trace(net, inputs, out, steps, top)
+        if memory:
+            result["memory"] = memory_analysis(net, inputs)
+    (out / "profile.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
+def profile_server(url: str, out: Path, *, seconds: float = 10.0, pid: int | None = None) -> Path:
+    """Sample the server behind ``url`` (or process ``pid``) with py-spy; the SVG's path."""
+    from modelkiln.bench.profiling.pyspy import flame_graph, server_pid
+
+    return flame_graph(pid if pid is not None else server_pid(url), out, seconds)

@@ -1,0 +1,84 @@
+"""``kiln profile``: torch.profiler trace + top ops + memory analysis on a tiny BERT, ORT's
+profiler on an ONNX variant, and py-spy on a running process (or its exact refusal)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from http_helpers import tiny_encoder_dir
+from test_offline import tiny_onnx_dir
+from typer.testing import CliRunner
+
+from modelkiln.bench.profiling import profile_model, profile_server
+from modelkiln.cli import app
+from modelkiln.errors import ConfigError, EnvironmentCheckError
+
+
+def test_torch_trace_top_ops_and_memory_analysis(tmp_path: Path) -> None:
+    out = tmp_path / "prof"
+    res = CliRunner().invoke(
+        app,
+        [
+            "profile",
+            str(tiny_encoder_dir()),
+            "--batch",
+            "2",
+            "--seq",
+            "8",
+            "--steps",
+            "2",
+            "-o",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    trace = json.loads((out / "trace.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any(n.startswith("aten::") for n in names)  # the model's ops are in the trace
+    data = json.loads((out / "profile.json").read_text())
+    assert data["backend"] == "torch" and data["top_ops"][0]["self_ms"] > 0
+    mem = data["memory"]
+    assert mem["adam_state_mb"] == pytest.approx(2 * mem["params_mb"])  # fp32: Adam = 2x
+    assert mem["grads_mb"] == pytest.approx(mem["params_mb"])
+    layers = mem["activations_per_layer_mb"]
+    assert {"encoder.layer.0", "encoder.layer.1"} <= set(layers) and min(layers.values()) > 0
+    assert mem["estimated_step_growth_mb"] == pytest.approx(
+        mem["grads_mb"] + mem["adam_state_mb"] + mem["activations_mb"]
+    )
+    assert mem["measured_step_growth_mb"] >= 0
+    with pytest.raises(ConfigError, match="exceeds the model's 64 positions"):
+        profile_model(tiny_encoder_dir(), tmp_path / "x", seq=65)
+
+
+def test_onnx_variant_gets_onnx_runtimes_profiler(tmp_path: Path) -> None:
+    res = profile_model(tiny_onnx_dir(tmp_path / "v"), tmp_path / "p", batch=2, seq=4, steps=2)
+    assert res["backend"] == "onnx" and "memory" not in res
+    events = json.loads(Path(res["trace"]).read_text())
+    assert isinstance(events, list) and any(e.get("cat") == "Node" for e in events)
+    assert {r["name"] for r in res["top_ops"]} >= {"Gather", "Mul"}
+
+
+def test_server_flame_graph_or_the_exact_refusal(tmp_path: Path) -> None:
+    busy = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt = time.time()\nwhile time.time() - t < 60: sum(range(99))",
+        ]
+    )
+    try:
+        try:
+            svg = profile_server("http://127.0.0.1:1", tmp_path, seconds=1, pid=busy.pid)
+        except EnvironmentCheckError as exc:  # sandboxes without ptrace access
+            assert "py-spy could not sample process" in str(exc) and "ptrace" in str(exc)
+        else:
+            assert svg.read_text().lstrip().startswith("<?xml")
+    finally:
+        busy.kill()
+        busy.wait()
+    with pytest.raises(ConfigError, match="no process on this machine"):
+        profile_server("http://127.0.0.1:1", tmp_path)
