@@ -80,10 +80,10 @@ async def run_engine(
 ) -> dict[str, Any]:
     """All requests at once (request i makes ``budgets[i]`` tokens); per-token arrival times."""
     from modelkiln.serve.generation import (
+        ContinuousBatchingEngine,
         GenerationRequest,
         SamplingParams,
         TorchCausalLMBackend,
-        ContinuousBatchingEngine,
     )
 
     engine = ContinuousBatchingEngine(

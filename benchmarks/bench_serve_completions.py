@@ -169,7 +169,11 @@ def engine_only(model_dir: Path, prompts: list[str], tokens: int, tag: str,
     """Seconds for modelkiln's generation engine, in-process (no HTTP), on all prompts at once."""
     import asyncio
 
-    from modelkiln.serve.generation import GenerationRequest, SamplingParams, ContinuousBatchingEngine
+    from modelkiln.serve.generation import (
+        ContinuousBatchingEngine,
+        GenerationRequest,
+        SamplingParams,
+    )
 
     async def run() -> float:
         engine = ContinuousBatchingEngine.from_path(

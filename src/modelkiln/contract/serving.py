@@ -229,7 +229,12 @@ class ServeHooks:
 
 
 class ServeExtension(Protocol):
-    """A plug-in of ``kiln serve``: its flags, and the hooks they ask for."""
+    """A plug-in of ``kiln serve``: its flags, and the hooks they ask for.
+
+    Optional, looked up with ``getattr``: ``model_spec(path: str) -> dict | None``,
+    asked for every ``--model-path``; a dict of ``ModelSpec`` fields replaces the plain
+    path (e.g. ``registry://NAME@production`` -> the verified folder, name and version).
+    """
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add this extension's flags to the server's one argument parser."""

@@ -65,8 +65,13 @@ def build_parser(
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> ServeConfig:
+def config_from_args(
+    args: argparse.Namespace, extensions: Sequence[ServeExtension] = ()
+) -> ServeConfig:
     """The :class:`ServeConfig` the arguments describe.
+
+    An extension with ``model_spec(path)`` may turn a ``--model-path`` into other
+    ``ModelSpec`` fields (e.g. a ``registry://`` reference into the verified folder).
 
     Raises:
         ConfigError: the arguments or the config file are invalid.
@@ -82,11 +87,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             raise ConfigError("give one --name per --model-path", hint="or leave --name out")
         models = []
         for i, path in enumerate(args.model_path):
-            spec: dict[str, object] = {"path": path}
-            if path.startswith("registry://"):  # a verified registry version (issue 13)
-                from modelkiln.rollout.uri import registry_model_spec
-
-                spec = registry_model_spec(path)
+            spec = _model_spec(path, extensions)
             if args.name:
                 spec["name"] = args.name[i]
             if args.precision:
@@ -106,6 +107,16 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         admin = [k.get_secret_value() for k in cfg.admin_keys] + list(args.admin_key)
         cfg = ServeConfig.model_validate(cfg.model_dump() | {"api_keys": keys, "admin_keys": admin})
     return cfg
+
+
+def _model_spec(path: str, extensions: Sequence[ServeExtension]) -> dict[str, object]:
+    """The ModelSpec fields of one ``--model-path`` (the first extension that knows it wins)."""
+    for extension in extensions:
+        resolve = getattr(extension, "model_spec", None)
+        spec = resolve(path) if resolve is not None else None
+        if spec is not None:
+            return dict(spec)
+    return {"path": path}
 
 
 def main(
@@ -133,7 +144,7 @@ def main(
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, extensions)
         hooks = _hooks(extensions, args, cfg)
         started = True
         from modelkiln.serve.server import serve

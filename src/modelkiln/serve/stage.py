@@ -1,11 +1,11 @@
-"""The ``serve`` pipeline stage: serve the run's model for real and load-test it.
+"""The ``serve`` pipeline stage's own parts: its config, the model it serves, its report.
 
-Picks the model (see :func:`choose_model`), starts the real HTTP server
-(uvicorn on a free loopback port, in a background thread of this process),
-waits for ``/ready``, drives streaming ``/v1/completions`` with the load
-generator (:mod:`modelkiln.bench`: closed loop at ``concurrency``, then
-an open-loop Poisson run when ``rate`` is set), drains and stops the server, and
-records throughput, TTFT / TPOT / ITL percentiles, goodput and errors.
+:func:`choose_model` picks the model (the promoted optimize variant when the
+engine can run it, else a torch model), :func:`stage_prompts` the prompts, and
+:func:`stage_report` writes the report section. The stage's run — start the
+real server, load-test it with the bench package's load generator, drain —
+composes two packages, so it lives in the wiring layer
+(:func:`modelkiln.pipeline_serve.run_serve_stage`).
 
 Stage layout (``out``)::
 
@@ -14,29 +14,30 @@ Stage layout (``out``)::
     requests.json per-request TTFT / TPOT / latency / status of every run
 
 Example:
-    >>> ctx = StageContext(pipeline=cfg, config=ServeStageConfig(requests=16), out=out,
-    ...                    inputs={"train": train_artifact}, metrics={})
-    >>> run_serve_stage(ctx); ctx.metrics["closed"]["output_tokens_per_s"]
+    >>> choose_model({"train": train_artifact}).note
+    'trained model'
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from modelkiln.configbase import KilnModel
-from modelkiln.errors import ServingError, StageError
-from modelkiln.optimize.kv_export import KV_ONNX
-
-if TYPE_CHECKING:
-    from modelkiln.pipeline import StageContext
-    from modelkiln.bench import LoadReport
+from modelkiln.contract import (
+    MODEL_DIR,
+    SOURCE_DIR,
+    VARIANT_JSON,
+    has_kv_graph,
+    is_hf_model_dir,
+    read_variant_json,
+    train_model,
+)
+from modelkiln.errors import ArtifactError, StageError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class ServeStageConfig(KilnModel):
 
 
 @dataclass(frozen=True)
-class Choice:
+class ServeTarget:
     """The model the stage serves and why."""
 
     path: Path
@@ -88,18 +89,7 @@ class Choice:
     backend: Literal["torch", "onnx"] = "torch"
 
 
-def _train_model(train_dir: Path) -> tuple[Path, Path | None]:
-    model = train_dir / "model"
-    if not (model / "config.json").is_file():
-        raise StageError(
-            f"the train artifact '{train_dir}' holds no model/config.json",
-            hint="re-run the train stage",
-        )
-    adapter = train_dir / "adapter"
-    return model, adapter if (adapter / "adapter_config.json").is_file() else None
-
-
-def choose_model(inputs: dict[str, Any]) -> Choice:
+def choose_model(inputs: dict[str, Any]) -> ServeTarget:
     """The promoted optimize variant when the generation engine can run it, else a torch model.
 
     The engine runs HF torch causal LMs and, in ONNX Runtime, the KV-cache graph
@@ -114,25 +104,24 @@ def choose_model(inputs: dict[str, Any]) -> Choice:
     opt = inputs.get("optimize")
     note = ""
     if opt is not None:
-        promoted = Path(opt.path) / "model"
-        info_file = promoted / "variant.json"
-        if info_file.is_file():
-            info = json.loads(info_file.read_text(encoding="utf-8"))
+        promoted = Path(opt.path) / MODEL_DIR
+        if (promoted / VARIANT_JSON).is_file():
+            info = read_variant_json(promoted)
             name, backend, task = info.get("variant"), info.get("backend"), info.get("task")
             weights = any(promoted.glob("*.safetensors"))
             if task == "causal-lm" and backend == "torch" and weights:
-                return Choice(promoted, None, "optimize", name, f"promoted variant {name}")
-            if task == "causal-lm" and backend == "onnxruntime" and (promoted / KV_ONNX).is_file():
+                return ServeTarget(promoted, None, "optimize", name, f"promoted variant {name}")
+            if task == "causal-lm" and backend == "onnxruntime" and has_kv_graph(promoted):
                 note = f"promoted variant {name}, its KV-cache graph run in ONNX Runtime"
-                return Choice(promoted, None, "optimize", name, note, backend="onnx")
+                return ServeTarget(promoted, None, "optimize", name, note, backend="onnx")
             note = (
                 f"the promoted variant {name!r} ({backend}, {task}) cannot run in the "
                 "continuous-batching engine (no KV-cache graph); serving the torch model it "
                 "was built from"
             )
-            source = Path(opt.path) / "source"
-            if (source / "config.json").is_file():
-                return Choice(source, None, "optimize", name, note)
+            source = Path(opt.path) / SOURCE_DIR
+            if is_hf_model_dir(source):
+                return ServeTarget(source, None, "optimize", name, note)
         else:
             note = "the optimize stage promoted no variant; serving the trained model"
     train = inputs.get("train")
@@ -141,13 +130,16 @@ def choose_model(inputs: dict[str, Any]) -> Choice:
             "the serve stage needs the 'optimize' or the 'train' artifact",
             hint="add 'train' (and optionally 'optimize') before 'serve' in stages",
         )
-    model, adapter = _train_model(Path(train.path))
-    return Choice(model, adapter, "train", None, note or "trained model")
+    try:
+        model, adapter = train_model(train.path)
+    except ArtifactError as exc:
+        raise StageError(exc.message, hint=exc.hint) from exc
+    return ServeTarget(model, adapter, "train", None, note or "trained model")
 
 
-def _prompts(cfg: ServeStageConfig) -> list[str]:
+def stage_prompts(cfg: ServeStageConfig) -> list[str]:
     if cfg.prompts == "humaneval":
-        from modelkiln.data.humaneval import read_humaneval
+        from modelkiln.contract.corpus import read_humaneval
 
         return [row["prompt"] for row in read_humaneval()]
     return list(BUILTIN_PROMPTS)
@@ -157,7 +149,9 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _report(choice: Choice, cfg: ServeStageConfig, runs: dict[str, dict[str, Any]]) -> str:
+def stage_report(
+    choice: ServeTarget, cfg: ServeStageConfig, runs: dict[str, dict[str, Any]]
+) -> str:
     lines = [
         "## Serve",
         "",
@@ -184,81 +178,3 @@ def _report(choice: Choice, cfg: ServeStageConfig, runs: dict[str, dict[str, Any
     if errors:
         lines += ["", f"First error: `{errors[0]}`"]
     return "\n".join(lines) + "\n"
-
-
-def run_serve_stage(ctx: StageContext) -> None:
-    """Pipeline entry point: serve, load-test, drain, record metrics and ``report.md``.
-
-    Raises:
-        StageError: no model to serve, or the server did not start.
-    """
-    from modelkiln.serve.config import GenerationConfig, ModelSpec, ServeConfig
-    from modelkiln.bench import SLO, run_load
-    from modelkiln.serve.server import ModelServer
-
-    cfg = ctx.config
-    assert isinstance(cfg, ServeStageConfig)
-    choice = choose_model(ctx.inputs)
-    name = "model"
-    serve_cfg = ServeConfig(
-        models=[
-            ModelSpec(
-                path=choice.path,
-                name=name,
-                adapter=choice.adapter,
-                kind="causal_lm",
-                backend=choice.backend,
-            )
-        ],
-        port=cfg.port,
-        threads=cfg.threads,
-        generation=GenerationConfig(max_num_seqs=cfg.max_num_seqs),
-        drain_timeout_s=10.0,
-    )
-    prompts = _prompts(cfg)
-    slo = SLO(cfg.slo_ttft_ms / 1000, cfg.slo_tpot_ms / 1000)
-    server = ModelServer(config=serve_cfg)
-    t0 = time.monotonic()
-    try:
-        url = server.start(timeout=cfg.startup_timeout_s)
-    except ServingError as exc:
-        raise StageError(f"the server did not start: {exc}", hint=exc.hint) from exc
-    ready_s = time.monotonic() - t0
-    reports: dict[str, LoadReport] = {}
-    try:
-        common: dict[str, Any] = {
-            "model": name,
-            "max_tokens": cfg.max_tokens,
-            "seed": ctx.pipeline.seed,
-        }
-        reports["closed"] = run_load(url, prompts, concurrency=cfg.concurrency,
-                                     num_requests=cfg.requests, duration_s=cfg.duration_s,
-                                     **common)  # fmt: skip
-        if cfg.rate is not None:
-            reports["open"] = run_load(url, prompts, rate=cfg.rate, num_requests=cfg.requests,
-                                       duration_s=cfg.duration_s, **common)  # fmt: skip
-    finally:
-        t1 = time.monotonic()
-        server.stop()
-        drain_s = time.monotonic() - t1
-    runs = {k: r.summary(slo) for k, r in reports.items()}
-    ctx.metrics.update(
-        {
-            "served_path": str(choice.path),
-            "served_source": choice.source,
-            "served_variant": choice.variant,
-            "served_backend": choice.backend,
-            "note": choice.note,
-            "ready_s": round(ready_s, 3),
-            "drain_s": round(drain_s, 3),
-            "errors": sum(s["errors"] for s in runs.values()),
-            **runs,
-        }
-    )
-    (ctx.out / "serve.json").write_text(
-        json.dumps({"server": serve_cfg.model_dump(mode="json"), "runs": runs}, indent=2),
-        encoding="utf-8",
-    )
-    per_request = {k: [asdict(x) for x in r.results] for k, r in reports.items()}
-    (ctx.out / "requests.json").write_text(json.dumps(per_request), encoding="utf-8")
-    (ctx.out / "report.md").write_text(_report(choice, cfg, runs), encoding="utf-8")

@@ -17,12 +17,12 @@ from modelkiln.data.tokenizer import train_tokenizer
 from modelkiln.errors import ServingError
 from modelkiln.serve.generation import (
     DEADLINE_EXCEEDED,
+    ContinuousBatchingEngine,
     FakeClock,
     GenerationRequest,
     SamplingParams,
     TokenEvent,
     TorchCausalLMBackend,
-    ContinuousBatchingEngine,
 )
 
 T = TypeVar("T")

@@ -25,7 +25,7 @@ from test_gen_engine import (  # noqa: E402
 )
 
 from modelkiln.errors import ServingError  # noqa: E402
-from modelkiln.optimize.kv_export import KV_ONNX  # noqa: E402
+from modelkiln.kvgraph import KV_ONNX  # noqa: E402
 from modelkiln.serve.generation import ContinuousBatchingEngine  # noqa: E402
 from modelkiln.serve.generation.ort_backend import OrtCausalLMBackend  # noqa: E402
 
@@ -101,8 +101,8 @@ def test_engine_on_the_onnx_backend_streams_generate_tokens_concurrently(
 def test_a_variant_directory_with_a_kv_graph_is_served_without_torch_weights(
     saved: dict[str, tuple[Any, Path]], tmp_path: Path
 ) -> None:
-    from modelkiln.optimize.kv_export import export_kv_onnx
-    from modelkiln.optimize.runners import inspect_model
+    from modelkiln.contract.hfmodel import inspect_model
+    from modelkiln.kvgraph import export_kv_onnx
     from modelkiln.serve.config import ModelSpec
     from modelkiln.serve.loading import resolve_backend
 

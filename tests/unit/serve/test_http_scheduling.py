@@ -9,8 +9,8 @@ import pytest
 from http_helpers import run
 
 from modelkiln.errors import ConfigError
-from modelkiln.serve.admission import AdmissionController, Overloaded
 from modelkiln.serve.access import APIKeys
+from modelkiln.serve.admission import AdmissionController, Overloaded
 from modelkiln.serve.cache import LRUCache, cache_key
 from modelkiln.serve.clock import FakeClock
 from modelkiln.serve.config import API_KEYS_ENV, ModelSpec, ServeConfig, load_serve_config

@@ -15,10 +15,10 @@ from http_helpers import client, code_tokenizer, config, run
 
 from modelkiln.serve import create_app
 from modelkiln.serve.generation import (
+    ContinuousBatchingEngine,
     GenerationRequest,
     SamplingParams,
     TorchCausalLMBackend,
-    ContinuousBatchingEngine,
 )
 
 peft = pytest.importorskip("peft")

@@ -15,7 +15,8 @@ from modelkiln.config import PipelineConfig
 from modelkiln.data.tokenizer import save_tokenizer
 from modelkiln.errors import StageError
 from modelkiln.pipeline import StageContext
-from modelkiln.serve.stage import ServeStageConfig, choose_model, run_serve_stage
+from modelkiln.pipeline_serve import run_serve_stage
+from modelkiln.serve.stage import ServeStageConfig, choose_model
 
 
 def artifact(path: Path, stage: str) -> Artifact:
@@ -101,8 +102,8 @@ def test_serve_stage_serves_load_tests_drains_and_reports(train_dir: Path, tmp_p
 def test_serve_stage_serves_an_onnx_variant_in_onnx_runtime(
     train_dir: Path, tmp_path: Path
 ) -> None:
-    from modelkiln.optimize.kv_export import KV_ONNX, export_kv_onnx
-    from modelkiln.optimize.runners import inspect_model, load_torch_model
+    from modelkiln.contract.hfmodel import inspect_model, load_torch_model
+    from modelkiln.kvgraph import KV_ONNX, export_kv_onnx
 
     opt = tmp_path / "optimize"
     variant_dir = opt / "model"

@@ -4,7 +4,7 @@ Same contract and cache layout as :class:`~modelkiln.serve.generation.backend.To
 (one shared left-padded KV cache; row ``i`` right-aligned; decode feeds one
 token per running row; prefill groups prompts of similar length; leaving rows
 are dropped and the all-padding leading columns cut), over the graph that
-:func:`~modelkiln.optimize.kv_export.export_kv_onnx` writes (``model_kv.onnx``:
+:func:`~modelkiln.kvgraph.export_kv_onnx` writes (``model_kv.onnx``:
 ``input_ids``, ``attention_mask``, ``position_ids`` and the past tensors in;
 last-position logits and the present tensors out). The cache lives in numpy
 arrays between steps; the graph concatenates past and new keys itself, the
@@ -18,8 +18,9 @@ It is also how the serving stage runs what the optimization stage promotes:
 every ONNX Runtime variant of a causal LM ships a ``model_kv.onnx``.
 
 Sources: a variant directory (``model_kv.onnx`` + ``config.json`` + tokenizer),
-or a Hugging Face directory, whose KV graph is exported (fp32) at load time
-into a temporary directory that lives as long as the backend.
+or a Hugging Face directory, whose KV graph is exported (fp32) at load time by
+the core helper :func:`~modelkiln.kvgraph.export_kv_graph` (the same graph the
+optimize stage ships) into a temporary directory that lives as long as the backend.
 
 Runtime LoRA adapters are not supported here (the graph has the weights
 folded in); serve adapters with the torch backend.
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkiln.errors import ServingError
-from modelkiln.optimize.kv_export import KV_ONNX, positions_from_mask
+from modelkiln.kvgraph import KV_ONNX, export_kv_graph, positions_from_mask
 from modelkiln.serve.config import has_torch_weights
 from modelkiln.serve.generation.backend import length_groups
 
@@ -53,7 +54,7 @@ class OrtCausalLMBackend:
     Not thread-safe: one thread (the engine's worker) calls it at a time.
 
     Args:
-        onnx_path: a graph written by :func:`~modelkiln.optimize.kv_export.export_kv_onnx`
+        onnx_path: a graph written by :func:`~modelkiln.kvgraph.export_kv_onnx`
             (or a quantized copy of one).
         config: the model's transformers config (context length, vocabulary, EOS).
         threads: ONNX Runtime intra-op threads (None: its default).
@@ -353,26 +354,3 @@ def stack_left_padded(arrays: Sequence[np.ndarray], width: int) -> np.ndarray:
         out[row : row + a.shape[0], :, width - a.shape[2] :] = a
         row += a.shape[0]
     return out
-
-
-def export_kv_graph(model_dir: Path, target: Path) -> None:
-    """Export the fp32 KV-cache graph of the Hugging Face causal LM in ``model_dir``.
-
-    Raises:
-        ServingError: the directory holds no causal LM, or the exporter cannot trace it.
-    """
-    from modelkiln.errors import KilnError, require
-
-    require("onnxruntime", "onnx", purpose="the onnx generation backend")
-    from modelkiln.optimize.kv_export import export_kv_onnx
-    from modelkiln.optimize.runners import inspect_model, load_torch_model
-
-    log.info("exporting a KV-cache ONNX graph of %s for the onnx backend", model_dir)
-    try:
-        spec = inspect_model(model_dir, "causal-lm")
-        export_kv_onnx(load_torch_model(spec), spec, target)
-    except KilnError as exc:
-        raise ServingError(
-            f"cannot run '{model_dir}' on the onnx generation backend: {exc}",
-            hint="serve it with backend: torch, or export it first with `kiln optimize model`",
-        ) from exc
