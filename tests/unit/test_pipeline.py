@@ -1,4 +1,4 @@
-"""The pipeline engine: ordering, caching, unavailable stages, failures, report."""
+"""The pipeline engine: ordering, caching, inputs, failures, the report writer, the registry."""
 
 from __future__ import annotations
 
@@ -50,8 +50,6 @@ def fake_stages(monkeypatch: pytest.MonkeyPatch) -> dict[str, StageSpec]:
         "tokenizer": StageSpec("tokenizer", "fake_stages_mod:fake_tokenizer", requires=("data",)),
     }
     monkeypatch.setattr(pipeline, "STAGES", stages)
-    planned = {"optimize": "fake optimization", "serve": "fake serving"}
-    monkeypatch.setattr(pipeline, "PLANNED", planned)
     CALLS.clear()
     return stages
 
@@ -95,21 +93,27 @@ def test_force_and_tampered_artifact_rerun(
     assert run_pipeline(_cfg(tmp_path)).outcome("data").status == "ran"
 
 
-def test_planned_stages_are_reported_not_faked(
-    tmp_path: Path, fake_stages: dict[str, StageSpec]
-) -> None:
-    result = run_pipeline(_cfg(tmp_path, stages=["data", "optimize", "serve"]))
-    assert [o.status for o in result.outcomes] == ["ran", "unavailable", "unavailable"]
-    assert "not built yet" in result.outcome("optimize").message
-    assert not (tmp_path / "t" / "optimize").exists()
+def test_stage_list_and_sections_come_from_the_registry() -> None:
+    from modelkiln import stages
+
+    assert PipelineConfig().stages == list(stages.STAGES)
+    for name in stages.STAGES:
+        assert isinstance(
+            getattr(PipelineConfig(), name), type(pipeline.stage_config(PipelineConfig(), name))
+        )
+    with pytest.raises(ValueError, match="unknown stage 'nope'"):
+        PipelineConfig(stages=["nope"])
 
 
-def test_dependents_of_unavailable_stage_are_blocked(
-    tmp_path: Path, fake_stages: dict[str, StageSpec]
-) -> None:
-    fake_stages["serve"] = StageSpec("serve", "fake_stages_mod:fake_data", requires=("optimize",))
-    result = run_pipeline(_cfg(tmp_path, stages=["optimize", "serve"]))
-    assert [o.status for o in result.outcomes] == ["unavailable", "blocked"]
+def test_register_stage_checks_names_and_requirements() -> None:
+    from modelkiln.stages import register_stage
+
+    with pytest.raises(StageError, match="registered twice"):
+        register_stage(StageSpec("data", "x:y", config="x:C"))
+    with pytest.raises(StageError, match="needs nowhere"):
+        register_stage(StageSpec("late", "x:y", requires=("nowhere",), config="x:C"))
+    with pytest.raises(StageError, match="no config section"):
+        register_stage(StageSpec("late", "x:y"))
 
 
 def test_missing_input_artifact_is_a_clear_error(
@@ -150,11 +154,11 @@ def test_stage_errors_leave_no_artifact_and_report_failure(
 def test_run_report_includes_stage_sections(
     tmp_path: Path, fake_stages: dict[str, StageSpec]
 ) -> None:
-    result = run_pipeline(_cfg(tmp_path, stages=["data", "tokenizer", "optimize"]))
+    result = run_pipeline(_cfg(tmp_path, stages=["data", "tokenizer"]))
     assert result.report == tmp_path / "t" / "report.md"
     text = result.report.read_text()
     assert "| data | ran |" in text
-    assert "| optimize | unavailable |" in text
+    assert "| tokenizer | ran |" in text
     assert "files=3" in text
     assert "![plot](data/p.png)" in text, "stage image links point into the stage directory"
     assert (tmp_path / "t" / "stage_times.png").read_bytes()[:4] == b"\x89PNG"
@@ -172,3 +176,26 @@ def test_optional_inputs_are_passed_when_present(
     run_pipeline(_cfg(tmp_path, stages=["data", "train"]))
     run_pipeline(_cfg(tmp_path, stages=["data", "tokenizer", "train"]))
     assert seen == [["data"], ["data", "tokenizer"]]
+
+
+def test_report_writer_is_passed_in(tmp_path: Path, fake_stages: dict[str, StageSpec]) -> None:
+    seen: list[list[str]] = []
+
+    def writer(cfg: PipelineConfig, result: pipeline.PipelineResult) -> Path:
+        seen.append([o.status for o in result.outcomes])
+        return cfg.run_dir / "custom.md"
+
+    result = run_pipeline(_cfg(tmp_path, stages=["data"]), report=writer)
+    assert seen == [["ran"]] and result.report == tmp_path / "t" / "custom.md"
+    assert run_pipeline(_cfg(tmp_path, stages=["data"]), report=None).report is None
+    assert not (tmp_path / "t" / "report.md").exists()
+
+
+def test_build_stage_runs_one_stage_without_a_report(
+    tmp_path: Path, fake_stages: dict[str, StageSpec]
+) -> None:
+    artifact = pipeline.build_stage(_cfg(tmp_path), "data")
+    assert artifact.path == tmp_path / "t" / "data" and CALLS == ["data"]
+    assert pipeline.build_stage(_cfg(tmp_path), "data").path == artifact.path
+    assert CALLS == ["data"], "the second call reuses the cached artifact"
+    assert not (tmp_path / "t" / "report.md").exists()

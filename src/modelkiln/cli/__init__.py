@@ -36,7 +36,7 @@ GROUPS: tuple[str, ...] = (
 
 
 def _stages_epilog() -> str:
-    from modelkiln.pipeline import STAGES
+    from modelkiln.stages import STAGES
 
     rows = [f"  {n:<10} {s.description}" for n, s in STAGES.items()]
     # "\b" stops click from re-wrapping the paragraph.

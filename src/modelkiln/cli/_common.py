@@ -40,6 +40,7 @@ class RichProgress(Progress):
             SpinnerColumn,
             TextColumn,
             TimeElapsedColumn,
+            TimeRemainingColumn,
         )
         from rich.progress import Progress as Bars
 
@@ -50,8 +51,12 @@ class RichProgress(Progress):
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             console=con,
             transient=True,
+            # Third-party stderr goes to the run's log files (modelkiln.logs), not above the bars.
+            redirect_stderr=False,
         )
         self.tasks: dict[str, TaskID] = {}
 
@@ -130,13 +135,7 @@ def _load(
 def _summary(result: PipelineResult) -> None:
     from modelkiln.report import key_figures, stage_seconds
 
-    colours = {
-        "ran": "green",
-        "cached": "cyan",
-        "unavailable": "yellow",
-        "blocked": "yellow",
-        "failed": "red",
-    }
+    colours = {"ran": "green", "cached": "cyan", "failed": "red"}
     table = Table(title=f"run {result.run_dir}", title_justify="left")
     table.add_column("stage")
     table.add_column("status")
@@ -153,11 +152,15 @@ def _summary(result: PipelineResult) -> None:
 
 
 def _run(cfg: PipelineConfig, force: bool) -> None:
+    from modelkiln.logs import LOG_FILE, capture_output, set_verbose
     from modelkiln.pipeline import run_pipeline
 
-    with guard():
-        result = run_pipeline(cfg, force=force, progress=RichProgress(console))
+    set_verbose(_state["debug"])  # --debug also shows third-party output
+    progress = RichProgress(console)
+    with guard(), capture_output(cfg.run_dir / LOG_FILE, notice=progress.message) as log:
+        result = run_pipeline(cfg, force=force, progress=progress)
     _summary(result)
+    console.print(f"[dim]library warnings and logs: {log} and <stage>/{LOG_FILE}[/dim]")
 
 
 def _quickstart_config() -> Path:

@@ -68,7 +68,8 @@ def train(
             config or _quickstart_config(), set_, run, runs_dir, ["data", "tokenizer", "train"]
         )
         if nproc != 1 or nnodes != 1:
-            from modelkiln.train.launch import LaunchSpec, launch_pipeline
+            from modelkiln.pipeline_dist import launch_pipeline
+            from modelkiln.train.launch import LaunchSpec
 
             spec = LaunchSpec(nproc, nnodes, node_rank, master_addr, master_port)
             launch_pipeline(cfg, spec, force=force, progress=RichProgress(console))
@@ -120,14 +121,20 @@ def train_encoder_cmd(
 
     Example: kiln train encoder --set encoder.max_steps=200 --set encoder.batch_size=32
     """
-    from modelkiln.train.encoder import load_encoder_job, train_encoder
+    from modelkiln.config import PipelineConfig
+    from modelkiln.pipeline import build_stage
+    from modelkiln.train.encoder_job import check_pairs_enabled, load_encoder_job, train_encoder
 
     with guard():
         sets = [*(set_ or []), *([f"encoder.method={method}"] if method else [])]
         job = load_encoder_job(
             config or _quickstart_config(), sets, {"run": run, "runs_dir": runs_dir, "out": out}
         )
-        metrics = train_encoder(job, RichProgress(console))
+        check_pairs_enabled(job)
+        # The pipeline builds (or reuses) the data stage holding the pairs; the job trains.
+        data_cfg = PipelineConfig(run=job.run, runs_dir=job.runs_dir, data=job.data)
+        data = build_stage(data_cfg, "data", progress=RichProgress(console))
+        metrics = train_encoder(job, data.path, RichProgress(console))
     table = Table(title=f"code search on {metrics['eval_pairs']} held-out pairs")
     for col in ("metric", "zero-shot", "tuned"):
         table.add_column(col, justify="left" if col == "metric" else "right")

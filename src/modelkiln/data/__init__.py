@@ -13,9 +13,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "load_corpus": "modelkiln.data.corpus",
-    "load_pairs": "modelkiln.data.pairs",
-    "load_humaneval": "modelkiln.data.humaneval",
+    "load_corpus": "modelkiln.contract.corpus",
+    "load_pairs": "modelkiln.contract.corpus",
+    "load_humaneval": "modelkiln.contract.corpus",
     "run_data_stage": "modelkiln.data.stage",
     "SPLITS": "modelkiln.data.corpus",
 }

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import sysconfig
 import token
@@ -38,15 +37,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
 
-from modelkiln.errors import ArtifactError, DataError
+from modelkiln.errors import DataError
 from modelkiln.progress import QUIET, Progress
-
-if TYPE_CHECKING:
-    from datasets import DatasetDict
-
-    from modelkiln.artifacts import Artifact
 
 SPLITS = ("train", "validation", "test")
 #: Never part of the standard library, whatever ``exclude`` says.
@@ -262,77 +255,3 @@ def assign_splits(
         moved = min(members[donor], key=lambda m: (max(lo - scores[m], scores[m] - hi, 0.0), m))
         split_of[moved] = target
     return split_of
-
-
-def stage_subdir(source: Artifact | str | Path, name: str) -> Path:
-    """The ``name`` directory inside a data-stage artifact (or a path to one).
-
-    Raises:
-        ArtifactError: the directory is missing.
-    """
-    base = Path(source) if isinstance(source, str | Path) else source.path
-    sub = base / name
-    if not sub.is_dir():
-        raise ArtifactError(
-            f"{base} has no {name!r} dataset",
-            hint="pass the data stage directory (runs/<run>/data) and run the 'data' stage first",
-        )
-    return sub
-
-
-def load_corpus(source: Artifact | str | Path) -> DatasetDict:
-    """Load the corpus ``DatasetDict`` (train/validation/test) of a data-stage artifact.
-
-    Example:
-        >>> corpus = load_corpus(Path("runs/quickstart/data"))
-        >>> corpus["train"][0]["path"]
-    """
-    return load_dataset_dir(stage_subdir(source, "corpus"), "DatasetDict")
-
-
-def _load_dict_with_empty_splits(path: Path) -> Any:
-    """``DatasetDict.load_from_disk``, except that an empty split loads as an empty Dataset.
-
-    ``datasets`` saves an empty split with no data file and then cannot load it back
-    (IndexError in ``concat_tables``), e.g. the test split when ``test_fraction`` is 0;
-    such a split is rebuilt from its saved features.
-    """
-    import datasets
-
-    splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
-    out = {}
-    for split in splits:
-        state = json.loads((path / split / "state.json").read_text(encoding="utf-8"))
-        if state.get("_data_files"):
-            out[split] = datasets.Dataset.load_from_disk(str(path / split))
-        else:
-            info = datasets.DatasetInfo.from_directory(str(path / split))
-            out[split] = datasets.Dataset.from_dict(
-                {name: [] for name in info.features}, features=info.features
-            )
-    return datasets.DatasetDict(out)
-
-
-def load_dataset_dir(path: Path, kind: str) -> Any:
-    """Load a saved ``datasets`` directory and check it is a ``kind`` (Dataset/DatasetDict).
-
-    Raises:
-        ArtifactError: it is of the other kind or cannot be read.
-    """
-    import datasets
-
-    try:
-        if kind == "DatasetDict" and (path / "dataset_dict.json").is_file():
-            loaded = _load_dict_with_empty_splits(path)
-        else:
-            loaded = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as exc:
-        raise ArtifactError(
-            f"{path} is not a readable dataset ({exc})", hint="re-run the 'data' stage"
-        ) from exc
-    if type(loaded).__name__ != kind:
-        raise ArtifactError(
-            f"{path} holds a {type(loaded).__name__}, expected a {kind}",
-            hint="re-run the 'data' stage",
-        )
-    return loaded

@@ -21,15 +21,10 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
-from modelkiln.data.corpus import load_dataset_dir, stage_subdir
-
 if TYPE_CHECKING:
-    from datasets import DatasetDict
-
-    from modelkiln.artifacts import Artifact
+    pass
 
 _LINE_END = re.compile(r"(?<=\n)|(?<=\r)(?!\n)")
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
@@ -155,12 +150,3 @@ def extract_pairs(
             continue
         pairs.append(CodePair(docstring, code, name, path, module))
     return pairs, skipped
-
-
-def load_pairs(source: Artifact | str | Path) -> DatasetDict:
-    """Load the code-search pairs ``DatasetDict`` of a data-stage artifact.
-
-    Raises:
-        ArtifactError: the artifact has no pairs (``data.pairs.enabled`` was false).
-    """
-    return load_dataset_dir(stage_subdir(source, "pairs"), "DatasetDict")

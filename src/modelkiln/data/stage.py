@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from modelkiln.config import DataConfig, PairsConfig
+from modelkiln.contract import CORPUS_DIR, HUMANEVAL_DIR, PAIRS_DIR
+from modelkiln.data.config import DataConfig, PairsConfig
 from modelkiln.data.corpus import (
     SPLITS,
     CorpusScan,
@@ -38,8 +39,8 @@ from modelkiln.data.corpus import (
 from modelkiln.data.humaneval import HUMANEVAL_COLUMNS, read_humaneval
 from modelkiln.data.pairs import CodePair, extract_pairs
 from modelkiln.errors import DataError
-from modelkiln.pipeline import StageContext
 from modelkiln.progress import Progress
+from modelkiln.stages import StageContext
 
 CORPUS_COLUMNS = {
     "path": "string",
@@ -71,16 +72,16 @@ def run_data_stage(ctx: StageContext) -> None:
     stats: dict[str, Any] = {s: _split_stats(by_split[s]) for s in SPLITS}
     stats["total"] = _split_stats(scan.files)
     with _quiet_datasets():
-        _save_splits(ctx.out / "corpus", by_split, CORPUS_COLUMNS, _corpus_row)
+        _save_splits(ctx.out / CORPUS_DIR, by_split, CORPUS_COLUMNS, _corpus_row)
         if cfg.pairs.enabled:
             pairs, pair_skips = _extract(by_split, cfg.pairs, ctx.progress)
-            _save_splits(ctx.out / "pairs", pairs, PAIR_COLUMNS, _pair_row)
+            _save_splits(ctx.out / PAIRS_DIR, pairs, PAIR_COLUMNS, _pair_row)
             for s in SPLITS:
                 stats[s]["pairs"] = len(pairs[s])
             stats["total"]["pairs"] = sum(len(p) for p in pairs.values())
             stats["pairs_skipped"] = dict(sorted(pair_skips.items()))
         if cfg.humaneval:
-            stats["humaneval_problems"] = _save_humaneval(ctx.out / "humaneval")
+            stats["humaneval_problems"] = _save_humaneval(ctx.out / HUMANEVAL_DIR)
     stats.update(
         source=cfg.source,
         source_root=str(root),

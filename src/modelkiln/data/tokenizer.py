@@ -45,15 +45,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkiln.artifacts import Artifact
-from modelkiln.config import TokenizerConfig
-from modelkiln.errors import ArtifactError, DataError
+from modelkiln.contract import TOKENIZER_DIR
+from modelkiln.contract.hfmodel import load_tokenizer
+from modelkiln.data.config import TokenizerConfig
+from modelkiln.errors import DataError
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
     from transformers import PreTrainedTokenizerFast
 
-    from modelkiln.pipeline import StageContext
     from modelkiln.progress import Progress
+    from modelkiln.stages import StageContext
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
@@ -68,7 +70,6 @@ FIM_TOKENS = {
     "fim_middle_token": FIM_MIDDLE_TOKEN,
     "fim_suffix_token": FIM_SUFFIX_TOKEN,
 }
-TOKENIZER_DIR = "tokenizer"
 REPORT_PLOT = "tokenizer_bytes_per_token.png"
 _BATCH = 256
 
@@ -160,28 +161,6 @@ def save_tokenizer(tok: PreTrainedTokenizerFast, directory: str | Path) -> Path:
     return path
 
 
-def load_tokenizer(source: str | Path | Artifact) -> PreTrainedTokenizerFast:
-    """Load a saved tokenizer from its folder, a tokenizer stage directory or its artifact.
-
-    Raises:
-        ArtifactError: no ``tokenizer.json`` there.
-    """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    path = source.path if isinstance(source, Artifact) else Path(source)
-    if not (path / "tokenizer.json").is_file() and (path / TOKENIZER_DIR).is_dir():
-        path = path / TOKENIZER_DIR
-    if not (path / "tokenizer.json").is_file():
-        raise ArtifactError(
-            f"{path} holds no tokenizer (no tokenizer.json)",
-            hint="pass the tokenizer folder or run the 'tokenizer' stage",
-        )
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if not isinstance(tok, PreTrainedTokenizerFast):
-        raise ArtifactError(f"{path} did not load as a fast tokenizer", hint="re-run the stage")
-    return tok
-
-
 @dataclass
 class SplitStats:
     """Size of one corpus split in files, UTF-8 bytes and BPE tokens."""
@@ -262,16 +241,13 @@ def check_split(
 
 
 def _load_corpus(artifact: Artifact) -> DatasetDict:
-    from datasets import DatasetDict, load_from_disk
+    from modelkiln.contract.corpus import load_corpus
 
-    path = artifact.path / "corpus"
-    if not path.is_dir():
-        raise ArtifactError(f"{artifact.path} has no corpus/", hint="re-run the 'data' stage")
-    corpus = load_from_disk(str(path))
-    if not isinstance(corpus, DatasetDict) or "train" not in corpus:
-        raise DataError(f"{path} is not a DatasetDict with a 'train' split", hint="re-run 'data'")
+    corpus = load_corpus(artifact, required=("train",))
     if corpus["train"].num_rows == 0:
-        raise DataError(f"the train split of {path} is empty", hint="check data.source/exclude")
+        raise DataError(
+            f"the train split of {artifact.path} is empty", hint="check data.source/exclude"
+        )
     return corpus
 
 

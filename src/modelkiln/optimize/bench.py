@@ -23,6 +23,7 @@ from typing import Any
 
 from modelkiln.optimize.config import BenchConfig
 from modelkiln.progress import QUIET, Progress
+from modelkiln.stats import percentile
 
 Batch = dict[str, Any]
 
@@ -59,15 +60,6 @@ class Timing:
         d = asdict(self)
         d["times_ms"] = [round(t, 3) for t in self.times_ms]
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile ``q`` (0-100) of ``values``."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 @contextlib.contextmanager

@@ -15,47 +15,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from modelkiln.configbase import KilnModel
+from modelkiln.configbase import KilnModel, load_section
 from modelkiln.optimize.distill.config import DistillConfig
 from modelkiln.optimize.prune.config import PruneConfig
 from modelkiln.optimize.quant_options import QuantExtraConfig
+from modelkiln.optimize.tolerance import Family, Tolerance
 
-Family = Literal["baseline", "export", "quantization", "pruning", "distillation"]
-
-
-class Tolerance(KilnModel):
-    """How close a variant's outputs must be to the fp32 reference (parity check).
-
-    An element mismatches when ``|got - ref| > atol + rtol * |ref|`` (lossless
-    variants: fp32 reload, ONNX export). Lossy variants (bf16, int8) are judged
-    by the signal-to-noise ratio of each whole output instead, ``min_snr_db``,
-    because a handful of quantized outliers says little about the model.
-    """
-
-    atol: float | None = Field(
-        None, ge=0, description="Element-wise absolute tolerance; None: judge by SNR only."
-    )
-    rtol: float = Field(0.0, ge=0, description="Element-wise relative tolerance (with atol).")
-    min_snr_db: float | None = Field(
-        None, description="Minimum SNR in dB, 10*log10(sum ref^2 / sum (got-ref)^2), per output."
-    )
-
-    @model_validator(mode="after")
-    def _something_to_check(self) -> Tolerance:
-        if self.atol is None and self.min_snr_db is None:
-            raise ValueError("set atol (element-wise) or min_snr_db (whole output), or both")
-        return self
-
-    def describe(self) -> str:
-        """One short phrase, e.g. ``atol=1e-04, rtol=1e-03`` or ``SNR >= 20 dB``."""
-        parts = []
-        if self.atol is not None:
-            parts.append(f"atol={self.atol:.0e}, rtol={self.rtol:.0e}")
-        if self.min_snr_db is not None:
-            parts.append(f"SNR >= {self.min_snr_db:g} dB")
-        return " and ".join(parts)
+__all__ = [
+    "BenchConfig",
+    "Family",
+    "GateConfig",
+    "OnnxConfig",
+    "OptimizeConfig",
+    "OptimizeDataConfig",
+    "Tolerance",
+    "load_optimize_config",
+]
 
 
 class GateConfig(KilnModel):
@@ -278,17 +255,4 @@ def load_optimize_config(
         ConfigError: the file is missing or malformed, or a field (e.g. a method name) is invalid;
             the message names the field, the bad value and the valid choices.
     """
-    # Imported here: modelkiln.config imports this module for PipelineConfig.optimize.
-    from modelkiln.config import apply_overrides, format_validation_error, read_yaml
-
-    if isinstance(source, dict):
-        data, label = dict(source), "optimize config"
-    elif source is None:
-        data, label = {}, "optimize config"
-    else:
-        data, label = read_yaml(source), str(source)
-    data = apply_overrides(data, overrides or [])
-    try:
-        return OptimizeConfig.model_validate(data)
-    except ValidationError as exc:
-        raise format_validation_error(exc, label) from None
+    return load_section(OptimizeConfig, source, overrides, label="optimize config")

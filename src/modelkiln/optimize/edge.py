@@ -94,10 +94,10 @@ class _EdgeVariant(Variant):
         copy_side_files(ctx.spec.path, out)
 
     def _fail(self, spec: ModelSpec, exc: Exception) -> StageError:
-        from modelkiln.optimize.export import _root_cause
+        from modelkiln.onnxexport import root_cause
 
         return StageError(
-            f"{self.name} cannot handle {spec.architecture} ({_root_cause(exc)})",
+            f"{self.name} cannot handle {spec.architecture} ({root_cause(exc)})",
             hint="use torch-fp32 or onnx-fp32 for this model",
         )
 

@@ -8,7 +8,7 @@ Causal LMs are exported **without a KV cache**: the graph maps
 ``(input_ids, attention_mask)`` to ``logits`` for the whole sequence, which
 serves scoring and batch embedding/perplexity; step-by-step generation through
 ONNX Runtime would recompute the prefix every token. For generation,
-:func:`modelkiln.optimize.kv_export.export_kv_onnx` writes a graph with
+:func:`modelkiln.kvgraph.export_kv_onnx` writes a graph with
 past / present key-value tensors.
 
 Example:
@@ -23,14 +23,14 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkiln.errors import ArtifactError, StageError
+from modelkiln.errors import ArtifactError
+from modelkiln.onnxexport import export_guard
 from modelkiln.optimize.config import Tolerance
 
 if TYPE_CHECKING:
@@ -253,40 +253,23 @@ def export_onnx(
 
     from modelkiln.optimize.runners import synthetic_batch
 
-    was_training = model.training
-    model.eval()
-    names = export_outputs(model, spec)
-    example = synthetic_batch(spec, 2, 16, seed=1, pad_last=True)
-    args = tuple(example[n] for n in spec.input_names)
-    kwargs = _dynamic_kwargs(spec, names, exporter) | {"opset_version": opset}
+    what = f"ONNX export cannot handle {spec.architecture}"
+    hint = "drop the onnx-* methods for this model and use torch-fp32 / torch-int8-dynamic"
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                _ExportWrapper.make(model, spec, names),
-                args,
-                str(path),
-                input_names=list(spec.input_names),
-                output_names=names,
-                **kwargs,
-            )
-    except Exception as exc:  # boundary: any exporter failure becomes one clear line
-        raise StageError(
-            f"ONNX export cannot handle {spec.architecture} ({_root_cause(exc)})",
-            hint="drop the onnx-* methods for this model and use torch-fp32 / torch-int8-dynamic",
-        ) from exc
-    finally:
-        model.train(was_training)
+    with export_guard(model, what, hint=hint):
+        names = export_outputs(model, spec)
+        example = synthetic_batch(spec, 2, 16, seed=1, pad_last=True)
+        args = tuple(example[n] for n in spec.input_names)
+        kwargs = _dynamic_kwargs(spec, names, exporter) | {"opset_version": opset}
+        torch.onnx.export(
+            _ExportWrapper.make(model, spec, names),
+            args,
+            str(path),
+            input_names=list(spec.input_names),
+            output_names=names,
+            **kwargs,
+        )
     return names
-
-
-def _root_cause(exc: BaseException) -> str:
-    """``Type: first line`` of the innermost chained exception (exporters wrap the real one)."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _dynamic_kwargs(spec: ModelSpec, names: list[str], exporter: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from modelkiln.contract import EVAL_CARD, VARIANT_JSON
 from modelkiln.errors import QualityGateError
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from modelkiln.optimize.runners import Runner
 
 Status = Literal["baseline", "chosen", "passed", "rejected", "skipped", "failed"]
-CARD = "eval_card.json"
+CARD = EVAL_CARD
 
 
 @dataclass
@@ -98,7 +99,7 @@ def code_search_metric(
     k: int = 10,
 ) -> QualityMetric:
     """MRR@k of each docstring retrieving its own code among all ``codes`` (mean pooling)."""
-    from modelkiln.train.encoder import evaluate_code_search
+    from modelkiln.contract.codesearch import evaluate_code_search
 
     def run(runner: Runner) -> float:
         m = evaluate_code_search(
@@ -187,7 +188,7 @@ class EvalCard:
 
 def dir_size(path: Path) -> int:
     """Bytes of every file under ``path`` except cards and reports."""
-    skip = {CARD, "layer_error.json", "layer_error.md", "variant.json"}
+    skip = {CARD, "layer_error.json", "layer_error.md", VARIANT_JSON}
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name not in skip)
 
 

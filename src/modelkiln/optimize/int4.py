@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelkiln.contract import MODEL_ONNX
 from modelkiln.optimize.config import Tolerance
 from modelkiln.optimize.kv_export import write_kv_graph
 from modelkiln.optimize.quantize import _OnnxVariant, swap_conv1d
@@ -100,9 +101,9 @@ class OnnxInt4WeightVariant(_OnnxVariant):
         model = swap_conv1d(copy.deepcopy(ctx.reference)).eval()
         onnx = ctx.cfg.onnx
         with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as tmp:
-            raw = Path(tmp) / "model.onnx"
+            raw = Path(tmp) / MODEL_ONNX
             outputs = export_onnx(model, ctx.spec, raw, opset=onnx.opset, exporter=onnx.exporter)
-            count = int4_quantize_onnx(raw, out / "model.onnx", cfg)
+            count = int4_quantize_onnx(raw, out / MODEL_ONNX, cfg)
         swapped = copy.copy(ctx)
         swapped.reference = model
         kv = write_kv_graph(swapped, out, lambda src, dst: int4_quantize_onnx(src, dst, cfg))

@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelkiln.contract import MODEL_ONNX
 from modelkiln.errors import ConfigError
 from modelkiln.optimize.config import Tolerance
 from modelkiln.optimize.export import quiet_root_logger
@@ -166,9 +167,9 @@ class QatInt8Variant(_OnnxVariant):
                 )
 
         with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as tmp:
-            raw = Path(tmp) / "model.onnx"
+            raw = Path(tmp) / MODEL_ONNX
             outputs = export_onnx(model, ctx.spec, raw, opset=onnx.opset, exporter=onnx.exporter)
-            quantize(raw, out / "model.onnx")
+            quantize(raw, out / MODEL_ONNX)
         kv = write_kv_graph(ctx, out, quantize, model=model)
         self._finish(ctx, out)
         return {

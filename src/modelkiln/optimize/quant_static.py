@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelkiln.contract import MODEL_ONNX
 from modelkiln.errors import ConfigError
 from modelkiln.optimize.config import Tolerance
 from modelkiln.optimize.export import quiet_root_logger
@@ -115,7 +116,7 @@ def static_quantize_onnx(
         extra["CalibPercentile"] = calib.percentile
     # The calibrator writes its augmented model next to the input: work on a copy in tmp.
     with tempfile.TemporaryDirectory(prefix="kiln-calib-") as tmp, quiet_root_logger():
-        local = Path(tmp) / "model.onnx"
+        local = Path(tmp) / MODEL_ONNX
         shutil.copyfile(src, local)
         quantize_static(
             str(local),
@@ -151,10 +152,10 @@ class OnnxInt8StaticVariant(_OnnxVariant):
             raise no_calibration_error()
         reduce = reduce_range_here(ctx.cfg)
         with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as tmp:
-            raw = Path(tmp) / "model.onnx"
+            raw = Path(tmp) / MODEL_ONNX
             outputs = self._export(ctx, raw)
             feeds = feeds_from_batches(raw, batches)
-            static_quantize_onnx(raw, out / "model.onnx", feeds, calib, reduce)
+            static_quantize_onnx(raw, out / MODEL_ONNX, feeds, calib, reduce)
         kv = write_kv_graph(
             ctx,
             out,

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from modelkiln.contract import MODEL_ONNX
 from modelkiln.optimize.config import Tolerance
 from modelkiln.optimize.registry import VARIANTS, BuildContext, Variant
 
@@ -300,7 +301,7 @@ class _OnnxVariant(Variant):
         """An ONNX Runtime CPU session (all graph optimisations on)."""
         from modelkiln.optimize.runners import OrtRunner
 
-        return OrtRunner(path / "model.onnx", _spec(path), threads)
+        return OrtRunner(path / MODEL_ONNX, _spec(path), threads)
 
 
 @VARIANTS.register("onnx-fp32")
@@ -318,12 +319,12 @@ class OnnxFp32Variant(_OnnxVariant):
 
         tol = ctx.cfg.tolerances.get(self.name, self.tolerance)
         with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as tmp:
-            raw = Path(tmp) / "model.onnx"
+            raw = Path(tmp) / MODEL_ONNX
             outputs = self._export(ctx, raw)
             raw_parity = validate_onnx(ctx.reference, raw, ctx.samples, tol.atol, tol.rtol)
             level = ctx.cfg.onnx.graph_optimization
-            done = optimize_graph(raw, out / "model.onnx", ctx.spec, level)
-        parity = validate_onnx(ctx.reference, out / "model.onnx", ctx.samples, tol.atol, tol.rtol)
+            done = optimize_graph(raw, out / MODEL_ONNX, ctx.spec, level)
+        parity = validate_onnx(ctx.reference, out / MODEL_ONNX, ctx.samples, tol.atol, tol.rtol)
         kv = write_kv_graph(ctx, out)
         self._finish(ctx, out)
         return {
@@ -368,9 +369,9 @@ class OnnxInt8DynamicVariant(_OnnxVariant):
                                  weight_type=QuantType.QInt8)  # fmt: skip
 
         with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as tmp:
-            raw = Path(tmp) / "model.onnx"
+            raw = Path(tmp) / MODEL_ONNX
             outputs = self._export(ctx, raw)
-            quantize(raw, out / "model.onnx")
+            quantize(raw, out / MODEL_ONNX)
         kv = write_kv_graph(ctx, out, quantize)
         self._finish(ctx, out)
         _maybe_layer_error(ctx, out, self.layer_scheme, weight_bits=7 if reduce else 8)

@@ -22,15 +22,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from modelkiln.errors import ConfigError
-from modelkiln.optimize.config import Family, OptimizeConfig, Tolerance
+from modelkiln.optimize.tolerance import Family, Tolerance
 
 if TYPE_CHECKING:
     import torch
 
+    from modelkiln.optimize.config import OptimizeConfig
     from modelkiln.optimize.runners import ModelSpec, Runner
 
 T = TypeVar("T")
-VARIANT_JSON = "variant.json"
 """Written into every variant directory: its name, backend, task and build facts."""
 
 

@@ -4,7 +4,7 @@ A :class:`Runner` is a ``torch.nn.Module`` called like a Hugging Face model,
 ``runner(input_ids=..., attention_mask=..., token_type_ids=...)``, returning a
 :class:`RunnerOutput` whose ``last_hidden_state`` (encoders) or ``logits``
 (causal LMs) is an fp32 CPU tensor. So quality metrics written for HF models,
-such as :func:`modelkiln.train.encoder.evaluate_code_search`, run unchanged on
+such as :func:`modelkiln.contract.codesearch.evaluate_code_search`, run unchanged on
 any variant.
 
 Example:
@@ -16,104 +16,35 @@ Example:
 
 from __future__ import annotations
 
-import json
 import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from modelkiln.errors import ArtifactError, ConfigError
+from modelkiln.contract import read_variant_json, write_variant_json
+from modelkiln.contract.hfmodel import ModelSpec, Task, auto_class, inspect_model, load_torch_model
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+# Model loading and variant.json live in the artifact contract; re-exported for callers here.
+__all__ = [
+    "ModelSpec",
+    "OrtRunner",
+    "Runner",
+    "RunnerOutput",
+    "Task",
+    "TorchRunner",
+    "auto_class",
+    "copy_side_files",
+    "inspect_model",
+    "load_torch_model",
+    "read_variant_json",
+    "synthetic_batch",
+    "write_variant_json",
+]
 
-Task = Literal["encoder", "causal-lm"]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".h5", ".msgpack", ".ckpt")
 SKIP_DIRS = {"onnx", "openvino", ".git"}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model directory and what the optimizer needs to know about it."""
-
-    path: Path
-    task: Task
-    model_type: str
-    architecture: str
-    vocab_size: int
-    input_names: tuple[str, ...]
-    hidden_size: int
-    num_heads: int
-    max_positions: int | None
-
-
-def inspect_model(model_dir: str | Path, task: Literal["auto", Task] = "auto") -> ModelSpec:
-    """Read ``config.json`` of a Hugging Face model directory.
-
-    Raises:
-        ArtifactError: the directory has no ``config.json``.
-        ConfigError: the architecture is neither an encoder nor a causal LM (e.g. seq2seq).
-    """
-    from transformers import AutoConfig
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise ArtifactError(
-            f"{path} is not a Hugging Face model directory (no config.json)",
-            hint="pass the 'model' folder of a train artifact or a save_pretrained() directory",
-        )
-    config = AutoConfig.from_pretrained(path)
-    archs = list(getattr(config, "architectures", None) or [])
-    arch = archs[0] if archs else type(config).__name__.removesuffix("Config") + "Model"
-    if getattr(config, "is_encoder_decoder", False):
-        raise ConfigError(
-            f"{arch} is an encoder-decoder model; optimize handles encoders and causal LMs",
-            hint="optimize the encoder or a decoder-only model",
-        )
-    if task == "auto":
-        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-        task = "causal-lm" if causal else "encoder"
-    names: tuple[str, ...] = ("input_ids", "attention_mask")
-    if task == "encoder" and getattr(config, "type_vocab_size", None):
-        names += ("token_type_ids",)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return ModelSpec(
-        path=path,
-        task=task,
-        model_type=str(getattr(config, "model_type", "")),
-        architecture=arch,
-        vocab_size=int(text.vocab_size),
-        input_names=names,
-        hidden_size=int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0)),
-        num_heads=int(getattr(text, "num_attention_heads", 0) or getattr(text, "n_head", 0)),
-        max_positions=getattr(text, "max_position_embeddings", None)
-        or getattr(text, "n_positions", None),
-    )
-
-
-def auto_class(task: Task) -> Any:
-    """``AutoModel`` for encoders, ``AutoModelForCausalLM`` for causal LMs."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    return AutoModelForCausalLM if task == "causal-lm" else AutoModel
-
-
-def load_torch_model(
-    spec: ModelSpec,
-    path: Path | None = None,
-    dtype: torch.dtype | None = torch.float32,
-    **kwargs: Any,
-) -> PreTrainedModel:
-    """Load ``path`` (default: the spec's directory) in eval mode on the CPU.
-
-    ``dtype=None`` keeps the checkpoint's dtype; ``kwargs`` go to ``from_pretrained``.
-    """
-    extra = {"dtype": dtype} if dtype is not None else {}
-    model = auto_class(spec.task).from_pretrained(path or spec.path, **extra, **kwargs)
-    return model.eval()
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -129,27 +60,6 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
             shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
             copied.append(item.name + "/")
     return copied
-
-
-def write_variant_json(out: Path, info: dict[str, Any]) -> None:
-    """Record what a variant directory holds (read back by :func:`read_variant_json`)."""
-    (out / "variant.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-
-
-def read_variant_json(path: Path) -> dict[str, Any]:
-    """The ``variant.json`` of a variant directory.
-
-    Raises:
-        ArtifactError: the directory is not a variant written by modelkiln.
-    """
-    file = Path(path) / "variant.json"
-    if not file.is_file():
-        raise ArtifactError(
-            f"{path} is not an optimized variant (no variant.json)",
-            hint="pass a directory written by modelkiln.optimize",
-        )
-    info: dict[str, Any] = json.loads(file.read_text())
-    return info
 
 
 def synthetic_batch(

@@ -2,7 +2,7 @@
 
 * an HF model directory (``config.json`` + weights): used as is;
 * a train-stage artifact (``train.json``): its full model, or its adapter merged
-  into its base with :func:`modelkiln.train.api.merge` (logit parity checked);
+  into its base with :func:`modelkiln.contract.merge.merge_train_artifact` (logit parity checked);
 * a PEFT adapter directory (``adapter_config.json``): merged into the base it
   names, with the same logit parity check.
 
@@ -17,18 +17,13 @@ Example:
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelkiln.errors import ConfigError, QualityGateError
-
-MERGE_ATOL = 1e-4
-"""Max |logit| difference between base + adapter and the merged model (fp32)."""
+from modelkiln.contract import ADAPTER_CONFIG, TRAIN_JSON, read_train_json
+from modelkiln.contract.merge import MERGE_ATOL, merge_checked, merge_train_artifact
+from modelkiln.errors import ConfigError
 
 
 @dataclass
@@ -68,9 +63,9 @@ def prepare_source(path: str | Path, work_dir: Path, *, atol: float = MERGE_ATOL
             hint="pass an HF model directory, a train artifact (runs/<run>/train) or a PEFT "
             "adapter directory",
         )
-    if (given / "train.json").is_file():
+    if (given / TRAIN_JSON).is_file():
         return _from_train_artifact(given, work_dir, atol)
-    if (given / "adapter_config.json").is_file():
+    if (given / ADAPTER_CONFIG).is_file():
         return Source(work_dir, "peft-adapter", given, merge_adapter_dir(given, work_dir, atol))
     if (given / "config.json").is_file():
         return Source(given, "hf-model", given)
@@ -88,9 +83,7 @@ def prepare_source(path: str | Path, work_dir: Path, *, atol: float = MERGE_ATOL
 
 
 def _from_train_artifact(root: Path, work_dir: Path, atol: float) -> Source:
-    from modelkiln.train.api import merge
-
-    layout = json.loads((root / "train.json").read_text(encoding="utf-8"))
+    layout = read_train_json(root)
     if not layout.get("adapter"):
         model = layout.get("model", "model")
         model_dir = root / model if not Path(model).is_absolute() else Path(model)
@@ -100,7 +93,7 @@ def _from_train_artifact(root: Path, work_dir: Path, atol: float) -> Source:
                 hint="optimize a local HF model directory",
             )
         return Source(model_dir, "train-artifact", root)
-    report = merge(root, work_dir, atol=atol)
+    report = merge_train_artifact(root, work_dir, atol=atol)
     return Source(work_dir, "train-artifact", root, asdict(report))
 
 
@@ -139,42 +132,16 @@ def merge_adapter_dir(adapter: Path, out: Path, atol: float = MERGE_ATOL) -> dic
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
     vocab = int(getattr(base.config, "vocab_size", 100))
     ids = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        reference = _main_output(model(input_ids=ids))
-        merged = model.merge_and_unload()
-        diff = float((_main_output(merged(input_ids=ids)) - reference).abs().max())
-    if diff > atol:
-        raise QualityGateError(
-            f"merged {adapter} differs from base + adapter by {diff:.3g} (> atol {atol:g})",
-            hint="check the adapter, or serve base + adapter",
-        )
-    tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")
-    merged.save_pretrained(tmp)
-    _copy_tokenizer([adapter, Path(base_id)], tmp)
-    reloaded = auto_class(task).from_pretrained(str(tmp)).eval()
-    with torch.no_grad():
-        reload_diff = float((_main_output(reloaded(input_ids=ids)) - reference).abs().max())
-    if reload_diff > atol:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise QualityGateError(
-            f"reloaded merged {adapter} differs from base + adapter by {reload_diff:.3g}",
-            hint="check the saved files",
-        )
-    report = {
-        "method": str(cfg.peft_type),
-        "max_abs_diff": diff,
-        "reload_max_abs_diff": reload_diff,
-        "atol": atol,
-    }
-    (tmp / "merge.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return report
-
-
-def _main_output(out: Any) -> Any:
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+    return merge_checked(
+        model,
+        ids,
+        out,
+        atol=atol,
+        reload=auto_class(task),
+        save_extra=lambda tmp: _copy_tokenizer([adapter, Path(base_id)], tmp),
+        report={"method": str(cfg.peft_type)},
+        what=f"merged {adapter}",
+    )
 
 
 def _copy_tokenizer(candidates: list[Path], dst: Path) -> None:

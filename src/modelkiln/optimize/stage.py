@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelkiln.contract import EVAL_CARD, MODEL_DIR, SOURCE_DIR, VARIANT_JSON
 from modelkiln.errors import DataError, StageError
 from modelkiln.optimize.config import OptimizeConfig, OptimizeDataConfig
 from modelkiln.progress import QUIET, Progress
@@ -31,9 +32,7 @@ if TYPE_CHECKING:
 
     from modelkiln.optimize.api import OptimizeResult
     from modelkiln.optimize.gate import QualityMetric
-    from modelkiln.pipeline import StageContext
-
-SOURCE_DIR = "source"
+    from modelkiln.stages import StageContext
 
 
 def _spread(items: list[Any], n: int) -> list[Any]:
@@ -52,7 +51,7 @@ def _chunks(texts: list[str], size: int) -> list[str]:
 
 
 def _corpus_split(data_dir: Path, split: str) -> list[str]:
-    from modelkiln.data import load_corpus
+    from modelkiln.contract.corpus import load_corpus
 
     corpus = load_corpus(data_dir)
     texts = list(corpus[split]["text"]) if split in corpus else []
@@ -68,8 +67,8 @@ def lm_data(
     data_dir: Path, tokenizer: PreTrainedTokenizerBase, cfg: OptimizeDataConfig
 ) -> tuple[QualityMetric, list[dict[str, torch.Tensor]]]:
     """Held-out perplexity (corpus ``test`` split) and packed training batches (``train``)."""
+    from modelkiln.contract.corpus import pack_texts
     from modelkiln.optimize.gate import perplexity_metric
-    from modelkiln.train.data import pack_texts
 
     held_out = _spread(_chunks(_corpus_split(data_dir, "test"), cfg.chunk_chars), cfg.eval_texts)
     metric = perplexity_metric(held_out, tokenizer, max_length=cfg.max_length)
@@ -88,7 +87,7 @@ def encoder_data(
     data_dir: Path, tokenizer: PreTrainedTokenizerBase, cfg: OptimizeDataConfig
 ) -> tuple[QualityMetric, list[dict[str, torch.Tensor]]]:
     """Held-out code-search MRR@10 (pairs ``test`` split) and padded training batches."""
-    from modelkiln.data import load_pairs
+    from modelkiln.contract.corpus import load_pairs
     from modelkiln.optimize.gate import code_search_metric
 
     pairs = load_pairs(data_dir)
@@ -168,14 +167,10 @@ def load_section(path: str | Path | None, overrides: list[str]) -> OptimizeConfi
     Raises:
         ConfigError: the file is missing or malformed, or a field is invalid.
     """
-    from modelkiln.config import read_yaml
-    from modelkiln.optimize.config import load_optimize_config
+    from modelkiln.configbase import load_section as load_config_section
+    from modelkiln.optimize.config import OptimizeConfig
 
-    data: dict[str, Any] = read_yaml(path) if path is not None else {}
-    if isinstance(data.get("optimize"), dict):
-        data = data["optimize"]
-    sets = [o.removeprefix("optimize.") for o in overrides]
-    return load_optimize_config(data, sets)
+    return load_config_section(OptimizeConfig, path, overrides, section="optimize")
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -252,7 +247,7 @@ def _final_paths(tmp: Path, final: Path) -> None:
     texts = [tmp / "report.md", tmp / "optimize.json"]
     texts += [*tmp.glob("variants/*/eval_card.json"), *tmp.glob("variants/*/variant.json")]
     texts += [*tmp.glob("*/merge.json"), *tmp.glob("variants/*/merge.json")]
-    texts += [tmp / "model" / "eval_card.json", tmp / "model" / "variant.json"]
+    texts += [tmp / MODEL_DIR / EVAL_CARD, tmp / MODEL_DIR / VARIANT_JSON]
     for path in texts:
         if path.is_file():
             text = path.read_text(encoding="utf-8")

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelkiln.contract import MODEL_ONNX
 from modelkiln.optimize.config import Tolerance
 from modelkiln.optimize.quantize import _OnnxVariant
 from modelkiln.optimize.registry import VARIANTS, BuildContext
@@ -102,9 +103,9 @@ class OnnxTensorRtVariant(_OnnxVariant):
 
         fp16 = ctx.cfg.quant.tensorrt_fp16
         with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as tmp:
-            raw = Path(tmp) / "model.onnx"
+            raw = Path(tmp) / MODEL_ONNX
             outputs = self._export(ctx, raw)
-            shutil.copyfile(raw, out / "model.onnx")
+            shutil.copyfile(raw, out / MODEL_ONNX)
         (out / "tensorrt.json").write_text(json.dumps({"fp16": fp16}))
         self._finish(ctx, out)
         return {"format": "onnx", "outputs": outputs, "tensorrt_fp16": fp16, "kv_cache": False}
@@ -114,4 +115,4 @@ class OnnxTensorRtVariant(_OnnxVariant):
         from modelkiln.optimize.quantize import _spec
 
         fp16 = bool(json.loads((path / "tensorrt.json").read_text())["fp16"])
-        return _TrtRunnerFactory.make(path / "model.onnx", _spec(path), fp16)
+        return _TrtRunnerFactory.make(path / MODEL_ONNX, _spec(path), fp16)

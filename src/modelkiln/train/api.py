@@ -11,31 +11,38 @@ Example:
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import tempfile
-import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from modelkiln.artifacts import Artifact, hash_json, load_artifact, stage_writer
-from modelkiln.config import apply_overrides, format_validation_error
-from modelkiln.errors import ArtifactError, ConfigError, KilnError, QualityGateError
+from modelkiln.configbase import load_section
+from modelkiln.contract.merge import MERGE_ATOL, MergeReport, load_trained
+from modelkiln.contract.merge import merge_train_artifact as merge
+from modelkiln.errors import ArtifactError, KilnError
 from modelkiln.progress import QUIET, Progress
 from modelkiln.train.config import TrainConfig
-from modelkiln.train.outputs import TRAIN_JSON
 from modelkiln.train.stage import STAGE, train_into
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase, TrainerCallback
+    from transformers import TrainerCallback
 
-MERGE_ATOL = 1e-4
 """Max abs logit difference allowed between the merged model and base + adapter (fp32)."""
+
+
+# merge / load_trained live in the artifact contract (optimize uses them too); kept here as
+# the train package's public names.
+__all__ = [
+    "MERGE_ATOL",
+    "CodeModelTrainer",
+    "DistributedTrainer",
+    "MergeReport",
+    "load_trained",
+    "merge",
+    "train",
+    "train_other_rank",
+]
 
 
 def _maybe_artifact(path: str | Path | None) -> Artifact | None:
@@ -126,106 +133,6 @@ def train_other_rank(
         )  # fmt: skip
 
 
-def load_trained(path: str | Path, *, merged: bool = False) -> tuple[Any, PreTrainedTokenizerBase]:
-    """Load a train artifact's model (base + adapter as a ``PeftModel`` when it has one).
-
-    Args:
-        path: the train artifact directory.
-        merged: merge the adapter into the base and return a plain HF model.
-
-    Raises:
-        ArtifactError: the directory is not a train artifact.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    root = Path(path)
-    if not (root / TRAIN_JSON).is_file():
-        raise ArtifactError(
-            f"{root} is not a train artifact (no {TRAIN_JSON})", hint="run the train stage"
-        )
-    layout = json.loads((root / TRAIN_JSON).read_text(encoding="utf-8"))
-    base_ref = layout["model"]
-    base_path = root / base_ref if (root / base_ref).is_dir() else Path(base_ref)
-    source = str(base_path) if base_path.is_dir() else base_ref
-    model: Any = AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(root / layout["tokenizer"]))
-    if layout.get("adapter"):
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(root / layout["adapter"]))
-        if merged:
-            model = model.merge_and_unload()
-    model.eval()
-    return model, tokenizer
-
-
-@dataclass
-class MergeReport:
-    """Result of :func:`merge`: where the merged model is and how close it is."""
-
-    path: str
-    method: str
-    max_abs_diff: float
-    reload_max_abs_diff: float
-    atol: float
-
-
-def merge(artifact: str | Path, out_dir: str | Path, *, atol: float = MERGE_ATOL) -> MergeReport:
-    """Merge a train artifact's adapter into its base and save a full HF model.
-
-    The merged model's logits on a fixed probe batch must match base + adapter
-    within ``atol`` (max abs difference, fp32), both in memory and after
-    reloading the saved folder with plain ``transformers``. A QLoRA adapter is
-    merged into the full-precision base (the 4-bit base is only for training).
-
-    Raises:
-        ConfigError: the artifact has no mergeable adapter (full model, prompt tuning).
-        QualityGateError: the merged logits differ by more than ``atol``.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    root, out = Path(artifact), Path(out_dir)
-    model, tokenizer = load_trained(root)
-    layout = json.loads((root / TRAIN_JSON).read_text(encoding="utf-8"))
-    if not layout.get("adapter"):
-        raise ConfigError(f"{root} holds a full model: nothing to merge", hint="use model/ as is")
-    if layout["method"] == "prompt_tuning":
-        raise ConfigError(
-            "a prompt-tuning adapter cannot be merged (its virtual tokens are inputs, not weights)",
-            hint="serve it as base + adapter",
-        )
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, len(tokenizer), (2, min(64, layout["block_size"])), generator=gen)
-    with torch.no_grad():
-        reference = model(input_ids=ids).logits
-        merged = model.merge_and_unload()
-        diff = float((merged(input_ids=ids).logits - reference).abs().max())
-    if diff > atol:
-        raise QualityGateError(
-            f"merged model differs from base + adapter by {diff:.3g} (> atol {atol:g})",
-            hint="serve base + adapter instead, or check the adapter",
-        )
-    tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp)).eval()
-    with torch.no_grad():
-        reload_diff = float((reloaded(input_ids=ids).logits - reference).abs().max())
-    report = MergeReport(str(out), layout["method"], diff, reload_diff, atol)
-    if reload_diff > atol:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise QualityGateError(
-            f"reloaded merged model differs from base + adapter by {reload_diff:.3g}",
-            hint="check the saved files",
-        )
-    (tmp / "merge.json").write_text(json.dumps(asdict(report), indent=2), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return report
-
-
 class _TrainerFacade:
     """What the handbook's trainer facades share: a validated config, a run directory and
     the artifact of the last :meth:`train`, which :meth:`merge` turns into a full model."""
@@ -234,10 +141,7 @@ class _TrainerFacade:
         self, raw: dict[str, Any], overrides: Sequence[str], who: str, output_dir: str | Path,
         seed: int,
     ) -> None:  # fmt: skip
-        try:
-            self.config = TrainConfig.model_validate(apply_overrides(raw, list(overrides)))
-        except ValidationError as exc:
-            raise format_validation_error(exc, who) from None
+        self.config = load_section(TrainConfig, raw, list(overrides), label=who)
         self.output_dir = Path(output_dir)
         self.seed = seed
         self.artifact: Artifact | None = None

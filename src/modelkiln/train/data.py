@@ -23,19 +23,33 @@ Example:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkiln.errors import ArtifactError, ConfigError, DataError
+from modelkiln.contract import CORPUS_DIR
+from modelkiln.contract import corpus as corpus_reader
+from modelkiln.contract.corpus import pack, pack_texts, tokenize
+from modelkiln.errors import ConfigError, DataError
+
+# Tokenizing and packing are shared with the optimize stage (the contract layer has them).
+__all__ = [
+    "CORPUS_DIR",
+    "BlockDataset",
+    "TextSplits",
+    "blocks_digest",
+    "blocks_or_error",
+    "load_corpus",
+    "pack",
+    "pack_texts",
+    "split_texts",
+    "tokenize",
+]
 
 if TYPE_CHECKING:
     import torch
     from datasets import DatasetDict
-    from transformers import PreTrainedTokenizerBase
-
-CORPUS_DIR = "corpus"
 
 
 @dataclass
@@ -54,24 +68,7 @@ def load_corpus(data_dir: str | Path) -> DatasetDict:
     Raises:
         ArtifactError: there is no corpus with ``train`` and ``validation`` splits there.
     """
-    from datasets import DatasetDict, load_from_disk
-
-    path = Path(data_dir)
-    if (path / CORPUS_DIR).is_dir():
-        path = path / CORPUS_DIR
-    try:
-        corpus = load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as exc:
-        raise ArtifactError(
-            f"{path} holds no corpus dataset ({exc.__class__.__name__})",
-            hint="run the data stage first (kiln pipeline run CONFIG)",
-        ) from None
-    if not isinstance(corpus, DatasetDict) or not {"train", "validation"} <= set(corpus):
-        raise ArtifactError(
-            f"{path} is not a corpus DatasetDict with train and validation splits",
-            hint="re-run the data stage",
-        )
-    return corpus
+    return corpus_reader.load_corpus(data_dir, required=("train", "validation"))
 
 
 def _file_score(path: str) -> float:
@@ -125,61 +122,6 @@ def split_texts(corpus: Any, domain_modules: Sequence[str], eval_fraction: float
             hint="add modules to train.data.domain_modules",
         )
     return splits
-
-
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens added; special-token strings stay text."""
-    batch: list[str] = []
-    out: list[list[int]] = []
-
-    def flush() -> None:
-        if batch:
-            enc = tokenizer(
-                batch, add_special_tokens=False, split_special_tokens=True, verbose=False
-            )
-            out.extend(enc["input_ids"])
-            batch.clear()
-
-    for text in texts:
-        batch.append(text)
-        if len(batch) == 64:
-            flush()
-    flush()
-    return out
-
-
-def pack(
-    docs: Iterable[Sequence[int]], block_size: int, eos_id: int, max_tokens: int | None = None
-) -> torch.Tensor:
-    """Concatenate documents (each followed by ``eos_id``) into ``(n_blocks, block_size)`` int64.
-
-    ``max_tokens`` caps the packed tokens (whole blocks). The final partial block is dropped.
-    """
-    import numpy as np
-    import torch
-
-    arrays = [np.asarray([*doc, eos_id], dtype=np.int64) for doc in docs]
-    flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
-    n_blocks = len(flat) // block_size
-    if max_tokens is not None:
-        n_blocks = min(n_blocks, max_tokens // block_size)
-    return torch.from_numpy(flat[: n_blocks * block_size].reshape(n_blocks, block_size).copy())
-
-
-def pack_texts(
-    texts: Iterable[str],
-    tokenizer: PreTrainedTokenizerBase,
-    block_size: int,
-    max_tokens: int | None = None,
-) -> torch.Tensor:
-    """Tokenize and :func:`pack` texts with the tokenizer's ``eos`` as separator."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ConfigError(
-            "the tokenizer has no eos token to separate packed documents",
-            hint="use a tokenizer with an eos token (the tokenizer stage's has <|endoftext|>)",
-        )
-    return pack(tokenize(tokenizer, texts), block_size, int(eos), max_tokens)
 
 
 class BlockDataset:

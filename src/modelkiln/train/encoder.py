@@ -14,11 +14,13 @@ code->query. The encoder is adapted with LoRA through ``peft`` or fully.
     adapter/       the LoRA adapter in PEFT format (method "lora" only)
     metrics.json   zero-shot and tuned MRR@10 / recall@1, losses, timing, config
 
-:func:`train_encoder` (``kiln train encoder``) adds the data stage (pairs mined per
-split, so evaluation modules are never trained on), ``report.md`` and ``loss_curve.png``.
+:mod:`modelkiln.train.encoder_job` is the ``kiln train encoder`` job around it
+(pairs mined per split, so evaluation modules are never trained on, plus
+``report.md`` and ``loss_curve.png``); the retrieval measure itself is shared
+with the optimize stage in :mod:`modelkiln.contract.codesearch`.
 
 Example:
-    >>> from modelkiln.data.pairs import load_pairs
+    >>> from modelkiln.contract.corpus import load_pairs
     >>> pairs = load_pairs("runs/quickstart/data")
     >>> cfg = ContrastiveConfig(max_steps=200)
     >>> m = train_contrastive(pairs["train"], pairs["validation"], cfg, Path("runs/enc"))
@@ -37,7 +39,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from modelkiln.config import DataConfig, KilnModel
+from modelkiln.configbase import KilnModel
+from modelkiln.contract.codesearch import (
+    embed_batch,
+    encode,
+    evaluate_code_search,
+    retrieval_metrics,
+)
 from modelkiln.errors import ArtifactError, ConfigError, DataError, DependencyMissingError
 from modelkiln.progress import QUIET, Progress
 
@@ -47,11 +55,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
-    "MERGE_ATOL", "MINILM", "ContrastiveConfig", "EncoderJobConfig", "adapt_encoder",
-    "bf16_fast", "build_pairs", "encode", "evaluate_code_search", "fit_contrastive",
-    "info_nce_loss", "load_encoder", "load_encoder_job", "minilm_path", "pair_texts",
-    "render_encoder_report", "retrieval_metrics", "save_encoder", "train_contrastive",
-    "train_encoder",
+    "MERGE_ATOL", "MINILM", "ContrastiveConfig", "adapt_encoder", "bf16_fast", "embed_batch",
+    "encode", "evaluate_code_search", "fit_contrastive", "info_nce_loss", "load_encoder",
+    "minilm_path", "pair_texts", "retrieval_metrics", "save_encoder", "train_contrastive",
 ]  # fmt: skip
 
 MINILM = "minilm"
@@ -211,108 +217,6 @@ def adapt_encoder(model: PreTrainedModel, cfg: ContrastiveConfig) -> torch.nn.Mo
     return get_peft_model(model, lora)
 
 
-def _embed(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: list[str],
-    max_length: int,
-    pooling: str,
-    bf16: bool,
-) -> torch.Tensor:
-    """Normalized embeddings ``(len(texts), hidden)`` of one batch, with autograd if enabled."""
-    import torch
-    import torch.nn.functional as F
-
-    device = next(model.parameters()).device
-    batch = tokenizer(
-        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    ).to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        hidden = model(**batch).last_hidden_state.float()  # (B, T, H)
-    if pooling == "cls":
-        pooled = hidden[:, 0]
-    else:
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return F.normalize(pooled, p=2, dim=-1)
-
-
-def encode(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: list[str],
-    batch_size: int = 64,
-    max_length: int = 128,
-    *,
-    pooling: Literal["mean", "cls"] = "mean",
-    bf16: bool = False,
-) -> torch.Tensor:
-    """L2-normalized embeddings ``(len(texts), hidden)`` in fp32 on the CPU, in input order.
-
-    Texts are batched longest-first so each batch pads little; the model runs in eval mode.
-    """
-    import torch
-
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-    parts: list[torch.Tensor] = []
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = [texts[i] for i in order[start : start + batch_size]]
-            parts.append(_embed(model, tokenizer, chunk, max_length, pooling, bf16).cpu())
-    model.train(was_training)
-    if not parts:
-        return torch.empty(0, 0)
-    out = torch.empty(len(texts), parts[0].shape[1])
-    out[torch.tensor(order)] = torch.cat(parts)
-    return out
-
-
-def retrieval_metrics(queries: torch.Tensor, docs: torch.Tensor, k: int = 10) -> dict[str, float]:
-    """MRR@k, recall@1 and recall@k of ``queries[i]`` retrieving ``docs[i]`` among all ``docs``.
-
-    Scores are dot products (cosine for normalized rows). The rank of the
-    positive is 1 + the number of documents scoring strictly higher (ties
-    favour the positive; exact duplicate codes are removed before evaluating).
-    """
-    import torch
-
-    scores = queries.float() @ docs.float().T  # (N, N)
-    positive = scores.diagonal().unsqueeze(1)
-    rank = 1 + (scores > positive).sum(dim=1)  # (N,)
-    reciprocal = torch.where(
-        rank <= k, 1.0 / rank.float(), torch.zeros_like(rank, dtype=torch.float)
-    )
-    return {
-        f"mrr@{k}": float(reciprocal.mean()),
-        "recall@1": float((rank == 1).float().mean()),
-        f"recall@{k}": float((rank <= k).float().mean()),
-        "n": len(rank),
-    }
-
-
-def evaluate_code_search(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    docstrings: list[str],
-    codes: list[str],
-    k: int = 10,
-    *,
-    batch_size: int = 64,
-    max_length: int = 128,
-    pooling: Literal["mean", "cls"] = "mean",
-    bf16: bool = False,
-) -> dict[str, float]:
-    """Retrieve each docstring's own code among all ``codes``; see :func:`retrieval_metrics`."""
-    if len(docstrings) != len(codes) or len(codes) < 2:
-        raise DataError(f"need >= 2 aligned pairs to evaluate, got {len(docstrings)}/{len(codes)}")
-    opts: dict[str, Any] = {"pooling": pooling, "bf16": bf16}
-    q = encode(model, tokenizer, docstrings, batch_size, max_length, **opts)
-    d = encode(model, tokenizer, codes, batch_size, max_length, **opts)
-    return retrieval_metrics(q, d, k)
-
-
 def info_nce_loss(queries: torch.Tensor, docs: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE over in-batch negatives: row ``i`` of each side pairs with row ``i``."""
     import torch
@@ -401,8 +305,8 @@ def fit_contrastive(
         for group in optimizer.param_groups:
             group["lr"] = cfg.peak_lr * _lr_factor(len(losses), total, elapsed, cfg)
         idx = next(batches)
-        q = _embed(model, tokenizer, [docstrings[i] for i in idx], *args)
-        d = _embed(model, tokenizer, [codes[i] for i in idx], *args)
+        q = embed_batch(model, tokenizer, [docstrings[i] for i in idx], *args)
+        d = embed_batch(model, tokenizer, [codes[i] for i in idx], *args)
         loss = info_nce_loss(q, d, cfg.temperature)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -534,145 +438,3 @@ def train_contrastive(
     payload = {"metrics": metrics, "config": cfg.model_dump(mode="json")}
     (Path(out_dir) / "metrics.json").write_text(json.dumps(payload, indent=2))
     return metrics
-
-
-# -- the ``kiln train encoder`` job --------------------------------------------------------
-
-_PIPELINE_ONLY = {"seed", "stages", "tokenizer", "train", "optimize", "serve"}
-ENCODER_STAGE = "encoder"
-ENCODER_LOSS_PLOT = "loss_curve.png"
-
-
-class EncoderJobConfig(KilnModel):
-    """``kiln train encoder``: the pairs data to build or reuse, and the fine-tune.
-
-    Reads a pipeline YAML (``run``, ``runs_dir``, ``data``; the other stages' sections are
-    ignored) plus an ``encoder:`` section with :class:`ContrastiveConfig` fields.
-    """
-
-    run: str = Field(
-        "quickstart",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-        description="Run name: pairs come from <runs_dir>/<run>/data (built when missing).",
-    )
-    runs_dir: Path = Field(Path("runs"), description="Directory holding all runs.")
-    data: DataConfig = Field(
-        default_factory=DataConfig, description="The data stage (pairs are mined there)."
-    )
-    encoder: ContrastiveConfig = Field(
-        default_factory=ContrastiveConfig, description="The contrastive fine-tune."
-    )
-    eval_split: Literal["validation", "test"] = Field(
-        "validation",
-        description="Pairs split to evaluate on; its top-level modules are never in 'train'.",
-    )
-    out: Path | None = Field(None, description="Output folder; None = <runs_dir>/<run>/encoder.")
-
-    @property
-    def out_dir(self) -> Path:
-        """Where the model, adapter, metrics and report go."""
-        return self.out or self.runs_dir / self.run / ENCODER_STAGE
-
-
-def load_encoder_job(
-    path: str | Path | None = None,
-    overrides: list[str] | None = None,
-    named: dict[str, Any] | None = None,
-) -> EncoderJobConfig:
-    """Load an :class:`EncoderJobConfig` from YAML, ``--set`` overrides and named flags.
-
-    Raises:
-        ConfigError: the file is missing or malformed, or a field is unknown or invalid.
-    """
-    from pydantic import ValidationError
-
-    from modelkiln.config import apply_overrides, format_validation_error, read_yaml
-
-    raw = read_yaml(path) if path is not None else {}
-    raw = {k: v for k, v in raw.items() if k not in _PIPELINE_ONLY}
-    raw = apply_overrides(raw, overrides or [])
-    raw.update({k: v for k, v in (named or {}).items() if v is not None})
-    try:
-        return EncoderJobConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise format_validation_error(exc, str(path) if path else "config") from None
-
-
-def build_pairs(job: EncoderJobConfig, progress: Progress = QUIET) -> Path:
-    """The data artifact with the code-search pairs: run (or reuse) the data stage.
-
-    Raises:
-        ConfigError: pair extraction is disabled in ``data.pairs``.
-    """
-    from modelkiln.config import PipelineConfig
-    from modelkiln.pipeline import run_pipeline
-
-    if not job.data.pairs.enabled:
-        raise ConfigError(
-            "data.pairs.enabled is false: the encoder trains on docstring -> code pairs",
-            hint="set data.pairs.enabled=true",
-        )
-    cfg = PipelineConfig(run=job.run, runs_dir=job.runs_dir, data=job.data, stages=["data"])
-    result = run_pipeline(cfg, progress=progress, write_report=False)
-    artifact = result.outcome("data").artifact
-    assert artifact is not None  # run_pipeline raises when the stage fails
-    return artifact.path
-
-
-def plot_losses(losses: list[float], path: Path) -> Path:
-    """The InfoNCE loss of every training step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses, color="#4f81bd")
-    ax.set_xlabel("step")
-    ax.set_ylabel("symmetric InfoNCE loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def render_encoder_report(metrics: dict[str, Any], cfg: ContrastiveConfig, split: str) -> str:
-    """Markdown ``## Encoder``: zero-shot vs tuned retrieval on held-out modules."""
-    rows = [("MRR@10", "mrr@10"), ("recall@1", "recall@1"), ("recall@10", "recall@10")]
-    lines = [
-        "## Encoder",
-        "",
-        f"Code search: each docstring retrieves its function among {metrics['eval_pairs']} "
-        f"held-out codes (the '{split}' pairs, whose top-level modules training never saw). "
-        f"Model `{cfg.model}`, method {cfg.method}, {metrics['steps']} steps of "
-        f"{min(cfg.batch_size, metrics['train_pairs'])} pairs ({metrics['train_pairs']} "
-        f"training pairs), {metrics['train_seconds']:.0f} s, "
-        f"{metrics['trainable_params']:,} / {metrics['total_params']:,} parameters trained.",
-        "",
-        "| metric | zero-shot | tuned | change |",
-        "|---|---:|---:|---:|",
-    ]
-    for label, key in rows:
-        zero, tuned = metrics[f"zero_shot_{key}"], metrics[f"tuned_{key}"]
-        lines.append(f"| {label} | {zero:.3f} | {tuned:.3f} | {tuned - zero:+.3f} |")
-    lines += ["", f"![loss]({ENCODER_LOSS_PLOT})"]
-    return "\n".join(lines) + "\n"
-
-
-def train_encoder(job: EncoderJobConfig, progress: Progress = QUIET) -> dict[str, Any]:
-    """Build or reuse the pairs, fine-tune, evaluate, write model, adapter, metrics and report.
-
-    Example:
-        >>> m = train_encoder(load_encoder_job("configs/quickstart.yaml", ["encoder.max_steps=50"]))
-        >>> m["zero_shot_mrr@10"], m["tuned_mrr@10"], m["report"]
-    """
-    from modelkiln.data.pairs import load_pairs
-
-    pairs = load_pairs(build_pairs(job, progress))
-    out = job.out_dir
-    metrics = train_contrastive(pairs["train"], pairs[job.eval_split], job.encoder, out, progress)
-    plot_losses(metrics["losses"], out / ENCODER_LOSS_PLOT)
-    report = out / "report.md"
-    report.write_text(render_encoder_report(metrics, job.encoder, job.eval_split), "utf-8")
-    return {**metrics, "report": str(report), "out_dir": str(out)}

@@ -26,7 +26,7 @@ from modelkiln.train.report import LOSS_PLOT, plot_loss, render_report
 if TYPE_CHECKING:
     from transformers import TrainerCallback
 
-    from modelkiln.pipeline import StageContext
+    from modelkiln.stages import StageContext
 
 STAGE = "train"
 MONITOR_DIR = "monitor"

@@ -53,7 +53,7 @@ def config(tmp_path: Path, source: Path, **data: object) -> PipelineConfig:
 
 def test_stage_builds_loadable_datasets_then_caches(tmp_path: Path, tree: Path) -> None:
     cfg = config(tmp_path, tree)
-    result = run_pipeline(cfg, write_report=False)
+    result = run_pipeline(cfg, report=None)
     outcome = result.outcome("data")
     assert outcome.status == "ran" and outcome.artifact is not None
     stage_dir = outcome.artifact.path
@@ -97,13 +97,13 @@ def test_stage_builds_loadable_datasets_then_caches(tmp_path: Path, tree: Path) 
     assert report.startswith("## Data") and "![" in report and "(data_splits.png)" in report
     assert (stage_dir / "data_splits.png").read_bytes()[:4] == b"\x89PNG"
 
-    again = run_pipeline(cfg, write_report=False)
+    again = run_pipeline(cfg, report=None)
     assert again.outcome("data").status == "cached"
 
 
 def test_pairs_and_humaneval_optional(tmp_path: Path, tree: Path) -> None:
     cfg = config(tmp_path, tree, humaneval=False, pairs=PairsConfig(enabled=False), max_files=5)
-    stage_dir = run_pipeline(cfg, write_report=False).run_dir / "data"
+    stage_dir = run_pipeline(cfg, report=None).run_dir / "data"
     assert sum(len(split) for split in load_corpus(stage_dir).values()) == 5
     assert not (stage_dir / "pairs").exists() and not (stage_dir / "humaneval").exists()
     with pytest.raises(ArtifactError, match="pairs"):
@@ -115,7 +115,7 @@ def test_pairs_and_humaneval_optional(tmp_path: Path, tree: Path) -> None:
 def test_missing_source_is_a_data_error(tmp_path: Path) -> None:
     cfg = config(tmp_path, tmp_path / "missing-dir")
     with pytest.raises(DataError, match="missing-dir") as info:
-        run_pipeline(cfg, write_report=False)
+        run_pipeline(cfg, report=None)
     assert info.value.hint
     assert not (cfg.run_dir / "data").exists()
 
@@ -123,7 +123,7 @@ def test_missing_source_is_a_data_error(tmp_path: Path) -> None:
 def test_nothing_left_after_exclusion_is_a_data_error(tmp_path: Path, tree: Path) -> None:
     cfg = config(tmp_path, tree, exclude=["*.py"])
     with pytest.raises(DataError, match=r"no \.py files left"):
-        run_pipeline(cfg, write_report=False)
+        run_pipeline(cfg, report=None)
 
 
 def test_package_import_is_light() -> None:
@@ -137,7 +137,7 @@ def test_package_import_is_light() -> None:
 def test_an_empty_split_is_saved_and_loads_back_empty(tmp_path: Path, tree: Path) -> None:
     cfg = config(tmp_path, tree)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"test_fraction": 0.0})})
-    artifact = run_pipeline(cfg, write_report=False).outcome("data").artifact
+    artifact = run_pipeline(cfg, report=None).outcome("data").artifact
     assert artifact is not None
     corpus, pairs = load_corpus(artifact.path), load_pairs(artifact.path)
     assert len(corpus["test"]) == 0 and corpus["test"].column_names == CORPUS_COLUMNS

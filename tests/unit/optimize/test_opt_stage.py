@@ -59,7 +59,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data_cfg = DataConfig(source=str(_tree(root / "src")), validation_fraction=0.2,
                           test_fraction=0.3, humaneval=False)  # fmt: skip
     cfg = PipelineConfig(run="t", runs_dir=root / "runs", stages=["data"], data=data_cfg)
-    data = run_pipeline(cfg, write_report=False).outcome("data").artifact
+    data = run_pipeline(cfg, report=None).outcome("data").artifact
     assert data is not None
     tok = AutoTokenizer.from_pretrained(str(th.make_tokenizer(root, data.path) / "tokenizer"))
     torch.manual_seed(0)

@@ -68,12 +68,12 @@ def test_bad_launch_values_are_config_errors(spec: LaunchSpec, match: str) -> No
 
 def test_torchrun_command() -> None:
     spec = LaunchSpec(nproc=2, nnodes=2, node_rank=1, master_addr="node0", master_port=29611)
-    cmd = torchrun_command(spec, ["-m", "modelkiln.train.launch", "job.json"])
+    cmd = torchrun_command(spec, ["-m", "modelkiln.train.worker", "job.json"])
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     for flag in ("--nproc-per-node=2", "--nnodes=2", "--node-rank=1", "--master-addr=node0",
                  "--master-port=29611"):  # fmt: skip
         assert flag in cmd
-    assert cmd[-3:] == ["-m", "modelkiln.train.launch", "job.json"]
+    assert cmd[-3:] == ["-m", "modelkiln.train.worker", "job.json"]
     assert spec.world_size == 4
 
 

@@ -26,6 +26,7 @@ from pydantic import ValidationError  # noqa: E402
 
 from modelkiln.errors import ConfigError, DataError, DependencyMissingError  # noqa: E402
 from modelkiln.train import encoder as enc  # noqa: E402
+from modelkiln.train import encoder_job  # noqa: E402
 
 TRAIN_MODULES = ["textwrap", "shlex", "json.decoder", "json.encoder"]
 EVAL_MODULES = ["string", "fnmatch", "glob", "base64"]
@@ -299,16 +300,16 @@ def job_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_encoder_job_config_and_errors(job_inputs: dict[str, Path]) -> None:
-    job = enc.load_encoder_job(job_inputs["config"], ["encoder.r=4"], {"run": "other"})
+    job = encoder_job.load_encoder_job(job_inputs["config"], ["encoder.r=4"], {"run": "other"})
     assert job.encoder.r == 4 and job.run == "other" and job.encoder.max_length == 32
     assert job.out_dir == job_inputs["root"] / "runs" / "other" / "encoder"
     with pytest.raises(ConfigError, match="encoder.batchsize"):
-        enc.load_encoder_job(job_inputs["config"], ["encoder.batchsize=4"])
+        encoder_job.load_encoder_job(job_inputs["config"], ["encoder.batchsize=4"])
     with pytest.raises(ConfigError, match="eval_split"):
-        enc.load_encoder_job(None, ["eval_split=train"])
-    no_pairs = enc.load_encoder_job(None, ["data.pairs.enabled=false"])
+        encoder_job.load_encoder_job(None, ["eval_split=train"])
+    no_pairs = encoder_job.load_encoder_job(None, ["data.pairs.enabled=false"])
     with pytest.raises(ConfigError, match="pairs.enabled"):
-        enc.build_pairs(no_pairs)
+        encoder_job.check_pairs_enabled(no_pairs)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -334,7 +335,7 @@ def test_kiln_train_encoder_cli(method: str, job_inputs: dict[str, Path], tmp_pa
     report = (out / "report.md").read_text()
     assert report.startswith("## Encoder") and "| MRR@10 |" in report and "| recall@1 |" in report
     # evaluation pairs come from modules that training never saw
-    from modelkiln.data.pairs import load_pairs
+    from modelkiln.contract.corpus import load_pairs
 
     pairs = load_pairs(data)
     assert not set(pairs["train"]["module"]) & set(pairs["validation"]["module"])

@@ -31,6 +31,7 @@ import torch
 
 from modelkiln.optimize.prune.config import PruneConfig
 from modelkiln.optimize.prune.training import feed
+from modelkiln.optimize.prune.unstructured import counts_for, prunable_layers
 
 
 def project(ratios: np.ndarray, sizes: np.ndarray, sparsity: float, max_ratio: float) -> np.ndarray:
@@ -42,23 +43,6 @@ def project(ratios: np.ndarray, sizes: np.ndarray, sparsity: float, max_ratio: f
         mean = float(np.clip(ratios + mid, 0.0, max_ratio) @ sizes / sizes.sum())
         lo, hi = (mid, hi) if mean < sparsity else (lo, mid)
     return np.clip(ratios + (lo + hi) / 2, 0.0, max_ratio)
-
-
-def counts_for(ratios: list[float], sizes: list[int], sparsity: float) -> list[int]:
-    """Weights to zero per layer: ``round(ratio * size)``, corrected so the total is exactly
-    ``round(sparsity * sum(sizes))`` (the remainder goes to the layers rounded the most)."""
-    want = round(sparsity * sum(sizes))
-    raw = np.asarray(ratios, dtype=np.float64) * np.asarray(sizes)
-    counts = np.floor(raw).astype(np.int64)
-    order = np.argsort(-(raw - counts), kind="stable")
-    i = 0
-    while counts.sum() != want:
-        j = order[i % len(order)]
-        step = 1 if counts.sum() < want else -1
-        if 0 <= counts[j] + step <= sizes[j]:
-            counts[j] += step
-        i += 1
-    return [int(c) for c in counts]
 
 
 @dataclass
@@ -91,8 +75,6 @@ class _Evaluator:
     def __init__(
         self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], weight: float
     ) -> None:
-        from modelkiln.optimize.prune.unstructured import prunable_layers
-
         self.model = copy.deepcopy(model).eval()
         self.layers: list[tuple[str, Any]] = prunable_layers(self.model)
         self.originals = [m.weight.detach().clone() for _, m in self.layers]

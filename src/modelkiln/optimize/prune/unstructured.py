@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.utils import prune
 from transformers.pytorch_utils import Conv1D
@@ -24,6 +25,23 @@ from modelkiln.optimize.prune.config import Criterion
 from modelkiln.optimize.prune.training import accumulate_taylor
 
 SKIP_NAMES = ("lm_head", "pooler", "classifier", "score")
+
+
+def counts_for(ratios: list[float], sizes: list[int], sparsity: float) -> list[int]:
+    """Weights to zero per layer: ``round(ratio * size)``, corrected so the total is exactly
+    ``round(sparsity * sum(sizes))`` (the remainder goes to the layers rounded the most)."""
+    want = round(sparsity * sum(sizes))
+    raw = np.asarray(ratios, dtype=np.float64) * np.asarray(sizes)
+    counts = np.floor(raw).astype(np.int64)
+    order = np.argsort(-(raw - counts), kind="stable")
+    i = 0
+    while counts.sum() != want:
+        j = order[i % len(order)]
+        step = 1 if counts.sum() < want else -1
+        if 0 <= counts[j] + step <= sizes[j]:
+            counts[j] += step
+        i += 1
+    return [int(c) for c in counts]
 
 
 def prunable_layers(model: torch.nn.Module) -> list[tuple[str, Any]]:
@@ -155,13 +173,11 @@ def prune_unstructured_step(
     Args:
         layer_ratios: per-layer sparsities (e.g. from the evolutionary search); their
             weight-count-weighted mean must round to the same total (see
-            :func:`~modelkiln.optimize.prune.search.counts_for`). None: one global ranking.
+            :func:`counts_for`). None: one global ranking.
 
     Returns:
         The number of masked weights.
     """
-    from modelkiln.optimize.prune.search import counts_for
-
     layers = prunable_layers(model)
     taylor = taylor_scores(model, layers, batches, causal) if criterion == "taylor" else None
     scores = _scores(layers, criterion, taylor)

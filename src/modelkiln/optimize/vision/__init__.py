@@ -1,6 +1,15 @@
 """The plain-PyTorch CNN path: a digits CNN, conv-BN fusion, static int8, channel pruning,
 distillation and a safe checkpoint format for plain ``torch.nn.Module`` models.
 
+Why it is not in the variant registry: registry variants are built from a Hugging Face
+model folder (a :class:`~modelkiln.contract.hfmodel.ModelSpec` read from ``config.json``,
+tokenized text inputs, the transformer quality gates); a plain ``nn.Module`` has none of
+that. This path shares the same contracts and core mechanisms instead: the ONNX graph
+file name (:data:`modelkiln.contract.MODEL_ONNX`), the one export-error path
+(:func:`modelkiln.onnxexport.export_guard`), the CPU ONNX Runtime session
+(:func:`modelkiln.onnxrt.cpu_session`) and the optimize stage's timing helpers, and
+:func:`modelkiln.optimize.sources.prepare_source` sends a ``module.json`` checkpoint here.
+
 Modules (all but :mod:`~modelkiln.optimize.vision.config` import torch when used):
 
 * :mod:`~modelkiln.optimize.vision.config`: :class:`CnnOptimizeConfig`;

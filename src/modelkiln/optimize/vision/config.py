@@ -9,7 +9,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -100,15 +100,6 @@ def load_cnn_config(
         ConfigError: the file is missing or malformed, or a field is invalid (the message
             names the field, the bad value and the fix).
     """
-    from pydantic import ValidationError
+    from modelkiln.configbase import load_section
 
-    from modelkiln.config import apply_overrides, format_validation_error, read_yaml
-
-    data: dict[str, Any] = read_yaml(source) if source is not None else {}
-    if isinstance(data.get("cnn"), dict):
-        data = data["cnn"]
-    data = apply_overrides(data, [o.removeprefix("cnn.") for o in overrides or []])
-    try:
-        return CnnOptimizeConfig.model_validate(data)
-    except ValidationError as exc:
-        raise format_validation_error(exc, str(source) if source else "cnn config") from None
+    return load_section(CnnOptimizeConfig, source, overrides, section="cnn", label="cnn config")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from modelkiln.errors import ConfigError, StageError
+from modelkiln.contract import MODEL_ONNX
+from modelkiln.errors import ConfigError
+from modelkiln.onnxexport import export_guard
 from modelkiln.optimize.export import quiet_root_logger
-from modelkiln.optimize.vision.model import eval_mode
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,28 +38,22 @@ def export_cnn_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: 
         StageError: the exporter fails (the message names the model class).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    eval_mode(model)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (example[:2],),
-                str(path),
-                input_names=[INPUT],
-                output_names=[OUTPUT],
-                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-                opset_version=opset,
-                dynamo=False,
-            )
-    except Exception as exc:  # boundary: any exporter failure becomes one clear error
-        raise StageError(
-            f"ONNX export of {type(model).__name__} failed: {exc}",
-            hint="keep the forward pass free of data-dependent Python control flow",
-        ) from exc
-    finally:
-        nn.Module.train(model, was_training)
+    with export_guard(
+        model,
+        f"ONNX export of {type(model).__name__} failed",
+        hint="keep the forward pass free of data-dependent Python control flow",
+        cause=False,
+    ):
+        torch.onnx.export(
+            model,
+            (example[:2],),
+            str(path),
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
     return path
 
 
@@ -113,7 +107,7 @@ def quantize_cnn_static(
 
     # The calibrator writes an augmented model next to its input: work on a copy in tmp.
     with tempfile.TemporaryDirectory(prefix="kiln-cnn-calib-") as tmp, quiet_root_logger():
-        local = Path(tmp) / "model.onnx"
+        local = Path(tmp) / MODEL_ONNX
         shutil.copyfile(src, local)
         dst.parent.mkdir(parents=True, exist_ok=True)
         quantize_static(

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelkiln.contract import MODEL_ONNX
 from modelkiln.errors import ConfigError, StageError
 from modelkiln.optimize.bench import torch_threads
 from modelkiln.optimize.vision.checkpoint import load_module, save_module
@@ -279,8 +280,8 @@ def _onnx_variants(
     details: dict[str, Any],
 ) -> dict[str, Path]:
     """The teacher as ONNX fp32 and as static int8 calibrated on training images."""
-    fp32 = export_cnn_onnx(teacher, data.x_test, vdir / "onnx-fp32/model.onnx")
-    int8 = vdir / "onnx-int8-static/model.onnx"
+    fp32 = export_cnn_onnx(teacher, data.x_test, vdir / "onnx-fp32" / MODEL_ONNX)
+    int8 = vdir / "onnx-int8-static" / MODEL_ONNX
     calib = [x for x, _ in data.batches(cfg.batch_size, seed=cfg.seed)]
     rr = None if cfg.reduce_range == "auto" else bool(cfg.reduce_range)
     details["int8"] = quantize_cnn_static(

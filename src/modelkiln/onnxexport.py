@@ -1,0 +1,66 @@
+"""The one way an ONNX / torch.export failure becomes a clear error (torch-free to import).
+
+Exporters wrap the real problem in layers of their own exceptions and print
+pages of warnings; every exporter call in modelkiln runs inside
+:func:`export_guard`, which puts the model in eval mode, silences the
+warnings, turns any failure into one :class:`~modelkiln.errors.StageError`
+line naming the innermost cause, and restores the model's training mode.
+
+Example:
+    >>> with export_guard(model, f"ONNX export cannot handle {arch}", hint="use torch-fp32"):
+    ...     torch.onnx.export(model, args, "model.onnx")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from modelkiln.errors import StageError
+
+__all__ = ["export_guard", "root_cause"]
+
+
+def root_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost chained exception (exporters wrap the real one)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+@contextlib.contextmanager
+def export_guard(model: Any, what: str, *, hint: str, cause: bool = True) -> Iterator[None]:
+    """Run an export of ``model`` in eval mode, warnings silenced, failures as one ``StageError``.
+
+    Args:
+        model: a ``torch.nn.Module`` (its training mode is restored afterwards); None: none.
+        what: the message head, e.g. ``"ONNX export cannot handle GPT2LMHeadModel"``.
+        hint: the fix the error suggests.
+        cause: append ``(Type: first line)`` of the root cause (else ``: message``).
+
+    Raises:
+        StageError: the block raised any exception.
+    """
+    was_training = bool(getattr(model, "training", False))
+    if model is not None:
+        _set_mode(model, False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except Exception as exc:  # boundary: any exporter failure becomes one clear line
+        detail = f" ({root_cause(exc)})" if cause else f": {exc}"
+        raise StageError(f"{what}{detail}", hint=hint) from exc
+    finally:
+        if model is not None:
+            _set_mode(model, was_training)
+
+
+def _set_mode(model: Any, training: bool) -> None:
+    # nn.Module.train itself: a user module may shadow .train / .eval with its own attribute.
+    import torch
+
+    torch.nn.Module.train(model, training)
