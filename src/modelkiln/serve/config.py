@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
-from modelkiln.config import KilnModel, apply_overrides, format_validation_error, read_yaml
+from modelkiln.configbase import KilnModel, load_section
 from modelkiln.hardware import Precision
 
 #: Environment variable holding comma-separated API keys (added to ``api_keys``).
@@ -190,10 +190,4 @@ def load_serve_config(
     Raises:
         ConfigError: the file is missing or malformed, or a field is unknown or invalid.
     """
-    data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides or [])
-    data.update({k: v for k, v in (named or {}).items() if v is not None})
-    try:
-        return ServeConfig.model_validate(data)
-    except ValidationError as exc:
-        raise format_validation_error(exc, str(path) if path else "serve config") from None
+    return load_section(ServeConfig, path, overrides, named=named, label="serve config")
