@@ -16,7 +16,9 @@ Example (tests drive it like the generation scheduler, with a fake clock):
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -44,6 +46,18 @@ DriftProbe = Callable[[str, str], bool]
 """``(model, version) -> True`` when monitoring reports drift on that version."""
 
 
+def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run under the controller's lock: the check thread and admin calls never interleave
+    a load-modify-save of the same state."""
+
+    @functools.wraps(method)
+    def wrapper(self: Controller, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Controller:
     """Runs every model's rollout: start, tick (checks), promote, rollback, abort, resume."""
 
@@ -63,8 +77,10 @@ class Controller:
         self.apply = apply or (lambda _m, _p: None)
         self.on_finish = on_finish or (lambda _s: None)
         self.drift = drift
+        self._lock = threading.RLock()
 
     # -- commands ------------------------------------------------------------
+    @_locked
     def start(self, spec: RolloutSpec) -> RolloutState:
         """Start a rollout; refuse while another rollout of the same model is active.
 
@@ -93,14 +109,17 @@ class Controller:
             self._commit(state, "start", f"{spec.strategy} rollout started")
         return state
 
+    @_locked
     def promote(self, model: str, reason: str = "promoted by an operator") -> RolloutState:
         """Finish now with the candidate at 100 %."""
         return self._finish(self._active(model), "promoted", "promote", reason)
 
+    @_locked
     def rollback(self, model: str, reason: str = "rolled back by an operator") -> RolloutState:
         """Finish now with the baseline at 100 %."""
         return self._finish(self._active(model), "rolled-back", "rollback", reason)
 
+    @_locked
     def abort(self, model: str, reason: str = "aborted by an operator") -> RolloutState:
         """Stop the rollout; traffic goes back to the baseline."""
         return self._finish(self._active(model), "aborted", "abort", reason)
@@ -114,6 +133,7 @@ class Controller:
         state = self.store.load(model)
         return policy_for(state) if state else None
 
+    @_locked
     def resume(self) -> list[RolloutState]:
         """After a restart: re-apply every active rollout's policy, or revert it (on_restart)."""
         out = []
@@ -128,6 +148,7 @@ class Controller:
         return out
 
     # -- checks --------------------------------------------------------------
+    @_locked
     def tick(self) -> list[Decision]:
         """Run every check that is due; return the decisions taken."""
         decisions = []
