@@ -1,0 +1,139 @@
+"""Keep third-party output out of the user's terminal: warnings, library log lines and
+progress bars go to a log file (``runs/<run>/<stage>/log.txt``, the server's log ...).
+
+Inside :func:`capture_output`, everything written to ``sys.stderr`` — Python warnings,
+the log handlers torch / transformers / bitsandbytes / torchao install, tqdm bars
+("Loading weights", "Writing model shards") — lands in the file. modelkiln's own lines
+reach the user through :class:`~modelkiln.progress.Progress` (stdout), so they stay.
+With :func:`set_verbose` (the CLI's ``--debug`` / ``-v``) the output is also shown.
+
+A few third-party messages matter to the user; :data:`NOTICES` rephrases them in
+modelkiln's words, with the fix, and passes them to ``notice`` once per process.
+
+Example:
+    >>> with capture_output(Path("runs/x/train/log.txt"), notice=progress.message):
+    ...     train(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+LOG_FILE = "log.txt"
+# (pattern in third-party output, what modelkiln tells the user instead)
+NOTICES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (
+        re.compile(r"Failed to load CPU gemm_4bit_forward"),
+        "QLoRA: bitsandbytes uses its slower built-in 4-bit CPU kernel here "
+        "(fix: pip install 'kernels>=0.11.1' for the fused one)",
+    ),
+    (
+        re.compile(r"an autograd kernel was not registered.*bitsandbytes", re.S),
+        "QLoRA: a 4-bit layer ran a kernel without backward during training, so gradients "
+        "may be wrong (fix: report it; modelkiln keeps bitsandbytes on its autograd path)",
+    ),
+)
+_state: dict[str, bool] = {"verbose": False}
+_said: set[str] = set()
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show captured third-party output in the terminal too (``--debug`` / ``-v``)."""
+    _state["verbose"] = verbose
+
+
+class _Router(io.TextIOBase):
+    """Stands in for ``sys.stderr``: writes go to the innermost capture, else the terminal.
+
+    Installed once and left in place, so handlers and bars created during a capture
+    keep a stream that is still valid after it ends.
+    """
+
+    def __init__(self, real: TextIO) -> None:
+        self.real = real
+        self.targets: list[tuple[TextIO, Callable[[str], None] | None]] = []
+
+    def write(self, text: str) -> int:
+        if not self.targets:
+            return self.real.write(text)
+        target, notice = self.targets[-1]
+        target.write(text)
+        if _state["verbose"]:
+            self.real.write(text)
+        if notice is not None:
+            _notice(text, notice)
+        return len(text)
+
+    def flush(self) -> None:
+        for target, _ in self.targets[-1:]:
+            target.flush()
+        self.real.flush()
+
+    def isatty(self) -> bool:
+        return not self.targets and self.real.isatty()
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.real, "encoding", "utf-8")
+
+
+def _notice(text: str, notice: Callable[[str], None]) -> None:
+    for pattern, message in NOTICES:
+        if message not in _said and pattern.search(text):
+            _said.add(message)
+            notice(message)
+
+
+def _router() -> _Router:
+    """The installed router (installing it on first use)."""
+    if not isinstance(sys.stderr, _Router):
+        sys.stderr = _Router(sys.stderr)
+    router = sys.stderr
+    # Handlers made before the router (torch's, transformers') hold the real stderr.
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and handler.stream is router.real:
+                handler.setStream(router)
+    return router
+
+
+@contextlib.contextmanager
+def capture_output(
+    path: Path,
+    *,
+    notice: Callable[[str], None] | None = None,
+    keep_on_error: Path | None = None,
+) -> Iterator[Path]:
+    """Send third-party stderr output (warnings, log lines, bars) to ``path`` while inside.
+
+    Args:
+        path: the log file (appended to; parent folders are created).
+        notice: called once per process with modelkiln's rephrasing of a known message.
+        keep_on_error: copy the log here when the block raises (its folder may be discarded).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    router = _router()  # warnings.showwarning and tqdm write to sys.stderr when they fire
+    with path.open("a", encoding="utf-8", buffering=1) as log:
+        router.targets.append((log, notice))
+        try:
+            yield path
+        except BaseException:
+            if keep_on_error is not None:
+                log.flush()
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(path, keep_on_error)
+            raise
+        finally:
+            router.targets.remove((log, notice))
