@@ -56,7 +56,9 @@ __all__ = [
 #: The extensions of ``kiln serve`` and ``python -m modelkiln.serve``, as
 #: ``"module:attribute"`` (an extension object, or a class built without arguments).
 #: Named, never imported here, like the stage registry: add one line per package.
-SERVE_EXTENSIONS: list[str] = []
+SERVE_EXTENSIONS: list[str] = [
+    "modelkiln.security.extension:SecurityExtension",
+]
 
 _TYPES = {
     400: "invalid_request_error",
