@@ -59,6 +59,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
+	$(BIN)/bandit -q -r src -lll
+	$(BIN)/python scripts/pip_audit_or_skip.py
 
 format: $(STAMP)
 	$(BIN)/ruff format $(LINT_PATHS)
