@@ -52,6 +52,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--alpha", type=int, default=32, help="LoRA alpha")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="train_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="train config override, after --quick-demo's (repeatable): "
+                   "--set pretrain.max_steps=4")  # fmt: skip
+    p.add_argument(
+        "--data_set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="data/tokenizer stage override (repeatable): --data_set data.max_files=40",
+    )
     return p.parse_args(argv)
 
 
@@ -62,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         named = {"run": "pipeline", "runs_dir": out, "seed": args.seed}
         named["stages"] = ["data", "tokenizer"]
-        cfg = load_config(None, QUICK_DATA if args.quick_demo else [], named)
-        run_pipeline(cfg, write_report=False)
+        data_sets = (QUICK_DATA if args.quick_demo else []) + args.data_set
+        cfg = load_config(None, data_sets, named)
+        run_pipeline(cfg, report=None)
         trainer = CodeModelTrainer(
             model_name=args.model_name,
             use_lora=args.use_lora,
@@ -73,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             num_epochs=args.num_epochs,
             output_dir=out,
             seed=args.seed,
-            overrides=QUICK_TRAIN if args.quick_demo else [],
+            overrides=(QUICK_TRAIN if args.quick_demo else []) + args.train_set,
         )
         tokenizer = cfg.run_dir / "tokenizer" if args.model_name == "scratch" else None
         artifact = trainer.train(data=cfg.run_dir / "data", tokenizer=tokenizer)
