@@ -157,14 +157,7 @@ async def run_load_async(
 
     try:
         if closed is not None:
-            results: list[RequestResult] = []
-
-            async def worker() -> None:
-                while (req := next_request()) is not None:
-                    r = RequestResult(start=time.perf_counter() - started)
-                    results.append(await _one(client, kind, req[1], started, r))
-
-            await asyncio.gather(*(worker() for _ in range(closed.concurrency)))
+            results = await _closed_loop(client, kind, next_request, started, closed.concurrency)
             mode = closed.mode
         else:
             results = await _open_loop(client, kind, next_request, started, stop_at)
@@ -176,6 +169,21 @@ async def run_load_async(
     wall = time.perf_counter() - started
     meta = {"max_concurrency": max_concurrency} if max_concurrency else {}
     return LoadReport(mode, wall, results, time.process_time() - cpu0, meta)
+
+
+async def _closed_loop(
+    client: Client, kind: str, next_request: Any, started: float, concurrency: int
+) -> list[RequestResult]:
+    """``concurrency`` workers, each sending its next request when the last one ended."""
+    results: list[RequestResult] = []
+
+    async def worker() -> None:
+        while (req := next_request()) is not None:
+            r = RequestResult(start=time.perf_counter() - started)
+            results.append(await _one(client, kind, req[1], started, r))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
 
 
 async def _open_loop(
