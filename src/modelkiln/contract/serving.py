@@ -58,6 +58,7 @@ __all__ = [
 #: Named, never imported here, like the stage registry: add one line per package.
 SERVE_EXTENSIONS: list[str] = [
     "modelkiln.security.extension:SecurityExtension",
+    "modelkiln.rollout.extension:RegistryExtension",
 ]
 
 _TYPES = {

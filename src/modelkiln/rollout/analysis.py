@@ -23,7 +23,8 @@ Why these tests (hand-written: scipy and statsmodels have no sequential tests):
 - **Shadow agreement.** A one-sample mixture test that the share of shadow pairs
   agreeing less than ``min_agreement`` is above ``max_disagreement``.
 
-The false-rollback budget ``alpha`` is split evenly (Bonferroni) over the tests.
+The false-rollback budget ``alpha`` is split evenly (Bonferroni) over the tests and over
+the stages; each stage starts its tests afresh.
 """
 
 from __future__ import annotations
@@ -164,7 +165,16 @@ def update_tests(
     tests["slo_latency"].update_one_arm(slow, len(cand.latency_ms), 1 - cfg.tail_quantile)
 
 
-def failing_tests(tests: dict[str, SequentialTest], cfg: AnalysisConfig) -> list[str]:
-    """Names of the tests whose evidence crossed ``log(k / alpha)`` (Bonferroni over k)."""
-    bound = math.log(len(TESTS) / cfg.alpha)
+def log_bound(cfg: AnalysisConfig, stages: int = 1) -> float:
+    """The rollback bound ``log(k * stages / alpha)``: Bonferroni over the k tests and over the
+    stages (each stage restarts its tests, so quiet evidence from an earlier, smaller stage
+    cannot slow the detection of a fault in a later one)."""
+    return math.log(len(TESTS) * max(1, stages) / cfg.alpha)
+
+
+def failing_tests(
+    tests: dict[str, SequentialTest], cfg: AnalysisConfig, stages: int = 1
+) -> list[str]:
+    """Names of the tests whose evidence crossed :func:`log_bound`."""
+    bound = log_bound(cfg, stages)
     return [n for n, t in tests.items() if t.log_evidence >= bound]

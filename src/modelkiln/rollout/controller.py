@@ -175,7 +175,8 @@ class Controller:
         state.stage_requests += cand.requests
         state.window = ([*state.window, _figures(cand, base, pairs)])[-spec.canary.window :]
         numbers = _numbers(state, tests)
-        action, reason = self._judge(state, analysis.failing_tests(tests, spec.analysis), numbers)
+        failing = analysis.failing_tests(tests, spec.analysis, n_stages(spec))
+        action, reason = self._judge(state, failing, numbers)
         if action == "rollback":
             self._finish(state, "rolled-back", "rollback", reason, numbers)
         elif action == "advance":
@@ -230,6 +231,7 @@ class Controller:
         state.stage_started = self.clock.now()
         state.stage_requests = 0
         state.window = []
+        state.tests = {k: t.log_lr for k, t in analysis.new_tests(spec.analysis).items()}
         self._commit(state, "advance", reason, numbers)
 
     # -- state changes ---------------------------------------------------------
@@ -294,7 +296,7 @@ def _figures(
 def _numbers(state: RolloutState, tests: dict[str, analysis.SequentialTest]) -> dict[str, Any]:
     keys = state.window[-1].keys() if state.window else []
     mean = {k: sum(w[k] for w in state.window) / len(state.window) for k in keys}
-    bound = math.log(len(analysis.TESTS) / state.spec.analysis.alpha)
+    bound = analysis.log_bound(state.spec.analysis, n_stages(state.spec))
     return {
         "last": state.window[-1] if state.window else {},
         "window_mean": mean,
