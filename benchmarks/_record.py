@@ -19,6 +19,11 @@ Every figure below was produced by the command shown with it (`make bench`
 runs them all) and is rewritten when that command runs again. The machine is
 shared and noisy (±10-40 % between runs): ratios are measured side by side in
 one run; absolute numbers are for orientation only.
+
+Each section names the CPU class it was measured on (`kiln doctor` shows this machine's):
+class A = AVX2 only (AMD EPYC Zen 3), class B = AVX-512 + AVX512-BF16 + VNNI, no AMX
+(AMD EPYC Zen 4), class C = AVX-512 + AMX (Intel Sapphire Rapids). Every section dated
+2026-11 comes from class A. A conclusion about bf16 or int8 speed holds for its class only.
 """
 
 
