@@ -140,7 +140,8 @@ def test_stage_errors_leave_no_artifact_and_report_failure(
         run_pipeline(_cfg(tmp_path))
     run_dir = tmp_path / "t"
     assert sorted(p.name for p in run_dir.iterdir() if not p.name.endswith((".md", ".png"))) == [
-        "data"
+        "data",
+        "tokenizer.log.txt",  # the failed stage's third-party log, kept for the post-mortem
     ]
     report = (run_dir / "report.md").read_text()
     assert "| tokenizer | failed |" in report
