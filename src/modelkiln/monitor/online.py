@@ -21,11 +21,13 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,6 +58,12 @@ class MonitorConfig(BaseModel):
         default_factory=dict, description="feature -> drift test, overriding the profile's"
     )
     seed: int = Field(0, description="seed of the calibration simulations")
+    feature_log: Path | None = Field(
+        None, description="append each request's features to this JSONL (for kiln monitor report)"
+    )
+    log_prompt_ids: bool = Field(
+        False, description="also log prompt token ids (off: prompts are never logged)"
+    )
 
 
 @dataclass
@@ -108,6 +116,7 @@ class DriftMonitor:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._log_file: Any = None
         self.checks = 0
         for p in profiles.values():
             for feat in p.features:
@@ -136,10 +145,28 @@ class DriftMonitor:
         track.count(record, self.clock())
         if int(getattr(record, "status", 200)) >= 400:
             return
-        for feats in self._features(model, record):
+        rows = self._features(model, record)
+        for feats in rows:
             track.add(feats)
+        if self.config.feature_log is not None and rows:
+            self._log_rows(record, rows)
         if track.since_check >= self.config.check_every_requests:
             self._wake.set()
+
+    def _log_rows(self, record: Any, rows: list[dict[str, Any]]) -> None:
+        if self._log_file is None:
+            assert self.config.feature_log is not None
+            self.config.feature_log.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = self.config.feature_log.open("a", buffering=1)
+        base = {"time": getattr(record, "time", self.clock()), "model": record.model,
+                "version": str(getattr(record, "version", ""))}  # fmt: skip
+        prompts = list(getattr(record, "prompt_ids", ()) or ())
+        for i, row in enumerate(rows):
+            line: dict[str, Any] = {**base, "features": {
+                k: v for k, v in row.items() if isinstance(v, float)}}  # fmt: skip
+            if self.config.log_prompt_ids and i < len(prompts):
+                line["prompt_ids"] = [int(t) for t in prompts[i]]
+            self._log_file.write(json.dumps(line) + "\n")
 
     def observe_features(self, model: str, version: str, features: dict[str, Any]) -> None:
         """Add one request's features directly (library use, replays, tests)."""
@@ -272,6 +299,9 @@ class DriftMonitor:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
 
     close = stop
 

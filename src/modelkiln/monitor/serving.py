@@ -117,6 +117,8 @@ class MonitorExtension:
                        help="test the windows every N requests (default 250)")  # fmt: skip
         g.add_argument("--alert-rules", type=Path, metavar="YAML",
                        help="alert rules and channels (see kiln monitor --help)")  # fmt: skip
+        g.add_argument("--monitor-log", type=Path, metavar="JSONL",
+                       help="log request features (no prompts) for kiln monitor report")
 
     def hooks(self, args: argparse.Namespace, cfg: Any) -> ServeHooks | None:
         """The monitor's hooks, or None with --no-monitor."""
@@ -127,6 +129,8 @@ class MonitorExtension:
             fields["window"] = args.monitor_window
         if getattr(args, "monitor_check_every", None):
             fields["check_every_requests"] = args.monitor_check_every
+        if getattr(args, "monitor_log", None):
+            fields["feature_log"] = args.monitor_log
         return monitor_hooks(
             cfg, MonitorConfig(**fields), alert_rules=getattr(args, "alert_rules", None)
         )
