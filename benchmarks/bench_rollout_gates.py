@@ -88,7 +88,7 @@ def main() -> None:
         "fake clock, 10 requests/s, handbook canary 5/25/50/100 %, 10 min per stage, checks "
         "every 30 s; baseline errors 0.5 %, lognormal latency with median 50 ms). Gates: "
         "mixture-SPRT test martingales (errors, p95 tail, TTFT, TPOT, shadow agreement, "
-        "absolute SLOs), alpha 0.01 over the whole rollout, Bonferroni over 7 tests. Goal: "
+        "absolute SLOs), alpha 0.01 over the whole rollout, Bonferroni over 7 tests and the 3 analysed stages (each stage restarts its tests). Goal: "
         "<= 1 % false rollbacks. Fault delays count from the fault's onset; a fault in the 5 % "
         "stage reaches the candidate at 0.5 requests/s, so its delay is bounded by evidence, "
         "not by the check interval. No recorded latency distribution exists yet; lognormal "
