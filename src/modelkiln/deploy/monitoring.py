@@ -1,8 +1,10 @@
 """Prometheus and Grafana files for the compose stack.
 
-The monitor package owns the real alert rules and dashboard (``kiln monitor export``);
-when it offers them they are used, else a minimal set over the server's own metrics
-(request rate, errors, p95 latency, readiness) is written so the stack still works.
+The monitor package owns the real alert rules and dashboard (``kiln monitor export``,
+:mod:`modelkiln.monitor.export`); they are used when that module is importable, else a
+minimal set over the server's own metrics (request rate, errors, p95 latency,
+readiness) is written so the stack still works. The import is lazy and optional: the
+deploy package never needs monitor's internals to generate files.
 """
 
 from __future__ import annotations
@@ -15,14 +17,23 @@ from modelkiln.deploy.config import IN_FLIGHT_METRIC, METRICS_PATH, DeployConfig
 PROMETHEUS_UID = "prometheus"
 
 
-def _from_monitor(name: str) -> Any | None:
-    """``modelkiln.monitor.export.<name>()`` when that module offers it (lazy: optional)."""
+def _monitor() -> Any | None:
+    """:mod:`modelkiln.monitor.export` when installed (lazy, optional)."""
     try:
-        module = importlib.import_module("modelkiln.monitor.export")
+        return importlib.import_module("modelkiln.monitor.export")
     except ImportError:
         return None
-    fn = getattr(module, name, None)
+
+
+def _from_monitor(name: str) -> Any | None:
+    """``modelkiln.monitor.export.<name>()`` when that module offers it."""
+    fn = getattr(_monitor(), name, None)
     return fn() if callable(fn) else None
+
+
+def job_name(cfg: DeployConfig) -> str:
+    """Scrape job name: the monitor rules' (their 'down' alert selects on it), else the app."""
+    return str(getattr(_monitor(), "JOB", cfg.name))
 
 
 def prometheus_config(cfg: DeployConfig, target: str) -> dict[str, Any]:
@@ -32,7 +43,7 @@ def prometheus_config(cfg: DeployConfig, target: str) -> dict[str, Any]:
         "rule_files": ["/etc/prometheus/rules/*.yml"],
         "scrape_configs": [
             {
-                "job_name": cfg.name,
+                "job_name": job_name(cfg),
                 "metrics_path": METRICS_PATH,
                 "static_configs": [{"targets": [target]}],
             }
@@ -77,7 +88,7 @@ def _minimal_rules(cfg: DeployConfig) -> dict[str, Any]:
 
 def prometheus_rules(cfg: DeployConfig) -> dict[str, Any]:
     """Alert and recording rules: the monitor package's, else the minimal set."""
-    return _from_monitor("prometheus_rules") or _minimal_rules(cfg)
+    return _from_monitor("alert_rules") or _minimal_rules(cfg)
 
 
 def _panel(pid: int, title: str, expr: str, unit: str, x: int, y: int) -> dict[str, Any]:

@@ -85,7 +85,12 @@ def test_grafana_provisioning_points_at_the_dashboard(model_dir: Path, tmp_path:
         (tmp_path / "grafana/provisioning/datasources/prometheus.yml").read_text()
     )
     uids = {p["datasource"]["uid"] for p in board["panels"]}
-    assert uids == {source["datasources"][0]["uid"]}
+    # Either the provisioned data source's uid, or a datasource-type template variable
+    # (resolves to the provisioned default data source).
+    variables = {f"${{{v['name']}}}" for v in board.get("templating", {}).get("list", [])
+                 if v.get("type") == "datasource"}  # fmt: skip
+    assert uids <= {source["datasources"][0]["uid"]} | variables
+    assert source["datasources"][0]["isDefault"] is True
     compose_doc = yaml.safe_load((tmp_path / "compose.yaml").read_text())
     mounts = compose_doc["services"]["grafana"]["volumes"]
     provider = yaml.safe_load(
@@ -97,7 +102,14 @@ def test_grafana_provisioning_points_at_the_dashboard(model_dir: Path, tmp_path:
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
-def test_promtool_accepts_config_and_rules(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("monitor", [True, False])
+def test_promtool_accepts_config_and_rules(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, monitor: bool
+) -> None:
+    from modelkiln.deploy import monitoring
+
+    if not monitor:  # the fallback when modelkiln.monitor is not there
+        monkeypatch.setattr(monitoring, "_monitor", lambda: None)
     write_docker(load_deploy_config(model_path=model_dir), tmp_path)
     rules = tmp_path / "prometheus/rules/modelkiln.yml"
     run = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
