@@ -111,6 +111,18 @@ def test_chat_closed_loop_trace_replay_and_slo_search(mock: str, tmp_path: Path)
     assert all(p["rate"] < 50 or not p["ok"] for p in found["probes"])
 
 
+def test_sweep_doubles_the_rate_until_the_one_worker_saturates(mock: str, tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    proc = kiln("bench", "serve", mock, "--kind", "embeddings", "--sweep", "--rate", "20",
+                "--max-concurrency", "1", "-n", "40", "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    # 20 ms per request: 50 req/s at most, so 20 keeps up and 80 cannot.
+    assert res["steps"][0]["offered_rps"] == 20
+    assert res["saturated_at_rps"] in (40, 80) and res["max_throughput_rps"] < 50
+    assert "saturated at" in proc.stdout
+
+
 def test_bad_inputs_give_one_clear_error(tmp_path: Path) -> None:
     port = free_port()
     proc = kiln("bench", "serve", f"http://127.0.0.1:{port}", "-c", "1", "-n", "1")

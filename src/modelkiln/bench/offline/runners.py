@@ -133,6 +133,16 @@ def load_runners(
             hint="pass a save_pretrained() directory or an optimize variant dir",
         )
     have = available_backends(path)
+    if not have and (path / "variant.json").is_file():
+        import json
+
+        info = json.loads((path / "variant.json").read_text())
+        raise ArtifactError(
+            f"variant {info.get('variant')!r} in {path} stores its weights in a form kiln bench "
+            f"cannot load yet (backend {info.get('backend')!r})",
+            hint="bench its ONNX or fp32 sibling, or the source model (kiln optimize times "
+            "every variant itself)",
+        )
     if not have:
         raise ArtifactError(
             f"{path} holds neither Hugging Face weights nor {MODEL_ONNX}",
