@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from modelkiln.contract import TOKENIZER_DIR, TOKENIZER_JSON
 from modelkiln.errors import ConfigError
 from modelkiln.train.config import ModelConfig
 
@@ -178,7 +179,7 @@ def has_own_tokenizer(source: str) -> bool:
     path = Path(resolve_source(source))
     if not path.is_dir():
         return True
-    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return any((path / f).is_file() for f in (TOKENIZER_JSON, "tokenizer_config.json"))
 
 
 def resolve_tokenizer(cfg: ModelConfig, artifact: str | Path | None) -> tuple[Any, Path]:
@@ -205,8 +206,8 @@ def resolve_tokenizer(cfg: ModelConfig, artifact: str | Path | None) -> tuple[An
                 "training needs the tokenizer artifact", hint="run the tokenizer stage first"
             )
         folder = Path(artifact)
-        if (folder / "tokenizer").is_dir():
-            folder = folder / "tokenizer"
+        if (folder / TOKENIZER_DIR).is_dir():
+            folder = folder / TOKENIZER_DIR
     tok = AutoTokenizer.from_pretrained(str(folder))
     if tok.eos_token_id is None:
         raise ConfigError(f"the tokenizer at {folder} has no eos token", hint="add one")

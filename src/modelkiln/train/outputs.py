@@ -1,4 +1,4 @@
-"""Writing a phase's finished model and the train artifact's files.
+"""Writing a phase's finished model and the train artifact's files (names from the contract).
 
 Artifact layout (``out``)::
 
@@ -21,10 +21,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from modelkiln.contract import ADAPTER_DIR, MODEL_DIR, TOKENIZER_DIR, TRAIN_JSON
 from modelkiln.train.engine import COMPLETE
 from modelkiln.train.models import resolve_source
 
-TRAIN_JSON = "train.json"
 PHASE_FILES = (COMPLETE, "outcome.json", "log_history.json")
 
 
@@ -83,22 +83,22 @@ def write_outputs(
         base_dir: the adapter's base when this run produced it (copied to ``model/``).
         source: the configured model source (referenced when the base is external).
     """
-    model_ref = "model"
+    model_ref = MODEL_DIR
     if adapter:
-        copy_model(final, out / "adapter")
+        copy_model(final, out / ADAPTER_DIR)
         if base_dir is not None:
-            copy_model(base_dir, out / "model")
-            tokenizer.save_pretrained(out / "model")
+            copy_model(base_dir, out / MODEL_DIR)
+            tokenizer.save_pretrained(out / MODEL_DIR)
         else:
             local = Path(resolve_source(source))
             model_ref = str(local.resolve()) if local.is_dir() else source
     else:
-        copy_model(final, out / "model")
-    tokenizer.save_pretrained(out / "tokenizer")
+        copy_model(final, out / MODEL_DIR)
+    tokenizer.save_pretrained(out / TOKENIZER_DIR)
     layout = {
         "model": model_ref,
-        "adapter": "adapter" if adapter else None,
-        "tokenizer": "tokenizer",
+        "adapter": ADAPTER_DIR if adapter else None,
+        "tokenizer": TOKENIZER_DIR,
         "method": method,
         "block_size": block_size,
     }
