@@ -67,3 +67,23 @@ def test_flags_build_authenticator_audit_and_mtls(tmp_path: Path) -> None:
 def test_bad_flags_are_config_errors(argv: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         SecurityExtension().hooks(_parse(*argv), cfg=None)
+
+
+def test_allow_pickle_scans_and_audits(tmp_path: Path) -> None:
+    import torch
+
+    from modelkiln.security.audit import AuditLog
+    from modelkiln.security.serving import model_check
+
+    model = tmp_path / "model"
+    model.mkdir()
+    torch.save({"w": torch.zeros(2)}, model / "pytorch_model.bin")
+    audit = AuditLog(tmp_path / "audit.jsonl", fsync_interval_s=0)
+    with pytest.raises(SecurityError, match="refusing pickle"):
+        model_check(model, None, False, audit)
+    model_check(model, None, True, audit)
+    audit.close()
+    events = [
+        line.split('"event":"')[1].split('"')[0] for line in (tmp_path / "audit.jsonl").open()
+    ]
+    assert events == ["model.refused", "model.pickle_allowed", "model.accepted"]
