@@ -24,6 +24,7 @@ GROUPS: tuple[str, ...] = (
     "optimize",
     "serve",
     "doctor",
+    "monitor",
     "registry",
     "rollout",
     "bench",
