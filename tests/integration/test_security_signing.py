@@ -73,6 +73,7 @@ def test_trust_policy_refuses_bad_adapters_and_keeps_serving(tmp_path: Path) -> 
 
     store = KeyStore(tmp_path / "keys.json")
     admin, _ = store.create("admin")
+    user, _ = store.create("infer")
     audit = AuditLog(tmp_path / "audit.jsonl", fsync_interval_s=0)
     policy = SecurityPolicy(
         keys=store, audit=audit, trust=TrustPolicy.load(tmp_path / "trust.json")
@@ -96,6 +97,12 @@ def test_trust_policy_refuses_bad_adapters_and_keeps_serving(tmp_path: Path) -> 
             )
             for name, path in ads.items()
         }
+        as_user = httpx.post(
+            url + "/admin/adapters",
+            timeout=30,
+            headers={"Authorization": f"Bearer {user}"},
+            json={"name": "x", "path": str(ads["good"])},
+        )
         body = {"model": "lm:good", "prompt": [5, 17, 42], "max_tokens": 4, "temperature": 0}
         with_adapter = httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=30)
         base = httpx.post(
@@ -112,7 +119,10 @@ def test_trust_policy_refuses_bad_adapters_and_keeps_serving(tmp_path: Path) -> 
         assert loads[name].status_code == 400, loads[name].text
         assert why in loads[name].json()["error"]["message"], loads[name].text
     assert with_adapter.status_code == 200 and base.status_code == 200
+    assert as_user.status_code == 403  # an infer key cannot use the admin API
     events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     refused = [e["path"] for e in events if e["event"] == "model.refused"]
     assert sorted(Path(p).name for p in refused) == ["rogue", "tampered", "unsigned"]
+    admin_actions = [(e["route"], e["status"]) for e in events if e["event"] == "admin"]
+    assert ("/admin/adapters", 201) in admin_actions and ("/admin/adapters", 400) in admin_actions
     assert verify_audit_log(tmp_path / "audit.jsonl").ok
