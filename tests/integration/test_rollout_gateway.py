@@ -19,7 +19,9 @@ from typing import Any
 import httpx
 import pytest
 from serve_support import free_port, save_tiny_gpt2, wait_ready
+from typer.testing import CliRunner
 
+from modelkiln.cli import app
 from modelkiln.rollout.faults import FaultInjector, FaultSpec
 from modelkiln.rollout.registry import Registry
 from modelkiln.rollout.serving import build_gateway, registry_versions
@@ -114,6 +116,13 @@ def test_faulty_v3_rolls_back_and_logs_why(gateway: tuple[str, Registry, Path]) 
     last = json.loads((state / "tiny.decisions.jsonl").read_text().splitlines()[-1])
     assert last["action"] == "rollback" and "errors log-LR" in last["reason"]
     assert reg.show("tiny", "production").version == 2  # the registry is untouched
+    key = ["--url", url, "--admin-key", "adm"]
+    cli = CliRunner().invoke(app, ["rollout", "status", "tiny", "--json", *key])
+    assert cli.exit_code == 0 and json.loads(cli.stdout)["rollout"]["status"] == "rolled-back"
+    again = CliRunner().invoke(
+        app, ["rollout", "abort", "tiny", "--url", url, "--admin-key", "adm"]
+    )
+    assert again.exit_code == 2 and "no active rollout" in again.stderr
 
 
 def _stream(url: str, results: list[str], stop: threading.Event) -> None:
