@@ -59,6 +59,7 @@ __all__ = [
 SERVE_EXTENSIONS: list[str] = [
     "modelkiln.security.extension:SecurityExtension",
     "modelkiln.rollout.extension:RegistryExtension",
+    "modelkiln.monitor.serving:MonitorExtension",
 ]
 
 _TYPES = {
