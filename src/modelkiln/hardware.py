@@ -41,6 +41,9 @@ MIN_SPEEDUP = 1.2  # bf16 / int8 must beat fp32 by this much to be chosen
 # bf16 keeps 8 mantissa bits (eps 2**-8 = 3.9e-3); a correct kernel accumulating in fp32
 # lands near 2e-3 at these sizes.
 BF16_MAX_REL_ERROR = 1e-2
+# Largest relative error of a model's bf16 output (hidden states / logits) against fp32
+# that "auto" accepts: a few bf16 roundings deep, a healthy model stays near 1e-2.
+BF16_MAX_OUTPUT_ERROR = 5e-2
 # Output tolerance (absolute, on unit-scale outputs such as normalised embeddings or
 # logits of a tiny model) for comparing a model run at a precision with its reference.
 TOLERANCE: dict[str, float] = {"fp32": 1e-5, "bf16": 5e-2, "fp16": 1e-2}
@@ -280,6 +283,30 @@ def precision_decision(precision: Precision = "auto", device: str | None = None)
         value = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return Decision("precision", value, f"CUDA GPU, bf16 supported: {value == 'bf16'}", "cuda")
     return _speed_decision("precision", "bf16", *_figures())
+
+
+def confirm_bf16_output(decision: Decision, model: Any, inputs: dict[str, Any]) -> Decision:
+    """Keep an ``auto`` bf16 decision only if ``model``'s output stays within tolerance.
+
+    Runs ``model`` (fp32, eval) on ``inputs`` as it is and as a bf16 copy and compares
+    the first output tensor (hidden states or logits): relative error (Frobenius) at most
+    :data:`BF16_MAX_OUTPUT_ERROR`. Other decisions pass through unchanged.
+    """
+    if decision.value != "bf16" or decision.source == "explicit":
+        return decision
+    import copy
+
+    import torch
+
+    with torch.inference_mode():
+        ref = model(**inputs)[0].double()
+        got = copy.deepcopy(model).to(torch.bfloat16)(**inputs)[0].double()
+    error = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
+    if error <= BF16_MAX_OUTPUT_ERROR:
+        reason = f"{decision.reason}; model output error {error:.1e} <= {BF16_MAX_OUTPUT_ERROR}"
+        return Decision(decision.name, "bf16", reason, decision.source, decision.speedup)
+    reason = f"{decision.reason}, but model output error {error:.1e} > {BF16_MAX_OUTPUT_ERROR}"
+    return Decision(decision.name, "fp32", reason, decision.source, decision.speedup)
 
 
 def int8_decision() -> Decision:

@@ -120,3 +120,36 @@ def test_optimize_tries_bf16_and_int8_where_the_class_makes_them_faster(
     assert (skip_int8 is None) is (int8 == "int8")
     for reason in (skip_bf16, skip_int8):
         assert reason is None or "assumed from class avx2" in reason
+
+
+def test_bf16_is_kept_only_while_the_model_output_stays_within_tolerance() -> None:
+    torch = pytest.importorskip("torch")
+
+    class Cancels(torch.nn.Module):
+        """(x + 1000) - 1000: bf16 loses x in the rounding of the big sum."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.big = torch.nn.Parameter(torch.tensor(1000.0))
+
+        def forward(self, input_ids: object) -> tuple[object]:
+            x = torch.as_tensor(input_ids).to(self.big.dtype)
+            return ((x + self.big) - self.big,)
+
+    auto = hardware.Decision("precision", "bf16", "measured 2.3x", "measured", 2.3)
+    inputs = {"input_ids": torch.arange(5, 21).unsqueeze(0)}
+    bad = hardware.confirm_bf16_output(auto, Cancels(), inputs)
+    assert bad.value == "fp32" and "model output error" in bad.reason
+
+    class Healthy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Embedding(32, 16), torch.nn.Linear(16, 16))
+
+        def forward(self, input_ids: object) -> tuple[object]:
+            return (self.net(input_ids),)
+
+    good = hardware.confirm_bf16_output(auto, Healthy(), inputs)
+    assert good.value == "bf16" and "<=" in good.reason
+    explicit = hardware.Decision("precision", "bf16", "set in the config", "explicit")
+    assert hardware.confirm_bf16_output(explicit, Cancels(), inputs) is explicit

@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from modelkiln.errors import DependencyMissingError, ServingError
-from modelkiln.hardware import Precision, precision_decision, torch_dtype
+from modelkiln.hardware import (
+    Precision,
+    confirm_bf16_output,
+    precision_decision,
+    torch_dtype,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -227,8 +232,8 @@ class TorchEncoderBackend:
         path = Path(model_dir)
         device = device or device_name()
         decision = precision_decision(precision, device)
-        log.info("encoder %s runs in %s: %s", path.name, decision.value, decision.reason)
-        dtype = torch_dtype(decision.value)
+        # auto: load fp32 so a bf16 choice can be checked against it on this model.
+        dtype = torch_dtype("fp32" if precision == "auto" else decision.value)
         try:
             model = AutoModel.from_pretrained(str(path), dtype=dtype)
         except (OSError, ValueError, KeyError) as exc:
@@ -236,7 +241,10 @@ class TorchEncoderBackend:
                 f"cannot load an encoder from '{path}': {exc}",
                 hint="pass a directory written by save_pretrained (config.json + weights)",
             ) from exc
-        model = model.to(device)
+        if precision == "auto":
+            decision = confirm_bf16_output(decision, model, _probe_inputs(model))
+        log.info("encoder %s runs in %s: %s", path.name, decision.value, decision.reason)
+        model = model.to(device=device, dtype=torch_dtype(decision.value))
         return cls(model, _load_tokenizer(path), Pooling.from_dir(path), compile=compile)
 
     def encode(self, batch: list[list[int]]) -> np.ndarray:
@@ -346,3 +354,12 @@ def find_onnx(model_dir: Path) -> Path | None:
         return preferred
     found = sorted(model_dir.glob("*.onnx"))
     return found[0] if len(found) == 1 else None
+
+
+def _probe_inputs(model: Any) -> dict[str, Any]:
+    """16 fixed random token ids for the bf16 output check."""
+    import torch
+
+    vocab = int(model.config.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(min(5, vocab - 1), vocab, (1, 16), generator=gen)}
