@@ -109,7 +109,8 @@ class FakeEngine:
                 if stop is not None:
                     piece = piece[: len(piece) - (len(text) - text.index(stop))]
                 finished = last
-                yield TokenEvent(rid, 10 + i, piece, reason, n_prompt, i + 1)
+                scores = (-0.5 * (i + 1), 1.0) if params.logprobs else (None, None)
+                yield TokenEvent(rid, 10 + i, piece, reason, n_prompt, i + 1, None, *scores)
                 if last:
                     return
         finally:

@@ -441,3 +441,28 @@ def test_a_lagging_single_choice_consumer_gets_the_queued_tokens_in_one_batch() 
         return batches
 
     assert run(main()) == [[1], [2, 3, 4, 5, 6]]
+
+
+def test_asked_for_logprobs_the_engine_scores_each_token_as_the_model_does() -> None:
+    """Greedy + logprobs: each token's log p and entropy equal a plain forward pass's."""
+    model = tiny_model("gpt2")
+    prompt = prompts(1)[0] + [7, 8, 9]
+    engine = make_engine(model)
+
+    async def main() -> tuple[list[TokenEvent], list[TokenEvent]]:
+        await engine.start()
+        scored = await drain(engine.generate(greedy("a", prompt, 5, logprobs=True)))
+        plain = await drain(engine.generate(greedy("b", prompt, 5)))
+        await engine.shutdown(5)
+        return scored, plain
+
+    scored, plain = run(main())
+    assert token_ids(scored) == token_ids(plain) == reference(model, prompt, 5)
+    assert all(e.logprob is None and e.entropy is None for e in plain)
+    ids = torch.tensor([prompt + token_ids(scored)])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    for k, event in enumerate(e for e in scored if e.token_id is not None):
+        row = logp[len(prompt) - 1 + k]
+        assert event.logprob == pytest.approx(row[event.token_id].item(), abs=1e-4)
+        assert event.entropy == pytest.approx(-(row.exp() * row).sum().item(), abs=1e-4)

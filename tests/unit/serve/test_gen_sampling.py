@@ -153,3 +153,20 @@ def test_held_back_tail_is_flushed_when_generation_ends_without_the_stop() -> No
     detok = IncrementalDetokenizer(tok, [], ("\n\n",))
     pieces = stream(detok, tok.encode("pass\n"))
     assert pieces[-1] == "\n" and "".join(pieces) == "pass\n"
+
+
+def test_token_scores_only_for_the_rows_that_ask() -> None:
+    import torch
+
+    from modelkiln.serve.generation.sampling import token_scores
+
+    logits = torch.tensor([[0.0, 1.0, 2.0], [5.0, -torch.inf, 0.0], [1.0, 1.0, 1.0]])
+    scores = token_scores(logits, [2, 0, 1], [True, True, False])
+    assert scores[2] is None
+    (lp0, h0), (lp1, h1) = scores[0], scores[1]  # type: ignore[misc]
+    ref = torch.log_softmax(logits[0], -1)
+    entropy = -(ref.exp() * ref).sum().item()
+    assert lp0 == pytest.approx(ref[2].item(), abs=1e-6) and h0 == pytest.approx(entropy, abs=1e-6)
+    p = torch.softmax(torch.tensor([5.0, 0.0]), -1)
+    assert lp1 == pytest.approx(p[0].log().item(), abs=1e-6)
+    assert h1 == pytest.approx(-(p * p.log()).sum().item(), abs=1e-6)  # -inf adds no entropy

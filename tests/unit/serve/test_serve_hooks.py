@@ -268,3 +268,20 @@ def test_merge_hooks_joins_lists_and_allows_one_authenticator() -> None:
     assert merged.uvicorn_options == {"ssl_certfile": "c"} and not merged.wants_logprobs
     with pytest.raises(ServingError, match="authenticator"):
         merge_hooks(b, ServeHooks(authenticator=Token()))
+
+
+def test_an_observer_that_wants_logprobs_gets_the_mean_per_choice() -> None:
+    class Scores(Collect):
+        wants_logprobs = True
+
+    scores, plain = Scores(), Collect()
+    body = {"model": "lm", "prompt": "a", "max_tokens": 3, "n": 2}
+    for observer in (plain, scores):
+        requests_with(ServeHooks(observers=[observer]), [("POST", "/v1/completions", body)])
+
+    def means(seen: Collect) -> list[tuple[float | None, float | None]]:
+        return [(o.mean_logprob, o.mean_entropy) for o in seen.records[0].outputs]
+
+    assert means(plain) == [(None, None)] * 2
+    # the fake engine scores token i as -0.5 * (i + 1): mean over 3 tokens = -1.0
+    assert means(scores) == [(-1.0, 1.0)] * 2

@@ -25,6 +25,9 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Report each token's log-probability and its distribution's entropy (costs a
+    # log-softmax over the vocabulary per step; the server asks only for its observers).
+    logprobs: bool = False
 
 
 @dataclass
@@ -50,6 +53,8 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprob: float | None = None  # log p(token) under the untempered distribution (params.logprobs)
+    entropy: float | None = None  # entropy (nats) of that distribution (params.logprobs)
 
 
 class GenerationEngine(Protocol):

@@ -49,6 +49,7 @@ from modelkiln.serve.generation.sampling import (
     IncrementalDetokenizer,
     make_generator,
     sample_tokens,
+    token_scores,
 )
 from modelkiln.serve.generation.scheduler import (
     Clock,
@@ -86,6 +87,7 @@ class _StepResult:
     token_id: int
     text: str
     stopped: bool
+    scores: tuple[float, float] | None = None  # (log p(token), entropy) when asked for
 
 
 @dataclass
@@ -385,11 +387,13 @@ class ContinuousBatchingEngine:
             )
             seqs += out.prefill
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
-        tokens = sample_tokens(logits, [s.params for s in seqs], [live.generator for live in lives])
+        params = [s.params for s in seqs]
+        tokens = sample_tokens(logits, params, [live.generator for live in lives])
+        scores = token_scores(logits, tokens, [p.logprobs for p in params])
         results = []
-        for seq, live, token in zip(seqs, lives, tokens, strict=True):
+        for seq, live, token, score in zip(seqs, lives, tokens, scores, strict=True):
             text = live.detok.push(token)
-            results.append(_StepResult(seq.request_id, token, text, live.detok.stopped))
+            results.append(_StepResult(seq.request_id, token, text, live.detok.stopped, score))
         return results
 
     def _deliver(self, results: list[_StepResult]) -> None:
@@ -403,7 +407,7 @@ class ContinuousBatchingEngine:
             live.completion_tokens += 1
             end = finished.get(r.request_id)
             text = r.text + (live.detok.flush() if end is not None else "")
-            self._emit(live, r.token_id, text, end.reason if end else None, None)
+            self._emit(live, r.token_id, text, end.reason if end else None, None, r.scores)
             if end is not None:
                 self._close(live, end.reason)
 
@@ -422,6 +426,7 @@ class ContinuousBatchingEngine:
         text: str,
         reason: FinishReason | None,
         error: str | None,
+        scores: tuple[float, float] | None = None,
     ) -> None:
         event = TokenEvent(
             live.request.request_id,
@@ -431,6 +436,8 @@ class ContinuousBatchingEngine:
             prompt_tokens=len(live.request.prompt_ids),
             completion_tokens=live.completion_tokens,
             error=error,
+            logprob=scores[0] if scores else None,
+            entropy=scores[1] if scores else None,
         )
         live.queue.put_nowait(event)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -40,6 +41,9 @@ class ChoiceOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprob_sum: float = 0.0  # over the tokens the engine scored (SamplingParams.logprobs)
+    entropy_sum: float = 0.0
+    scored: int = 0
 
 
 @dataclass
@@ -69,7 +73,14 @@ class Run:
     def outputs(self) -> tuple[OutputRecord, ...]:
         """Each choice as the request observers see it."""
         return tuple(
-            OutputRecord(c.index, c.completion_tokens, c.finish_reason) for c in self.choices
+            OutputRecord(
+                c.index,
+                c.completion_tokens,
+                c.finish_reason,
+                c.logprob_sum / c.scored if c.scored else None,
+                c.entropy_sum / c.scored if c.scored else None,
+            )
+            for c in self.choices
         )
 
 
@@ -151,8 +162,13 @@ def build_run(
     params: list[SamplingParams],
     n: int,
     timeout_s: float,
+    *,
+    logprobs: bool = False,
 ) -> Run:
-    """One GenerationRequest per (prompt, choice); ``params[i]`` is prompt i's settings."""
+    """One GenerationRequest per (prompt, choice); ``params[i]`` is prompt i's settings.
+
+    ``logprobs``: have the engine score every token (for the request observers).
+    """
     clock = getattr(served.engine, "clock", None)
     now = clock.now() if clock is not None else time.monotonic()
     base = uuid.uuid4().hex
@@ -160,9 +176,7 @@ def build_run(
     for p, (ids, sp) in enumerate(zip(prompts, params, strict=True)):
         for j in range(n):
             seed = None if sp.seed is None else sp.seed + j
-            choice_params = SamplingParams(
-                sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, seed, sp.stop
-            )
+            choice_params = dataclasses.replace(sp, seed=seed, logprobs=sp.logprobs or logprobs)
             rid = f"{base}-{p * n + j}"
             requests.append(
                 GenerationRequest(
@@ -204,6 +218,10 @@ class _Tally:
             (self.ttft if c.completion_tokens == 0 else self.itl).observe(now - self.last[i])
             self.last[i] = now
         c.text += item.text
+        if item.logprob is not None:
+            c.logprob_sum += item.logprob
+            c.entropy_sum += item.entropy or 0.0
+            c.scored += 1
         c.prompt_tokens = item.prompt_tokens or c.prompt_tokens
         c.completion_tokens = item.completion_tokens or c.completion_tokens
         if item.finish_reason is not None:

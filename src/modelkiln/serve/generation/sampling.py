@@ -27,7 +27,7 @@ from modelkiln.serve.generation.api import SamplingParams
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["IncrementalDetokenizer", "is_greedy", "make_generator", "sample_tokens"]
+__all__ = ["IncrementalDetokenizer", "is_greedy", "make_generator", "sample_tokens", "token_scores"]
 
 #: Prompt tokens decoded as context so the first output token gets its leading space right.
 _PROMPT_CONTEXT = 5
@@ -83,6 +83,28 @@ def sample_tokens(
             for row, token in zip(group, picked, strict=True):
                 tokens[row] = token
     return [int(t) for t in tokens]
+
+
+def token_scores(
+    logits: torch.Tensor, tokens: Sequence[int], wanted: Sequence[bool]
+) -> list[tuple[float, float] | None]:
+    """``(log p(token), entropy)`` of each wanted row's untempered distribution, else None.
+
+    Only the wanted rows pay for the log-softmax (one pass over the vocabulary each).
+    """
+    import torch
+
+    out: list[tuple[float, float] | None] = [None] * len(tokens)
+    rows = [i for i, w in enumerate(wanted) if w]
+    if not rows:
+        return out
+    index = torch.tensor(rows, device=logits.device)
+    logp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device))
+    entropy = -(logp.exp() * logp).nan_to_num().sum(dim=-1)  # 0 * log 0 counts as 0
+    for row, lp, h in zip(rows, chosen.squeeze(1).tolist(), entropy.tolist(), strict=True):
+        out[row] = (float(lp), float(h))
+    return out
 
 
 def _sample_plain(
