@@ -96,3 +96,46 @@ def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.05)
     return cond()
+
+
+@contextmanager
+def monitored_server(tmp_path: Path) -> Iterator[str]:
+    """A tiny GPT-2 with its profile served by uvicorn on loopback with the monitor; its URL."""
+    import uvicorn
+    from monitor_helpers import code_texts, save_tiny_gpt2
+    from serve_support import free_port, wait_ready
+
+    from modelkiln.monitor.online import MonitorConfig
+    from modelkiln.monitor.profiling import compute_profile
+    from modelkiln.monitor.serving import monitor_hooks
+    from modelkiln.serve import create_app
+    from modelkiln.serve.config import ServeConfig
+
+    model = save_tiny_gpt2(tmp_path / "tiny")
+    compute_profile(model, code_texts(150), max_samples=120, gen_tokens=2)
+    cfg = ServeConfig.model_validate(
+        {"models": [{"path": str(model), "name": "tiny", "precision": "fp32"}]}
+    )
+    mcfg = MonitorConfig(window=40, check_every_requests=10, check_every_seconds=0.2)
+    port = free_port()
+    app = create_app(cfg, hooks=monitor_hooks(cfg, mcfg))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, 120)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def send_completions(url: str, texts: list[str]) -> None:
+    """One greedy 2-token completion per text; every answer must be 200."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for t in texts:
+            body = {"model": "tiny", "prompt": t, "max_tokens": 2, "temperature": 0}
+            assert c.post("/v1/completions", json=body).status_code == 200
