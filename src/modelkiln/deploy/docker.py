@@ -16,6 +16,7 @@ from modelkiln.deploy import monitoring
 from modelkiln.deploy._yaml import dump, write
 from modelkiln.deploy.config import MODEL_MOUNT, DeployConfig
 from modelkiln.deploy.dockerfile import dockerfile, dockerignore
+from modelkiln.deploy.validate import validate_compose, validators_installed
 
 REDIS_IMAGE = "redis:7.4-alpine"
 PROMETHEUS_IMAGE = "prom/prometheus:v2.55.1"
@@ -136,15 +137,19 @@ def write_docker(cfg: DeployConfig, out: str | Path) -> list[Path]:
     """Write Dockerfile (CPU), Dockerfile.cuda, .dockerignore, compose.yaml, monitoring files.
 
     Returns the written paths. With ``cfg.bake_model`` the model is copied to ``out/model``.
+    compose.yaml is validated against the Compose spec first (when jsonschema is installed).
     """
     out = Path(out)
     target = f"server:{cfg.port}"
+    stack = compose(cfg)
+    if validators_installed():
+        validate_compose(stack)
     files: dict[str, str] = {
         "Dockerfile": dockerfile(cfg, "cpu"),
         "Dockerfile.cuda": dockerfile(cfg, "cuda"),
         ".dockerignore": dockerignore(),
         ".env.example": _env_example(),
-        "compose.yaml": dump(compose(cfg)),
+        "compose.yaml": dump(stack),
         "prometheus/prometheus.yml": dump(monitoring.prometheus_config(cfg, target)),
         "prometheus/rules/modelkiln.yml": dump(monitoring.prometheus_rules(cfg)),
         "grafana/provisioning/datasources/prometheus.yml": dump(monitoring.grafana_datasource()),

@@ -14,6 +14,7 @@ from modelkiln import __version__
 from modelkiln.deploy._yaml import dump, dump_all, write
 from modelkiln.deploy.config import DeployConfig
 from modelkiln.deploy.k8s import OBJECTS
+from modelkiln.deploy.validate import validate_k8s, validators_installed
 from modelkiln.deploy.values import HelmRefs, Plain, to_template, values
 
 #: Objects whose CRDs must be installed first; kept out of all.yaml.
@@ -31,10 +32,14 @@ def write_k8s(cfg: DeployConfig, out: str | Path) -> list[Path]:
 
     ``all.yaml`` holds the core objects with the HPA; the ServiceMonitor and the KEDA
     ScaledObject need their operators' CRDs and are applied separately (use the
-    ScaledObject *instead of* the HPA, never both).
+    ScaledObject *instead of* the HPA, never both). Every object is validated first
+    (Kubernetes schemas + vendored CRD schemas) when the deploy extra is installed.
     """
     out = Path(out)
     objs = manifests(cfg)
+    if validators_installed():
+        for obj in objs.values():
+            validate_k8s(obj)
     written = [write(out / "k8s" / f"{stem}.yaml", dump(obj)) for stem, obj in objs.items()]
     core = [obj for stem, obj in objs.items() if stem not in (*CRD_OBJECTS,)]
     written.append(write(out / "k8s" / "all.yaml", dump_all(core)))

@@ -43,6 +43,13 @@ def _jsonschema(doc: Any, schema: dict[str, Any], what: str) -> None:
         raise ManifestInvalidError(f"{what}: {where}: {errors[0].message}", hint="report a bug")
 
 
+def validators_installed() -> bool:
+    """Whether the deploy extra's validators (jsonschema, kubernetes-validate) import."""
+    from importlib.util import find_spec
+
+    return all(find_spec(m) is not None for m in ("jsonschema", "kubernetes_validate"))
+
+
 def validate_k8s(obj: dict[str, Any], version: str = K8S_VERSION) -> None:
     """Validate one Kubernetes object (built-in kinds or the vendored CRDs).
 
