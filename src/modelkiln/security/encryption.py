@@ -164,7 +164,7 @@ def load_hf_model_encrypted(model_dir: str | Path, key_file: str | Path) -> Any:
     state: dict[str, Any] = {}
     for shard in shards:
         state.update(load_safetensors_encrypted(shard, key_file))
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)  # nosec B615 (a local directory, never the Hub)
     archs = config.architectures or []
     auto = (
         AutoModelForCausalLM

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from modelkiln.errors import ConfigError, SecurityError
 
 #: Environment variable holding the HMAC server secret (hex); overrides the secret file.
-SECRET_ENV = "MODELKILN_KEY_SECRET"
+SECRET_ENV = "MODELKILN_KEY_SECRET"  # nosec B105 (the variable name, not a secret)
 Scope = Literal["infer", "embed", "admin"]
 SCOPES: tuple[str, ...] = ("infer", "embed", "admin")
 _KEY_RE = re.compile(r"^mk_([0-9a-f]{12})_([A-Za-z0-9_-]{20,})$")
