@@ -274,9 +274,10 @@ def keep_bnb_autograd_path(model: nn.Module) -> None:
     any eval forward. Inference after a plain transformers reload may still use that kernel
     (bitsandbytes' choice).
     """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    layer: Any  # bitsandbytes.nn.Linear4bit (an optional dependency: no import for its type)
+    for layer in model.modules():
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
 
 
 @register("adalora")
