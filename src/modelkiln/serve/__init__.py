@@ -1,11 +1,15 @@
 """Serving: one process for causal LMs and encoders behind an OpenAI-compatible API.
 
 Three layers, each testable alone: HTTP (:mod:`.app`, :mod:`.schemas`,
-:mod:`.completions`, :mod:`.embedding_routes`), scheduling (the generation
-engine in :mod:`.generation`, the dynamic batcher in :mod:`.embeddings`,
-admission control in :mod:`.admission`) and execution (model backends in
-:mod:`.generation.backend` and :mod:`.encoders`). Importing this package is
-light: FastAPI, uvicorn and torch load only when a name below is used.
+:mod:`.completions`, :mod:`.embedding_routes`, shared route helpers in
+:mod:`.routing`, access in :mod:`.access`), scheduling (the generation engine
+in :mod:`.generation`, the dynamic batcher in :mod:`.embeddings`, admission
+control in :mod:`.admission`) and execution (model backends in
+:mod:`.generation.backend` and :mod:`.encoders`, built by :mod:`.loading`).
+Plug-ins (monitoring, security, rollouts) join through
+:mod:`modelkiln.contract.serving` (:mod:`.hooks` is the server's side).
+Importing this package is light: FastAPI, uvicorn and torch load only when a
+name below is used.
 
 Example:
     >>> from modelkiln.serve import ModelSpec, ServeConfig, serve
