@@ -59,6 +59,8 @@ def build_parser(
     p.add_argument("--backend", choices=["torch", "onnx"], help="backend of every model")
     p.add_argument("--threads", type=int, help="intra-op threads of torch and ONNX Runtime")
     p.add_argument("--drain-timeout", type=float, help="seconds to drain on SIGTERM")
+    p.add_argument("--auto-truncate", action="store_true", default=None,
+                   help="cut embedding inputs past the model's limit instead of 400")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     for extension in extensions:
         extension.add_arguments(p)
@@ -81,7 +83,8 @@ def config_from_args(
     if not args.model_path and not args.config:
         raise ConfigError("no model to serve", hint="pass --model-path DIR (or --config YAML)")
     named: dict[str, object] = {"host": args.host, "port": args.port, "threads": args.threads,
-                                "drain_timeout_s": args.drain_timeout}  # fmt: skip
+                                "drain_timeout_s": args.drain_timeout,
+                                "auto_truncate": args.auto_truncate}  # fmt: skip
     if args.model_path:
         if args.name and len(args.name) != len(args.model_path):
             raise ConfigError("give one --name per --model-path", hint="or leave --name out")

@@ -148,6 +148,12 @@ class ServeConfig(KilnModel):
     max_input_tokens: int = Field(
         8192, ge=1, description="Longest prompt / embedding input in tokens (400)."
     )
+    auto_truncate: bool = Field(
+        False,
+        description="Cut embedding inputs longer than the model's limit (sentence-transformers "
+        "max_seq_length, else model_max_length) instead of answering 400; a request's "
+        "'truncate' overrides it.",
+    )
     request_timeout_s: float = Field(
         120.0, gt=0, description="Deadline of one request; past it the answer is 504."
     )

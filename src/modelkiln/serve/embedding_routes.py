@@ -23,6 +23,7 @@ from modelkiln.serve.limits import cancel_on_disconnect
 from modelkiln.serve.routing import JSON, admit, cached, guard, state_of
 from modelkiln.serve.schemas import EmbeddingRequest, EmbeddingResponse
 from modelkiln.serve.state import ServedModel
+from modelkiln.serve.truncation import fit, special_suffix
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,8 +31,10 @@ if TYPE_CHECKING:
 router = APIRouter(tags=["embeddings"])
 
 
-def _inputs(served: ServedModel, body: EmbeddingRequest, max_tokens: int) -> list[list[int]]:
-    """Token ids of every input, validated against the vocabulary and the length limit."""
+def _inputs(
+    served: ServedModel, body: EmbeddingRequest, max_tokens: int, truncate: bool
+) -> list[list[int]]:
+    """Token ids of every input, validated against the vocabulary and fitted to the limit."""
     raw = body.input
     if isinstance(raw, str):
         raw = [raw]
@@ -43,16 +46,13 @@ def _inputs(served: ServedModel, body: EmbeddingRequest, max_tokens: int) -> lis
         ids = [[x for x in raw if isinstance(x, int)]]
     else:
         ids = [x for x in raw if isinstance(x, list)]
+    over = truncate and len(texts) == len(raw) and any(len(s) > max_tokens for s in ids)
+    suffix = special_suffix(served.tokenizer) if over else 0  # ids sent as ids are cut plainly
+    ids = fit(ids, max_tokens, truncate=truncate, suffix=suffix, model=served.name)
     vocab = served.vocab_size
     for i, seq in enumerate(ids):
         if not seq:
             raise bad_request(f"input {i} is empty", param="input")
-        if len(seq) > max_tokens:
-            raise bad_request(
-                f"input {i} has {len(seq)} tokens; the limit of {served.name!r} is {max_tokens}",
-                param="input",
-                code="context_length_exceeded",
-            )
         bad = next((t for t in seq if t >= vocab), None)
         if bad is not None:
             raise bad_request(f"input {i}: token id {bad} is outside the vocabulary ({vocab})")
@@ -82,7 +82,8 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
             f"dimensions={body.dimensions} exceeds the model's {engine.dim}", param="dimensions"
         )
     limit = min(state.cfg.max_input_tokens, engine.max_length)
-    ids = _inputs(served, body, limit)
+    truncate = state.cfg.auto_truncate if body.truncate is None else body.truncate
+    ids = _inputs(served, body, limit, truncate)
     tokens = sum(len(s) for s in ids)
     guard(request, state, served, tokens)
     raw = [body.input] if isinstance(body.input, str) else body.input

@@ -153,6 +153,11 @@ class EmbeddingRequest(_Request):
     dimensions: int | None = Field(
         None, ge=1, description="Keep the first N dimensions (renormalized)."
     )
+    truncate: bool | None = Field(
+        None,
+        description="Cut inputs longer than the model's limit instead of refusing them (400); "
+        "None: the server's auto_truncate (TEI's name).",
+    )
     user: str | None = None
 
     @field_validator("input")
