@@ -8,6 +8,7 @@ Uses only the serve stage's public API (``modelkiln.serve.create_app``,
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,25 @@ def registry_versions(
     return folders, serving
 
 
+def version_fields(folder: Path) -> dict[str, Any]:
+    """``ModelSpec`` path fields of one version: a PEFT adapter version is served as its base
+    model with the adapter merged at load (its own served model, so it can be a canary unit).
+
+    Raises:
+        ConfigError: an adapter whose base model is not a local folder.
+    """
+    cfg_file = folder / "adapter_config.json"
+    if not cfg_file.is_file():
+        return {"path": folder}
+    base = json.loads(cfg_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise ConfigError(
+            f"{folder}: adapter base model {base!r} is not a local folder",
+            hint="register adapters trained on a local base model (nothing is downloaded)",
+        )
+    return {"path": Path(base), "adapter": folder}
+
+
 def build_gateway(
     model: str,
     folders: dict[str, Path],
@@ -80,7 +100,9 @@ def build_gateway(
     if serving not in folders:
         raise ConfigError(f"serving version {serving!r} is not among {sorted(folders)}")
     specs = [
-        ModelSpec(path=p, name=served_name(model, v), version=v, **(model_options or {}))
+        ModelSpec(
+            **version_fields(p), name=served_name(model, v), version=v, **(model_options or {})
+        )
         for v, p in folders.items()
     ]
     cfg = ServeConfig.model_validate(

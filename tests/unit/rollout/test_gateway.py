@@ -130,3 +130,19 @@ def test_canary_body_validated(tmp_path: Path) -> None:
         assert r.json()["policy"]["weights"] == {"1": 50, "2": 50}
 
     run(gw, go)
+
+
+def test_adapter_versions_are_served_on_their_base(tmp_path: Path) -> None:
+    from modelkiln.errors import ConfigError
+    from modelkiln.rollout.serving import version_fields
+
+    base = tmp_path / "base"
+    base.mkdir()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    assert version_fields(adapter) == {"path": base, "adapter": adapter}
+    assert version_fields(base) == {"path": base}
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/x"}))
+    with pytest.raises(ConfigError, match="not a local folder"):
+        version_fields(adapter)
