@@ -215,7 +215,7 @@ class DriftMonitor:
             if track.model not in self.profiles or not (force or track.due(now)):
                 continue
             new.extend(self._check_track(track, now))
-        self.checks += 1
+        self.checks += bool(new)
         if new:
             for fn in self._listeners:
                 try:
