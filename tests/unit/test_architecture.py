@@ -37,22 +37,16 @@ WIRING = frozenset({"cli", "pipeline", "pipeline_dist", "pipeline_serve", "__mai
 EXCEPTIONS: dict[tuple[str, str], str] = {
     ("modelkiln.deploy.azureml_score", "modelkiln.serve"): "the Azure ML scoring entry point "
     "starts the server inside the container (an entry point, like cli/); deploy helper",
+    ("modelkiln.deploy.ray_app", "modelkiln.serve"): "the Ray Serve replica entry point builds "
+    "the server app with serve's public create_app (an entry point, like azureml_score); ray helper",
     ("modelkiln.rollout.serving", "modelkiln.serve"): "rollout starts the servers of every "
     "version (wiring); rollout helper: move it to the wiring layer or serve's public entry",
-    ("modelkiln.hardware", "modelkiln.doctor.probe"): "core hardware facts read doctor's CPU "
-    "probe; portability helper: the probe belongs in core (hardware)",
-    ("modelkiln.optimize.quantize", "modelkiln.doctor.probe"): "int8 choice reads doctor's CPU "
-    "probe; portability helper: read it through modelkiln.hardware",
 }
 
 
 #: Import cycles allowed when imports inside functions are counted too (module-level cycles
 #: are never allowed): the modules of the cycle -> reason. Same place as EXCEPTIONS.
 LAZY_CYCLE_EXCEPTIONS: dict[frozenset[str], str] = {
-    frozenset({"modelkiln.doctor.probe", "modelkiln.doctor.report", "modelkiln.hardware"}): (
-        "core hardware reads doctor's probe while doctor reports hardware facts; portability "
-        "helper: move the probe into core"
-    ),
 }
 
 

@@ -132,6 +132,60 @@ def azureml_cmd(
         _report(write_azureml(cfg, out, green, pipeline_config), out)
 
 
+@deploy_app.command("ray")
+def ray_cmd(
+    out: OutArg,
+    model_path: Annotated[
+        list[Path] | None,
+        typer.Option("--model-path", help="Model directory; repeat for one application each."),
+    ] = None,
+    config: DeployConfigOpt = None,
+    set_: SetOpt = None,
+    replicas: Annotated[int | None, typer.Option("--replicas", help="Fixed replicas.")] = None,
+    min_replicas: Annotated[int | None, typer.Option(help="Autoscaling: fewest (1).")] = None,
+    max_replicas: Annotated[int | None, typer.Option(help="Autoscaling: most (10).")] = None,
+    initial_replicas: Annotated[int | None, typer.Option(help="Autoscaling: at start.")] = None,
+    target_ongoing_requests: Annotated[
+        float | None, typer.Option(help="Autoscaling: ongoing requests per replica (10).")
+    ] = None,
+    upscale_delay_s: Annotated[float | None, typer.Option(help="Autoscaling: s (30).")] = None,
+    downscale_delay_s: Annotated[float | None, typer.Option(help="Autoscaling: s (600).")] = None,
+    num_cpus: Annotated[float | None, typer.Option(help="CPUs per replica (1).")] = None,
+    memory: Annotated[int | None, typer.Option(help="Memory per replica, bytes.")] = None,
+    port: Annotated[int | None, typer.Option(help="Serve HTTP port (8000).")] = None,
+    run: Annotated[bool, typer.Option("--run", help="Start it now (Ctrl-C stops).")] = False,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join with --run (default: a local one).")
+    ] = None,
+) -> None:
+    """Ray Serve: the same server as `kiln serve`, one application + deployment per model,
+    fixed replicas or autoscaling; writes serve_config.yaml (for `serve run`), --run starts it.
+
+    Example: kiln deploy ray deploy-ray --model-path runs/quickstart/optimize/model
+    --min-replicas 1 --max-replicas 4 --target-ongoing-requests 8 --run
+    """
+    from modelkiln.deploy.ray_config import load_ray_config, write_ray
+    from modelkiln.deploy.ray_run import require_ray, run_forever, start
+
+    auto = {"min_replicas": min_replicas, "max_replicas": max_replicas,
+            "initial_replicas": initial_replicas,
+            "target_ongoing_requests": target_ongoing_requests,
+            "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s}  # fmt: skip
+    auto = {k: v for k, v in auto.items() if v is not None}
+    actor = {k: v for k, v in {"num_cpus": num_cpus, "memory": memory}.items() if v is not None}
+    with guard():
+        require_ray()
+        models = [{"path": p} for p in model_path] if model_path else None
+        sets = [*(set_ or []), *(f"ray_actor_options.{k}={v}" for k, v in actor.items())]
+        sets += [f"autoscaling.{k}={v}" for k, v in auto.items()]
+        cfg = load_ray_config(config, sets, models=models, num_replicas=replicas, port=port)
+        _report(write_ray(cfg, out), out)
+        if run:
+            start(cfg, address=address)
+            console.print(f"Ray Serve on http://{cfg.host}:{cfg.port} (Ctrl-C stops)")
+            run_forever()
+
+
 def register(app: typer.Typer) -> None:
     """Add ``deploy`` to the root app."""
     app.add_typer(deploy_app, name="deploy")

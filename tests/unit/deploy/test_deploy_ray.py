@@ -1,0 +1,107 @@
+"""``kiln deploy ray`` without a Ray cluster: config rules, the ``serve run`` YAML, the CLI.
+
+The real-cluster tests are in tests/integration/test_deploy_ray.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from modelkiln.deploy import ray_config, ray_run
+from modelkiln.deploy.ray_config import load_ray_config, serve_run_config, write_ray
+from modelkiln.errors import ConfigError, DependencyMissingError
+
+
+def test_fixed_replicas_config_is_serve_run_shaped(model_dir: Path, tmp_path: Path) -> None:
+    cfg = load_ray_config(models=[{"path": model_dir}], num_replicas=2)
+    (path,) = write_ray(cfg, tmp_path / "out")
+    doc = yaml.safe_load(path.read_text())
+    (app,) = doc["applications"]
+    assert app["import_path"] == "modelkiln.deploy.ray_app:build_app"
+    assert app["route_prefix"] == "/" and app["name"] == "model"
+    assert app["args"]["model"] == {"path": str(model_dir.resolve()), "name": "model"}
+    (dep,) = app["deployments"]
+    assert dep["name"] == "kiln" and dep["num_replicas"] == 2
+    assert "autoscaling_config" not in dep
+    assert app["args"]["deployment"] == dep
+
+
+def test_serve_run_config_validates_against_rays_schema(model_dir: Path) -> None:
+    schema = pytest.importorskip("ray.serve.schema")
+    cfg = load_ray_config(
+        models=[{"path": model_dir}, {"path": model_dir, "name": "second"}],
+        autoscaling={"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 1},
+    )
+    parsed = schema.ServeDeploySchema.model_validate(serve_run_config(cfg))
+    assert [a.route_prefix for a in parsed.applications] == ["/model", "/second"]
+    auto = parsed.applications[0].deployments[0].autoscaling_config
+    assert auto["max_replicas"] == 3 and auto["upscale_delay_s"] == 1
+
+
+def test_replicas_and_autoscaling_together_name_the_field(model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="num_replicas and autoscaling"):
+        load_ray_config(models=[{"path": model_dir}], num_replicas=2, autoscaling={})
+
+
+def test_min_above_max_names_the_field(model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"min_replicas=5 > max_replicas=2"):
+        load_ray_config(
+            models=[{"path": model_dir}], autoscaling={"min_replicas": 5, "max_replicas": 2}
+        )
+
+
+def test_missing_model_path_names_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"models.path: .*nope is not a directory"):
+        load_ray_config(models=[{"path": tmp_path / "nope"}])
+
+
+def test_model_too_large_for_declared_memory(model_dir: Path) -> None:
+    (model_dir / "model.safetensors").write_bytes(b"\0" * 1000)
+    with pytest.raises(ConfigError, match=r"ray_actor_options.memory=1500 bytes.*2000 bytes"):
+        load_ray_config(models=[{"path": model_dir}], ray_actor_options={"memory": 1500})
+    cfg = load_ray_config(models=[{"path": model_dir}], ray_actor_options={"memory": 2000})
+    assert cfg.ray_actor_options.memory == 2000
+
+
+def test_ray_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # find_spec raises for a None entry
+    with pytest.raises(DependencyMissingError, match=r"ray\[serve\]") as info:
+        ray_run.require_ray()
+    assert info.value.extra == "ray" and "modelkiln[ray]" in str(info.value.hint)
+
+
+def _cli(args: list[str]) -> tuple[int, str]:
+    from modelkiln.cli import app
+
+    result = CliRunner().invoke(app, ["deploy", "ray", *args])
+    return result.exit_code, result.output
+
+
+def test_cli_writes_autoscaling_config(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, output = _cli([str(out), "--model-path", str(model_dir), "--min-replicas", "1",
+                         "--max-replicas", "4", "--target-ongoing-requests", "2",
+                         "--upscale-delay-s", "1", "--downscale-delay-s", "2"])  # fmt: skip
+    assert code == 0, output
+    dep = yaml.safe_load((out / "serve_config.yaml").read_text())["applications"][0]
+    auto = dep["deployments"][0]["autoscaling_config"]
+    assert auto["max_replicas"] == 4 and auto["target_ongoing_requests"] == 2
+    assert auto["downscale_delay_s"] == 2
+
+
+def test_cli_bad_inputs_exit_with_one_clear_error(model_dir: Path, tmp_path: Path) -> None:
+    code, output = _cli([str(tmp_path), "--model-path", str(model_dir), "--replicas", "2",
+                         "--max-replicas", "3"])  # fmt: skip
+    assert code != 0 and "num_replicas and autoscaling" in output
+    code, output = _cli([str(tmp_path), "--model-path", str(model_dir),
+                         "--min-replicas", "4", "--max-replicas", "3"])  # fmt: skip
+    assert code != 0 and "min_replicas=4 > max_replicas=3" in output
+
+
+def test_no_ray_import_at_config_time() -> None:
+    assert "ray" not in ray_config.__dict__ and "ray" not in ray_run.__dict__
