@@ -9,7 +9,7 @@ of fp32; otherwise fp32. The same rule picks whether ``optimize`` tries its torc
 int8 / bf16 variants by default. Every decision carries the measured reason.
 
 The CPU class can be overridden with ``MODELKILN_CPU_CLASS=avx2|avx512_bf16|amx``:
-the probes (:func:`modelkiln.doctor.probe.cpu_info`) then report that class's
+the probes (:func:`modelkiln.cpu.cpu_info`) then report that class's
 flags and the decisions use the figures measured on that class
 (/work/shared/PLATFORM.md, docs/BENCHMARKS.md), labelled "assumed from class X".
 Tests use it to run every class's code path on any machine.
@@ -30,11 +30,18 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+from modelkiln.cpu import (  # re-exported: the CPU facts live in core modelkiln.cpu
+    CLASSES,
+    CPU_CLASS_ENV,
+    CpuClass,
+    classify,
+    cpu_class_override,
+    cpu_info,
+)
 from modelkiln.errors import ConfigError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Resolved = Literal["fp32", "bf16", "fp16"]
-CpuClass = Literal["avx2", "avx512_bf16", "amx"]
 
 MIN_SPEEDUP = 1.2  # bf16 / int8 must beat fp32 by this much to be chosen
 # Largest relative error (Frobenius) of a bf16 matmul against fp32 that "auto" accepts:
@@ -47,41 +54,9 @@ BF16_MAX_OUTPUT_ERROR = 5e-2
 # Output tolerance (absolute, on unit-scale outputs such as normalised embeddings or
 # logits of a tiny model) for comparing a model run at a precision with its reference.
 TOLERANCE: dict[str, float] = {"fp32": 1e-5, "bf16": 5e-2, "fp16": 1e-2}
-CPU_CLASS_ENV = "MODELKILN_CPU_CLASS"
 CACHE_ENV = "MODELKILN_CACHE_DIR"
 BENCH_SHAPE = (256, 512, 512)  # (tokens, in, out) of the timed matmul; ~0.07 GFLOP
 BENCH_BUDGET_S = 0.25  # time per dtype; three dtypes stay well under 2 s
-
-
-@dataclass(frozen=True)
-class ClassProfile:
-    """What one CPU class advertises and what was measured on it (2 threads, torch 2.13)."""
-
-    label: str
-    flags: tuple[str, ...]
-    fp32: float  # GFLOP/s, 2048² matmul
-    bf16: float
-    int8: float  # GOP/s
-
-
-# Figures from /work/shared/PLATFORM.md (class A from docs/BENCHMARKS.md, pre-2026-12).
-CLASSES: dict[str, ClassProfile] = {
-    "avx2": ClassProfile("A: AVX2 only (AMD EPYC Zen 3)", ("avx2",), 130.0, 2.0, 1.0),
-    "avx512_bf16": ClassProfile(
-        "B: AVX-512 + AVX512-BF16 + VNNI, no AMX (AMD EPYC Zen 4)",
-        ("avx2", "avx512f", "avx512_bf16", "avx512_vnni"),
-        163.0,
-        373.0,
-        853.0,
-    ),
-    "amx": ClassProfile(
-        "C: AVX-512 + AMX-BF16 + AMX-INT8 (Intel Sapphire Rapids)",
-        ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"),
-        340.0,
-        2000.0,
-        3500.0,
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -99,35 +74,8 @@ class Decision:
         return asdict(self)
 
 
-def cpu_class_override() -> CpuClass | None:
-    """The class forced by ``MODELKILN_CPU_CLASS`` (None when unset).
-
-    Raises:
-        ConfigError: the variable names no known class.
-    """
-    raw = os.environ.get(CPU_CLASS_ENV, "").strip().lower()
-    if not raw:
-        return None
-    if raw not in CLASSES:
-        raise ConfigError(
-            f"{CPU_CLASS_ENV}={raw!r} is not a CPU class",
-            hint=f"use one of {', '.join(CLASSES)} or unset it",
-        )
-    return raw  # type: ignore[return-value]
-
-
-def classify(flags: dict[str, bool | None]) -> CpuClass:
-    """The class a set of CPU flags belongs to (AVX2-or-less counts as ``avx2``)."""
-    if flags.get("amx_bf16"):
-        return "amx"
-    if flags.get("avx512_bf16"):
-        return "avx512_bf16"
-    return "avx2"
-
-
 def cpu_class() -> CpuClass:
     """This machine's CPU class (or the overridden one)."""
-    from modelkiln.doctor.probe import cpu_info
 
     return classify(cpu_info().flags)
 
@@ -155,8 +103,6 @@ def cache_dir() -> Path:
 
 def _machine_key(shape: tuple[int, int, int]) -> str:
     import torch
-
-    from modelkiln.doctor.probe import cpu_info
 
     info = cpu_info()
     flags = ",".join(sorted(f for f, v in info.flags.items() if v))
@@ -325,7 +271,6 @@ def resolve_precision(precision: Precision, device: str | None = None) -> Resolv
 
 def clear_caches() -> None:
     """Forget probed and measured facts (after changing ``MODELKILN_CPU_CLASS`` in-process)."""
-    from modelkiln.doctor.probe import cpu_info
 
     measured_throughput.cache_clear()
     clear = getattr(cpu_info, "cache_clear", None)

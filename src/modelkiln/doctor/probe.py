@@ -18,11 +18,11 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
+# The CPU probe is core (modelkiln.cpu); doctor re-exports it for its callers.
+from modelkiln.cpu import CPU_FLAGS, cpu_info, parse_cpuinfo  # noqa: F401
 from modelkiln.doctor.report import (
-    CpuInfo,
     DiskInfo,
     ExtraStatus,
-    FlagsSource,
     GpuDevice,
     GpuInfo,
     MemoryInfo,
@@ -30,7 +30,6 @@ from modelkiln.doctor.report import (
     PythonInfo,
     ThreadInfo,
 )
-from modelkiln.hardware import CLASSES, CPU_CLASS_ENV, classify, cpu_class_override
 
 CORE_MODULES = ("torch", "transformers", "tokenizers", "datasets", "pydantic", "yaml", "numpy")
 OPTIONAL_MODULES = (
@@ -40,9 +39,6 @@ OPTIONAL_MODULES = (
 )  # fmt: skip
 # Import name -> distribution name where the two differ beyond PEP 503 normalisation.
 DISTRIBUTIONS = {"yaml": "PyYAML"}
-CPU_FLAGS = (
-    "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
-)  # fmt: skip
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 GB = 1e9
 _REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
@@ -161,87 +157,6 @@ def extras_status(reqs: list[str] | None, dist: str = "modelkiln") -> list[Extra
         spec = req.split(";")[0].strip()
         gaps.append(f"{spec} (found {version})" if version else name)
     return [ExtraStatus(name=k, installed=not v, missing=v) for k, v in missing.items()]
-
-
-def parse_cpuinfo(text: str) -> tuple[str, dict[str, bool]]:
-    """Parse ``/proc/cpuinfo`` text into ``(model name, {flag: present})`` for :data:`CPU_FLAGS`.
-
-    Reads the first ``model name`` (x86) or ``Hardware``/``cpu model`` line and the
-    first ``flags`` (x86) or ``Features`` (ARM) line. Returns ``("", {})`` for
-    text without a flags line.
-    """
-    model, found = "", None
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        key = key.strip().lower()
-        if not sep:
-            continue
-        if key in ("model name", "cpu model", "hardware") and not model:
-            model = value.strip()
-        elif key in ("flags", "features") and found is None:
-            found = set(value.split())
-    return model, ({} if found is None else {f: f in found for f in CPU_FLAGS})
-
-
-def _torch_cpu_flags() -> tuple[dict[str, bool | None], str | None]:
-    """Fallback flags from torch's own cpuinfo probe (``None`` where torch cannot tell)."""
-    flags: dict[str, bool | None] = dict.fromkeys(CPU_FLAGS)
-    torch = _torch()
-    if torch is None:
-        return flags, None
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-        probes = {
-            "avx2": "_is_avx2_supported", "avx512f": "_is_avx512_supported",
-            "avx512_bf16": "_is_avx512_bf16_supported", "avx512_vnni": "_is_vnni_supported",
-            "amx_tile": "_is_amx_tile_supported",
-        }  # fmt: skip
-        for flag, fn in probes.items():
-            probe = getattr(torch.cpu, fn, None)
-            flags[flag] = bool(probe()) if probe is not None else None
-    except (AttributeError, RuntimeError):
-        return flags, None
-    return flags, capability
-
-
-def _usable_cores() -> int:
-    """CPUs this process may run on: affinity mask, capped by a cgroup v2 CPU quota."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores or 1, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores or 1
-
-
-def cpu_info(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> CpuInfo:
-    """CPU model, logical and usable cores, instruction-set flags, class and torch's capability.
-
-    ``MODELKILN_CPU_CLASS`` replaces the flags with that class's (``flags_source="override"``).
-    """
-    try:
-        model, parsed = parse_cpuinfo(cpuinfo_path.read_text(errors="replace"))
-    except OSError:
-        model, parsed = "", {}
-    torch_flags, capability = _torch_cpu_flags()
-    flags: dict[str, bool | None] = dict(parsed) if parsed else torch_flags
-    source: FlagsSource = "cpuinfo" if parsed else ("torch" if capability else "none")
-    model = model or platform.processor() or platform.machine() or "unknown"
-    forced = cpu_class_override()
-    if forced is not None:  # MODELKILN_CPU_CLASS: every decision sees that class's flags
-        flags = {f: f in CLASSES[forced].flags for f in CPU_FLAGS}
-        model, source = f"{model} (as class {forced}: {CPU_CLASS_ENV})", "override"
-    return CpuInfo(
-        model=model,
-        logical_cores=os.cpu_count() or 1,
-        usable_cores=_usable_cores(),
-        flags=flags,
-        flags_source=source,
-        torch_capability=capability,
-        cpu_class=classify(flags),
-    )
 
 
 def gpu_info() -> GpuInfo:

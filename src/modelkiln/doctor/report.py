@@ -7,10 +7,11 @@ from typing import Literal
 
 from pydantic import BaseModel, computed_field
 
+from modelkiln.cpu import CpuInfo
+
 Status = Literal["pass", "warn", "fail"]
 Dtype = Literal["fp32", "bf16", "int8"]
 Row = tuple[str, str, str, str]
-FlagsSource = Literal["cpuinfo", "torch", "none", "override"]
 
 
 class Check(BaseModel):
@@ -45,18 +46,6 @@ class ExtraStatus(BaseModel):
     name: str
     installed: bool
     missing: list[str] = []
-
-
-class CpuInfo(BaseModel):
-    """CPU model, cores this process may use, and the vector/matrix instruction sets present."""
-
-    model: str
-    logical_cores: int
-    usable_cores: int
-    flags: dict[str, bool | None]  # None: could not be determined
-    flags_source: FlagsSource
-    torch_capability: str | None = None
-    cpu_class: str = ""  # avx2 | avx512_bf16 | amx (modelkiln.hardware.CLASSES)
 
 
 class GpuDevice(BaseModel):

@@ -170,7 +170,7 @@ class TorchInt8DynamicVariant(Variant):
 
 def cpu_has_int8_dot() -> bool:
     """True when the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI, AMX-int8)."""
-    from modelkiln.doctor.probe import cpu_info
+    from modelkiln.cpu import cpu_info
 
     flags = cpu_info().flags
     return any(flags.get(f) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
