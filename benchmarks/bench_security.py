@@ -136,8 +136,11 @@ def overhead(n: int) -> dict[str, Any]:
     return rows
 
 
-def accuracy(seconds: float, tpm: int = 12_000, clients: int = 8) -> dict[str, Any]:
-    """Admitted tokens per minute of one key pushed at 3x its limit by ``clients`` threads."""
+def accuracy(
+    seconds: float, tpm: int = 12_000, clients: int = 8, redis: bool = False
+) -> dict[str, Any]:
+    """Admitted tokens per minute of one key pushed at 3x its limit by ``clients`` threads
+    (buckets in-process, or in a redis-server on loopback with ``redis``)."""
     import httpx
     from serve_support import FakeEngine
 
@@ -156,9 +159,13 @@ def accuracy(seconds: float, tpm: int = 12_000, clients: int = 8) -> dict[str, A
             "drain_timeout_s": 1,
         }
     )
-    server = ModelServer(
-        config=cfg, engines={"lm": FakeEngine()}, hooks=SecurityPolicy(keys=store).hooks()
-    )
+    policy = SecurityPolicy(keys=store)
+    redis_proc = _redis(tmp) if redis else None
+    if redis_proc is not None:
+        from modelkiln.security.ratelimit import RedisLimiter
+
+        policy.limiter = RedisLimiter(redis_proc[0])
+    server = ModelServer(config=cfg, engines={"lm": FakeEngine()}, hooks=policy.hooks())
     url = server.start(timeout=60)
     body = {"model": "lm", "prompt": "def f(x):", "max_tokens": 16, "temperature": 0.5}
     probe = httpx.post(
@@ -191,6 +198,8 @@ def accuracy(seconds: float, tpm: int = 12_000, clients: int = 8) -> dict[str, A
     for t in threads:
         t.join()
     server.stop()
+    if redis_proc is not None:
+        redis_proc[1].kill()
     first_429 = min(t for t, s, _ in log if s == 429)
     start = first_429 + 5.0  # the burst is spent: measure the steady state
     window = [(t, s, u) for t, s, u in log if start <= t < start + seconds]
@@ -198,6 +207,7 @@ def accuracy(seconds: float, tpm: int = 12_000, clients: int = 8) -> dict[str, A
     offered = len(window) * per_request
     per_min = admitted * 60.0 / seconds
     return {
+        "buckets": "redis" if redis_proc else "in-process",
         "tpm_limit": tpm,
         "clients": clients,
         "seconds": seconds,
@@ -214,10 +224,14 @@ def main() -> None:
     p.add_argument("--n", type=int, default=5000, help="requests per overhead configuration")
     p.add_argument("--seconds", type=float, default=60.0, help="accuracy window")
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--skip-overhead", action="store_true")
+    p.add_argument("--redis", action="store_true", help="accuracy with the buckets in Redis")
     args = p.parse_args()
-    out: dict[str, Any] = {"overhead": overhead(args.n)}
+    out: dict[str, Any] = {}
+    if not args.skip_overhead:
+        out["overhead"] = overhead(args.n)
     if not args.skip_accuracy:
-        out["accuracy"] = accuracy(args.seconds)
+        out["accuracy"] = accuracy(args.seconds, redis=args.redis)
     print(json.dumps(out, indent=2))
 
 
