@@ -61,6 +61,27 @@ def optimal_batch(
     return best
 
 
+def _time_by_shape(cells: list[Cell], cfg: OfflineConfig) -> None:
+    """Shapes smallest first; the backends of one shape interleaved round by round.
+
+    Interleaving backends makes a noisy neighbour slow them alike; shapes are not
+    interleaved with each other (a large batch between two small ones evicts their
+    caches and skews them). Each shape gets an equal share of the time left.
+    """
+    shapes = sorted({(c.batch * c.seq, c.batch, c.seq) for c in cells})
+    deadline = time.perf_counter() + cfg.budget_s
+    for i, (_, batch, seq) in enumerate(shapes):
+        group = [c for c in cells if (c.batch, c.seq) == (batch, seq)]
+        share = max(deadline - time.perf_counter(), 0.0) / (len(shapes) - i)
+        time_cells(
+            group,
+            min_runs=cfg.min_runs,
+            max_runs=cfg.max_runs,
+            cv_target=cfg.cv_target,
+            budget_s=share,
+        )
+
+
 def _environment() -> dict[str, Any]:
     from modelkiln.hardware import cpu_class
 
@@ -87,13 +108,7 @@ def run_offline(cfg: OfflineConfig) -> dict[str, Any]:
             cells += [Cell(runner, b, seq) for b in sorted(set(cfg.batches))]
     started = time.perf_counter()
     warm_up(cells, cfg.warmup)
-    time_cells(
-        cells,
-        min_runs=cfg.min_runs,
-        max_runs=cfg.max_runs,
-        cv_target=cfg.cv_target,
-        budget_s=cfg.budget_s,
-    )
+    _time_by_shape(cells, cfg)
     rows = [c.to_dict() for c in cells]
     optimal = []
     for runner in runners:

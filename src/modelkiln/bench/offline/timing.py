@@ -1,7 +1,8 @@
-"""The offline sweep: every (backend, batch, seq) cell timed in interleaved rounds.
+"""The offline sweep: (backend, batch, seq) cells timed in interleaved rounds.
 
-Rounds are interleaved — one call of every live cell per round — so a noisy
-neighbour slows every cell alike instead of whichever happened to run then.
+Rounds are interleaved — one call of every live cell of a group per round — so
+a noisy neighbour slows every cell alike instead of whichever happened to run
+then (the sweep groups the backends of one shape, see ``sweep._time_by_shape``).
 Each cell first gets ``warmup`` untimed calls (in ascending size, which is when
 its memory is read: RSS only grows, so the reading after a cell's warmup is the
 peak up to that size). A cell stops when its estimate is stable (the standard
@@ -117,11 +118,14 @@ def warm_up(cells: list[Cell], warmup: int) -> None:
 def time_cells(
     cells: list[Cell], *, min_runs: int, max_runs: int, cv_target: float, budget_s: float
 ) -> None:
-    """Interleaved rounds until every cell is stable, at ``max_runs``, or out of time."""
+    """Interleaved rounds until every cell is stable, at ``max_runs``, or out of time.
+
+    Every cell gets at least one timed call, even with no time left.
+    """
     deadline = time.perf_counter() + budget_s
     live = list(cells)
     while live:
-        if time.perf_counter() >= deadline:
+        if time.perf_counter() >= deadline and all(c.times_ms for c in live):
             for cell in live:
                 cell.stop = "time budget"
             return
