@@ -71,3 +71,18 @@ def test_percentiles_and_tpot_definitions() -> None:
     report = LoadReport("x", 2.0, [r, RequestResult(start=0, status=500, error="boom")])
     s = report.summary(SLO(ttft_s=0.2, tpot_s=0.2))
     assert s["throughput_rps"] == 0.5 and s["goodput_rps"] == 0.5 and s["errors"] == 1
+
+
+def test_models_are_listed_and_serve_bench_defaults_to_the_first(url: str) -> None:
+    from modelkiln.bench.backends.openai import list_models
+    from modelkiln.bench.serving import make_config, run_serve_bench
+
+    assert list_models(url) == ["lm", "enc"]
+    res = run_serve_bench(make_config(url=url, concurrency=2, requests=4, max_tokens=3,
+                                      slo="ttft_p99=10s,tpot_p99=10s"))  # fmt: skip
+    assert res["model"] == "lm" and res["summary"]["ok"] == 4 and res["slo"]["met"]
+    assert res["summary"]["goodput_rps"] == pytest.approx(res["summary"]["throughput_rps"])
+    with pytest.raises(ConfigError, match="bad option arrival='bursty'"):
+        make_config(url=url, rate=1.0, arrival="bursty", requests=1)
+    with pytest.raises(ConfigError, match="choose one mode"):
+        run_serve_bench(make_config(url=url, rate=1.0, concurrency=2, requests=1))
