@@ -225,6 +225,10 @@ class ServeHooks:
     # raising a KilnError refuses it.
     model_checks: list[Callable[[Path], None]] = field(default_factory=list)
     uvicorn_options: dict[str, Any] = field(default_factory=dict)  # e.g. ssl_certfile
+    # Loads the torch model (an ``nn.Module``, fp32) of a model directory the default
+    # loader cannot read (e.g. encrypted weights, decrypted in memory); returns None to
+    # leave the directory to the default loader. Torch backends only.
+    model_loader: Callable[[Path], Any] | None = None
 
     @property
     def wants_logprobs(self) -> bool:
@@ -269,6 +273,13 @@ def merge_hooks(*parts: ServeHooks | None) -> ServeHooks:
                     hint="enable one authentication extension (keys or JWT), not both",
                 )
             merged.authenticator = part.authenticator
+        if part.model_loader is not None:
+            if merged.model_loader is not None:
+                raise ServingError(
+                    "two extensions each plug in a model loader",
+                    hint="enable one extension that loads weights",
+                )
+            merged.model_loader = part.model_loader
         merged.observers += part.observers
         merged.guards += part.guards
         merged.routers += part.routers

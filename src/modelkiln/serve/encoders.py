@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -216,8 +217,11 @@ class TorchEncoderBackend:
         device: str | None = None,
         *,
         compile: bool = False,
+        loader: Callable[[Path], Any] | None = None,
     ) -> TorchEncoderBackend:
         """Load an encoder saved with ``save_pretrained`` plus its tokenizer.
+
+        ``loader`` (a plug-in's, e.g. encrypted weights) is asked first for the model.
 
         ``device`` defaults to CUDA when available, else CPU; ``precision="auto"``
         picks bf16 only where it is fast (fp32 on AVX2-only CPUs).
@@ -235,7 +239,10 @@ class TorchEncoderBackend:
         # auto: load fp32 so a bf16 choice can be checked against it on this model.
         dtype = torch_dtype("fp32" if precision == "auto" else decision.value)
         try:
-            model = AutoModel.from_pretrained(str(path), dtype=dtype)
+            model = loader(path) if loader is not None else None
+            if model is None:
+                model = AutoModel.from_pretrained(str(path), dtype=dtype)
+            model = model.to(dtype=dtype)
         except (OSError, ValueError, KeyError) as exc:
             raise ServingError(
                 f"cannot load an encoder from '{path}': {exc}",

@@ -62,8 +62,15 @@ def resolve_backend(spec: ModelSpec) -> Literal["torch", "onnx"]:
     return "onnx" if has_onnx and not has_torch_weights(path) else "torch"
 
 
-def load_engine(spec: ModelSpec, cfg: ServeConfig, on_batch: Callable[[BatchStats], None]) -> Any:
+def load_engine(
+    spec: ModelSpec,
+    cfg: ServeConfig,
+    on_batch: Callable[[BatchStats], None],
+    loader: Callable[[Path], Any] | None = None,
+) -> Any:
     """Build the engine of one model (blocking: call it on a worker thread).
+
+    ``loader``: a plug-in's torch model loader (``ServeHooks.model_loader``), tried first.
 
     Raises:
         ServingError: the model cannot be loaded or its backend is unsupported.
@@ -86,7 +93,9 @@ def load_engine(spec: ModelSpec, cfg: ServeConfig, on_batch: Callable[[BatchStat
                 )
             backend = OnnxEncoderBackend.from_path(spec.path, threads=cfg.threads)
         else:
-            backend = TorchEncoderBackend.from_path(spec.path, spec.precision, compile=spec.compile)
+            backend = TorchEncoderBackend.from_path(
+                spec.path, spec.precision, compile=spec.compile, loader=loader
+            )
         e = cfg.embedding
         policy = BatchPolicy(
             e.max_batch_tokens, e.max_batch_size, e.max_wait_ms / 1000, tuple(e.buckets)
@@ -111,4 +120,5 @@ def load_engine(spec: ModelSpec, cfg: ServeConfig, on_batch: Callable[[BatchStat
         threads=cfg.threads,
         model_name=spec.served_name,
         backend=backend_name,
+        loader=loader,
     )

@@ -134,7 +134,11 @@ class ServerState:
                 t0 = time.monotonic()
                 await asyncio.to_thread(self.check_model, spec.path)
                 engine = await asyncio.to_thread(
-                    load_engine, spec, self.cfg, self._on_batch_for(spec.served_name)
+                    load_engine,
+                    spec,
+                    self.cfg,
+                    self._on_batch_for(spec.served_name),
+                    self.hooks.model_loader,
                 )
                 await self._adopt(spec.served_name, spec.version, engine)
                 log.info(

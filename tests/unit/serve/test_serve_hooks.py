@@ -13,7 +13,16 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import APIRouter, Request
-from http_helpers import FakeEngine, client, config, encoder_spec, metric, run, sse_events
+from http_helpers import (
+    FakeEngine,
+    client,
+    config,
+    encoder_spec,
+    metric,
+    run,
+    sse_events,
+    tiny_encoder_dir,
+)
 
 from modelkiln.contract.serving import (
     RequestRecord,
@@ -285,3 +294,39 @@ def test_an_observer_that_wants_logprobs_gets_the_mean_per_choice() -> None:
     assert means(plain) == [(None, None)] * 2
     # the fake engine scores token i as -0.5 * (i + 1): mean over 3 tokens = -1.0
     assert means(scores) == [(-1.0, 1.0)] * 2
+
+
+def test_a_model_loader_serves_a_directory_without_readable_weights(tmp_path: Any) -> None:
+    """Like encrypted weights: config + tokenizer on disk, the model comes from the loader."""
+    import shutil
+
+    from transformers import AutoModel, GPT2Config, GPT2LMHeadModel
+
+    from modelkiln.serve.generation.backend import TorchCausalLMBackend
+
+    sealed = tmp_path / "sealed"
+    shutil.copytree(tiny_encoder_dir(), sealed)
+    for weights in sealed.glob("*.safetensors"):
+        weights.unlink()
+    asked: list[str] = []
+
+    def loader(path: Any) -> Any:
+        asked.append(path.name)
+        return AutoModel.from_pretrained(tiny_encoder_dir()) if path == sealed else None
+
+    async def go(spec: dict[str, Any], hooks: ServeHooks | None) -> list[float]:
+        app = create_app(config(models=[spec]), hooks=hooks)
+        async with client(app) as c:
+            r = await c.post("/v1/embeddings", json={"model": "enc", "input": "def add x y"})
+            return list(r.json()["data"][0]["embedding"])
+
+    plain = run(go(encoder_spec(), None))
+    via_loader = run(go(encoder_spec() | {"path": str(sealed)}, ServeHooks(model_loader=loader)))
+    np.testing.assert_allclose(via_loader, plain, atol=1e-6)
+    assert asked == ["sealed"]
+    lm_dir = tmp_path / "lm"
+    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=64)
+    model = GPT2LMHeadModel(cfg).eval()
+    cfg.save_pretrained(lm_dir)  # config only: no weights on disk
+    backend = TorchCausalLMBackend.from_path(lm_dir, precision="fp32", loader=lambda p: model)
+    assert backend.model is model

@@ -31,7 +31,7 @@ LoRA inference). Unloading the last adapter removes the LoRA layers again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,8 +103,11 @@ class TorchCausalLMBackend:
         adapter: str | Path | None = None,
         precision: Precision = "auto",
         device: str | None = None,
+        loader: Callable[[Path], Any] | None = None,
     ) -> TorchCausalLMBackend:
         """Load a causal LM saved with ``save_pretrained`` (and merge a PEFT adapter into it).
+
+        ``loader`` (a plug-in's, e.g. encrypted weights) is asked first for the model.
 
         Raises:
             ServingError: the directory does not hold a loadable causal LM or adapter.
@@ -120,7 +123,10 @@ class TorchCausalLMBackend:
         )
         dtype = torch_dtype(decision.value)
         try:
-            model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+            model: Any = loader(Path(model_dir)) if loader is not None else None
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+            model = model.to(dtype=dtype)
         except (OSError, ValueError, KeyError) as exc:
             raise ServingError(
                 f"cannot load a causal LM from '{model_dir}': {exc}",

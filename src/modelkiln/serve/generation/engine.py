@@ -160,6 +160,7 @@ class ContinuousBatchingEngine:
         threads: int | None = None,
         model_name: str | None = None,
         backend: Literal["torch", "onnx"] = "torch",
+        loader: Callable[[Path], Any] | None = None,
     ) -> ContinuousBatchingEngine:
         """Load a saved causal LM (+ optional PEFT adapter, merged) and its tokenizer.
 
@@ -183,7 +184,9 @@ class ContinuousBatchingEngine:
                 )
             runner = OrtCausalLMBackend.from_path(model_dir, threads=threads)
         else:
-            runner = TorchCausalLMBackend.from_path(model_dir, adapter=adapter, precision=precision)
+            runner = TorchCausalLMBackend.from_path(
+                model_dir, adapter=adapter, precision=precision, loader=loader
+            )
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         except (OSError, ValueError) as exc:
