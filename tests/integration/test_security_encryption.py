@@ -12,7 +12,7 @@ from serve_support import code_tokenizer, save_tiny_gpt2
 from typer.testing import CliRunner
 
 from modelkiln.cli import app as cli
-from modelkiln.errors import SecurityError
+from modelkiln.errors import SecurityError, ServingError
 from modelkiln.security.encryption import generate_key_file, load_hf_model_encrypted
 from modelkiln.serve import ModelServer, ServeConfig
 
@@ -72,3 +72,30 @@ def test_encrypted_model_serves_with_the_right_key_and_fails_cleanly(tmp_path: P
     enc.write_bytes(bytes(blob))
     with pytest.raises(SecurityError, match="model.safetensors"):
         load_hf_model_encrypted(model_dir, keys / "model.key")
+
+
+def test_server_decrypts_with_decrypt_key_file_and_refuses_the_wrong_key(tmp_path: Path) -> None:
+    from modelkiln.security.encryption import encrypt_path
+    from modelkiln.security.serving import SecurityPolicy
+
+    model_dir = save_tiny_gpt2(tmp_path / "lm")
+    key = generate_key_file(tmp_path / "model.key")
+    encrypt_path(model_dir, key, remove_plaintext=True)
+    cfg = ServeConfig.model_validate(
+        {
+            "models": [{"path": str(model_dir), "name": "lm", "precision": "fp32"}],
+            "port": 0,
+            "drain_timeout_s": 2,
+        }
+    )
+    server = ModelServer(config=cfg, hooks=SecurityPolicy(decrypt_key_file=key).hooks())
+    url = server.start(timeout=120)
+    try:
+        r = httpx.post(url + "/v1/completions", json=BODY, timeout=30)
+    finally:
+        server.stop()
+    assert r.status_code == 200, r.text
+    assert not list(model_dir.glob("*.safetensors"))  # no plaintext was written
+    wrong = SecurityPolicy(decrypt_key_file=generate_key_file(tmp_path / "wrong.key"))
+    with pytest.raises(ServingError, match="wrong key, or the file was changed"):
+        ModelServer(config=cfg, hooks=wrong.hooks()).start(timeout=120)

@@ -168,8 +168,10 @@ def policy_from_args(args: argparse.Namespace) -> Any:
 
         policy.trust = TrustPolicy.load(args.trust_policy)
     if args.decrypt_key_file:
-        raise ConfigError(
-            "--decrypt-key-file is not wired into model loading yet",
-            hint="decrypt in memory with modelkiln.security.encryption.load_safetensors_encrypted",
-        )
+        from pathlib import Path
+
+        from modelkiln.security.encryption import read_key_file
+
+        read_key_file(args.decrypt_key_file)  # a missing or malformed key fails at start
+        policy.decrypt_key_file = Path(args.decrypt_key_file)
     return policy

@@ -11,6 +11,8 @@
   (principal, route, model, status, tokens — never the prompt).
 - :func:`model_check`: the trust policy and the pickle guard, run on every model
   and runtime adapter directory before it loads.
+- :func:`encrypted_model_loader`: ``--decrypt-key-file``: AES-GCM weights decrypted in
+  memory, never written in plaintext.
 
 Example:
     >>> policy = SecurityPolicy(keys=KeyStore("keys.json"), audit=AuditLog("audit.jsonl"))
@@ -64,6 +66,7 @@ class SecurityPolicy:
     trust: TrustPolicy | None = None
     allow_pickle: bool = False
     uvicorn_options: dict[str, Any] = field(default_factory=dict)
+    decrypt_key_file: Path | None = None
 
     def hooks(self) -> ServeHooks:
         """The server hooks enforcing this policy."""
@@ -71,7 +74,12 @@ class SecurityPolicy:
         authenticator = (
             BearerAuthenticator(self.keys, self.jwt, self.audit) if self.keys or self.jwt else None
         )
+        extra: dict[str, Any] = {}
+        if self.decrypt_key_file is not None:
+            key_file = self.decrypt_key_file
+            extra["model_loader"] = lambda path: encrypted_model_loader(path, key_file)
         return ServeHooks(
+            **extra,
             authenticator=authenticator,
             guards=[guard] if authenticator else [],
             observers=[UsageObserver(guard, self.audit, self.audit_requests)],
@@ -251,3 +259,13 @@ def model_check(
     if pickles:
         write("model.pickle_allowed", path=str(path), files=[p.name for p in pickles])
     write("model.accepted", path=str(path), signer=str(signer) if signer else None)
+
+
+def encrypted_model_loader(path: Path, key_file: Path) -> Any:
+    """The torch model of a directory of ``*.safetensors.enc`` weights, decrypted in memory
+    (None for any other directory: the server's own loader reads it)."""
+    from modelkiln.security.encryption import SUFFIX, load_hf_model_encrypted
+
+    if not any(Path(path).glob("*.safetensors" + SUFFIX)):
+        return None
+    return load_hf_model_encrypted(path, key_file)

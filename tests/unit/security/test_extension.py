@@ -61,7 +61,7 @@ def test_flags_build_authenticator_audit_and_mtls(tmp_path: Path) -> None:
         (["--ssl-certfile", "c.pem"], "both --ssl-certfile and --ssl-keyfile"),
         (["--ssl-ca-certs", "ca.pem"], "needs --ssl-certfile"),
         (["--jwt-secret", "short"], "jwt"),
-        (["--decrypt-key-file", "k"], "not wired"),
+        (["--decrypt-key-file", "missing.key"], "cannot read key file"),
     ],
 )
 def test_bad_flags_are_config_errors(argv: list[str], match: str) -> None:
