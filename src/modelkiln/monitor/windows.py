@@ -37,11 +37,13 @@ class Window:
 
     def append(self, value: Any) -> None:
         """Add one value (a float, or a 1-d vector of the width of the first one)."""
-        row = np.asarray(value, dtype=np.float32 if np.ndim(value) else np.float64)
+        scalar = isinstance(value, float | int)
+        row = value if scalar else np.asarray(value, dtype=np.float32)  # no array per scalar
+        shape = () if scalar else row.shape
         with self._lock:
             if self._buf is None:
-                self._buf = np.empty((self.capacity, *row.shape), dtype=row.dtype)
-            if row.shape != self._buf.shape[1:]:
+                self._buf = np.empty((self.capacity, *shape), np.float64 if scalar else np.float32)
+            if shape != self._buf.shape[1:]:
                 return  # a vector of another width (another model head): not comparable
             self._buf[self._next] = row
             self._next = (self._next + 1) % self.capacity
