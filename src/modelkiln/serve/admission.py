@@ -1,12 +1,26 @@
-"""Admission control: a model's queue is bounded by requests AND by tokens.
+"""Admission control: a model's queue is bounded by requests, tokens AND estimated wait.
 
 A request is admitted (or refused with 429) right after its input is
 tokenized — before it reaches a batcher or an engine, so an overloaded server
 spends nothing on work it cannot finish. Admitted requests hold a
-:class:`Ticket` until they finish; releasing it frees its share of both budgets.
+:class:`Ticket` until they finish; releasing it frees its share of the budgets.
 
-``Retry-After`` is estimated from the token throughput of recently finished
-requests: how long until the excess tokens would have drained.
+The wait bound is what protects admitted requests: the controller measures
+the model's **service rate** (tokens finished per *busy* second, a time-weighted
+EWMA —
+seconds with at least one request queued or running, so an idle server does
+not look slow) and refuses a request whose estimated wait, queued tokens /
+rate, passes ``max_wait_s``. A fixed count alone admits 256 requests whether
+they take 1 s or 20 s to drain; the estimate keeps admitted latency near
+``max_wait_s`` + service time whatever the inputs' lengths and the CPU.
+Until a rate is measured (the first completions) only the counts apply.
+
+Why not CoDel: CoDel sheds on the *sojourn* time of requests already queued,
+i.e. after the server has parsed, tokenized and queued them; the estimate
+refuses at the door, before the work is accepted, and :meth:`over` lets the
+HTTP layer refuse before the body is even parsed (see :mod:`.early`).
+
+``Retry-After`` is the time the measured rate needs to drain the excess.
 
 Example:
     >>> gate = AdmissionController(max_requests=2, max_tokens=100)
@@ -18,7 +32,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 
@@ -26,7 +39,7 @@ from modelkiln.errors import ServingError
 
 
 class Overloaded(ServingError):
-    """The queue is full; ``reason`` is ``queue_requests`` or ``queue_tokens``."""
+    """The queue is full; ``reason`` is ``queue_requests``, ``queue_tokens`` or ``queue_wait``."""
 
     def __init__(self, reason: str, retry_after: int, detail: str) -> None:
         super().__init__(detail, hint=f"retry after {retry_after} s")
@@ -60,14 +73,50 @@ class Ticket:
         self.release()
 
 
+class ServiceRate:
+    """Tokens finished per busy second, exponentially weighted over busy time (time constant tau).
+
+    Both sums decay by ``exp(-busy / tau)`` as busy time passes, so the rate is an
+    EWMA weighted by time, not by event: a dynamic batch finishes many requests at
+    one instant, and per-completion samples would swing between a whole batch time
+    and zero. 0.0 until ``min_busy_s`` of busy time holds finished tokens.
+
+    Args:
+        tau_s: busy seconds after which old work weighs 1/e (2 s: a few batches).
+        min_busy_s: busy seconds needed before the rate is trusted.
+    """
+
+    def __init__(self, tau_s: float = 2.0, min_busy_s: float = 0.05) -> None:
+        self.tau_s = tau_s
+        self.min_busy_s = min_busy_s
+        self._tokens = 0.0
+        self._busy = 0.0
+
+    @property
+    def rate(self) -> float:
+        """Tokens per busy second (0.0: not measured yet)."""
+        if self._busy < self.min_busy_s or self._tokens <= 0:
+            return 0.0
+        return self._tokens / self._busy
+
+    def add(self, busy_s: float, tokens: int) -> None:
+        """Account ``busy_s`` more busy seconds and ``tokens`` more finished tokens."""
+        if busy_s > 0:
+            keep = math.exp(-busy_s / self.tau_s)
+            self._tokens *= keep
+            self._busy = self._busy * keep + busy_s
+        self._tokens += tokens
+
+
 class AdmissionController:
-    """Counts admitted, unfinished requests and their tokens; refuses past either bound.
+    """Counts admitted, unfinished requests and their tokens; refuses past any bound.
 
     Args:
         max_requests: most admitted, unfinished requests.
         max_tokens: most tokens they may hold together. A single request larger
             than this is still admitted when the queue is empty (it cannot starve).
-        clock: seconds, monotonic (tests pass a fake one).
+        max_wait_s: most estimated queue wait (queued tokens / measured rate); None: no bound.
+        clock: seconds, monotonic (tests pass a fake one, e.g. ``FakeClock().now``).
     """
 
     def __init__(
@@ -75,23 +124,45 @@ class AdmissionController:
         max_requests: int,
         max_tokens: int,
         *,
+        max_wait_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_requests = max_requests
         self.max_tokens = max_tokens
+        self.max_wait_s = max_wait_s
         self.requests = 0
         self.tokens = 0
+        self.service = ServiceRate()
         self._clock = clock
-        self._done: deque[tuple[float, int]] = deque(maxlen=256)  # (finish time, tokens)
+        self._mark = clock()  # time of the last admit / release (busy time counts from it)
+
+    def estimated_wait(self, tokens: int = 0) -> float:
+        """Seconds the queue (plus ``tokens``) needs to drain at the measured rate (0: unknown)."""
+        rate = self.service.rate
+        return (self.tokens + tokens) / rate if rate > 0 else 0.0
+
+    def over(self) -> Overloaded | None:
+        """Why a new request would be refused even before its size is known, or None.
+
+        The HTTP layer asks this before parsing a body: a request that would be
+        refused anyway costs no JSON parsing and no tokenization.
+        """
+        if self.requests >= self.max_requests:
+            return self._full_by_count()
+        if self.requests and self.tokens >= self.max_tokens:
+            return Overloaded(
+                "queue_tokens",
+                self._retry_after(self.tokens - self.max_tokens + 1),
+                f"{self.tokens} tokens are queued (max_queued_tokens={self.max_tokens})",
+            )
+        if self.requests and self._too_long(0):
+            return self._full_by_wait(0)
+        return None
 
     def admit(self, tokens: int) -> Ticket:
         """Admit a request holding ``tokens``; raise :class:`Overloaded` when full."""
         if self.requests >= self.max_requests:
-            raise Overloaded(
-                "queue_requests",
-                self._retry_after(self.max_tokens // 4),
-                f"{self.requests} requests are queued (max_queued_requests={self.max_requests})",
-            )
+            raise self._full_by_count()
         if self.requests and self.tokens + tokens > self.max_tokens:
             raise Overloaded(
                 "queue_tokens",
@@ -99,27 +170,57 @@ class AdmissionController:
                 f"{self.tokens} tokens are queued and this request adds {tokens} "
                 f"(max_queued_tokens={self.max_tokens})",
             )
+        if self.requests and self._too_long(tokens):
+            raise self._full_by_wait(tokens)
+        self.service.add(self._tick(), 0)
         self.requests += 1
         self.tokens += tokens
         return Ticket(self, tokens)
 
     def _release(self, tokens: int) -> None:
+        busy = self._tick()
         self.requests -= 1
         self.tokens -= tokens
         assert self.requests >= 0 and self.tokens >= 0
-        self._done.append((self._clock(), tokens))
+        self.service.add(busy, tokens)
 
-    def throughput(self, window_s: float = 10.0) -> float:
-        """Tokens per second of requests finished in the last ``window_s`` seconds."""
+    def _tick(self) -> float:
+        """Move the mark to now; the busy seconds since the last mark (0 if the queue was empty)."""
         now = self._clock()
-        recent = [(t, n) for t, n in self._done if now - t <= window_s]
-        if len(recent) < 2:
-            return 0.0
-        span = max(now - recent[0][0], 1e-3)
-        return sum(n for _, n in recent) / span
+        busy = now - self._mark if self.requests else 0.0
+        self._mark = now
+        return max(busy, 0.0)
+
+    def throughput(self) -> float:
+        """The measured service rate, tokens per busy second (0.0 until measured)."""
+        return self.service.rate
+
+    def _too_long(self, tokens: int) -> bool:
+        if self.max_wait_s is None or self.service.rate <= 0:
+            return False
+        return self.estimated_wait(tokens) > self.max_wait_s
+
+    def _full_by_count(self) -> Overloaded:
+        excess = self.tokens // max(self.requests, 1)  # one average request must finish
+        return Overloaded(
+            "queue_requests",
+            self._retry_after(excess),
+            f"{self.requests} requests are queued (max_queued_requests={self.max_requests})",
+        )
+
+    def _full_by_wait(self, tokens: int) -> Overloaded:
+        wait = self.estimated_wait(tokens)
+        assert self.max_wait_s is not None
+        excess = self.tokens + tokens - self.max_wait_s * self.service.rate
+        return Overloaded(
+            "queue_wait",
+            self._retry_after(math.ceil(excess)),
+            f"the queue needs about {wait:.1f} s to drain at the measured "
+            f"{self.service.rate:.0f} tokens/s (max_queue_wait_s={self.max_wait_s:g})",
+        )
 
     def _retry_after(self, excess_tokens: int) -> int:
-        rate = self.throughput()
+        rate = self.service.rate
         if rate <= 0:
             return 1
         return int(min(60, max(1, math.ceil(excess_tokens / rate))))

@@ -2,9 +2,10 @@
 
 Layers (outermost first): metrics (counts every model request and its
 status) -> hooks (request records for the observers, the guards' headers; only
-when plugged) -> auth (401) -> body limit (413) -> FastAPI with OpenAI-shaped
-error handlers -> routes. Models load in the background after startup, so
-``/health`` answers at once and ``/ready`` turns 200 when every engine is warm.
+when plugged) -> auth (401) -> early 429 (serve/early.py) -> body limit (413)
+-> FastAPI with OpenAI-shaped error handlers -> routes. Models load in the
+background after startup, so ``/health`` answers at once and ``/ready`` turns
+200 when every engine is warm.
 
 Example:
     >>> app = create_app(ServeConfig(models=[ModelSpec(path=minilm_dir)]))
@@ -27,6 +28,7 @@ from modelkiln.contract.serving import Authenticator, ServeHooks
 from modelkiln.serve import admin, completions, embedding_routes
 from modelkiln.serve.access import APIKeyAuthenticator, AuthMiddleware
 from modelkiln.serve.config import ServeConfig
+from modelkiln.serve.early import EarlyAdmissionMiddleware
 from modelkiln.serve.hooks import HooksMiddleware
 from modelkiln.serve.http_errors import install_error_handlers
 from modelkiln.serve.limits import BodyLimitMiddleware
@@ -101,11 +103,17 @@ def create_app(
 
 
 def _add_middleware(app: FastAPI, state: ServerState) -> None:
-    """Metrics -> hooks -> auth -> body limit (add_middleware wraps: the last added runs first)."""
+    """Metrics -> hooks -> auth -> early 429 -> body limit (the last added runs first)."""
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=state.cfg.max_body_bytes,
         on_reject=lambda: state.metrics.rejections.labels("too_large").inc(),
+    )
+    # Before the body limit reads the body: a flood's 429s cost no parsing (serve/early.py).
+    app.add_middleware(
+        EarlyAdmissionMiddleware,
+        state=state,
+        on_reject=lambda reason: state.metrics.rejections.labels(reason).inc(),
     )
     plugged = state.hooks.authenticator
     if plugged is not None or state.keys.enabled:

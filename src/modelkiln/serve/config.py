@@ -144,6 +144,27 @@ class ServeConfig(KilnModel):
     max_queued_tokens: int = Field(
         262_144, ge=1, description="Their tokens (prompt + max_tokens; inputs) before 429."
     )
+    max_queue_wait_s: float | None = Field(
+        None,
+        gt=0,
+        description="Most estimated queue wait (queued tokens / the model's measured service "
+        "rate) before 429; None: min(5 s, request_timeout_s / 4), so admitted requests keep "
+        "most of their deadline.",
+    )
+    keep_alive_s: float = Field(
+        75.0,
+        gt=0,
+        description="Idle seconds a kept-alive connection stays open. Above clients' pool expiry "
+        "(httpx 5 s, aiohttp 15 s; nginx keeps 75 s): a server that closes first races the "
+        "client's next request on that connection (a transport error on the client).",
+    )
+    max_connections: int | None = Field(
+        4096,
+        ge=1,
+        description="Concurrent connections + tasks uvicorn accepts (limit_concurrency); past "
+        "it uvicorn answers 503 at once, before any parsing. None: unbounded.",
+    )
+    backlog: int = Field(2048, ge=1, description="Listen backlog: connections waiting to accept.")
     max_body_bytes: int = Field(4_000_000, ge=1024, description="Largest request body (413).")
     max_input_tokens: int = Field(
         8192, ge=1, description="Longest prompt / embedding input in tokens (400)."
@@ -174,6 +195,13 @@ class ServeConfig(KilnModel):
         if dupes:
             raise ValueError(f"two models are served as {dupes[0]!r}; give each a distinct name")
         return self
+
+    @property
+    def queue_wait_s(self) -> float:
+        """The queue-wait bound in force: ``max_queue_wait_s`` or its default from the deadline."""
+        if self.max_queue_wait_s is not None:
+            return self.max_queue_wait_s
+        return min(5.0, self.request_timeout_s / 4)
 
     def resolved_admin_keys(self) -> list[str]:
         """``admin_keys`` plus the comma-separated keys of ``$MODELKILN_ADMIN_KEYS``."""

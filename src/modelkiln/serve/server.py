@@ -125,6 +125,9 @@ def _build(
         timeout_graceful_shutdown=max(1, int(cfg.drain_timeout_s)),
         lifespan="on",
         access_log=False,
+        timeout_keep_alive=max(1, round(cfg.keep_alive_s)),  # see ServeConfig.keep_alive_s
+        limit_concurrency=cfg.max_connections,
+        backlog=cfg.backlog,
         # uvloop + httptools when installed (the serve extra has them): next to asyncio + h11
         # they cut the event loop's CPU per streamed token by a fifth to a third.
         loop="auto",

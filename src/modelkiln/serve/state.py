@@ -165,7 +165,11 @@ class ServerState:
         if kind == "encoder" and getattr(engine, "on_batch", None) is None:
             engine.on_batch = self._on_batch_for(name)
         await engine.start()
-        gate = AdmissionController(self.cfg.max_queued_requests, self.cfg.max_queued_tokens)
+        gate = AdmissionController(
+            self.cfg.max_queued_requests,
+            self.cfg.max_queued_tokens,
+            max_wait_s=self.cfg.queue_wait_s,
+        )
         self.models[name] = ServedModel(name, version, kind, engine, gate)
 
     async def wait_ready(self, timeout: float | None = None) -> bool:

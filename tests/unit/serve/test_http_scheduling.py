@@ -127,8 +127,9 @@ def test_retry_after_follows_recent_throughput() -> None:
     clock = FakeClock()
     gate = AdmissionController(max_requests=10, max_tokens=100, clock=clock.now)
     for _ in range(5):
-        gate.admit(100).release()
-        clock.advance(1.0)  # ~100 tokens/s
+        ticket = gate.admit(100)
+        clock.advance(1.0)  # ~100 tokens per busy second (the rate Retry-After drains at)
+        ticket.release()
     held = gate.admit(100)
     with pytest.raises(Overloaded) as exc:
         gate.admit(400)

@@ -1,0 +1,110 @@
+"""Admission by estimated queue wait: the measured service rate, the bound, Retry-After."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelkiln.serve.admission import AdmissionController, Overloaded, ServiceRate
+from modelkiln.serve.clock import FakeClock
+from modelkiln.serve.config import ModelSpec, ServeConfig
+
+
+def gate(clock: FakeClock, **kw: object) -> AdmissionController:
+    args: dict[str, object] = {"max_requests": 1000, "max_tokens": 10**9, "max_wait_s": 2.0}
+    return AdmissionController(**(args | kw), clock=clock.now)  # type: ignore[arg-type]
+
+
+def serve_at(g: AdmissionController, clock: FakeClock, rate: float, n: int = 20) -> None:
+    """Run ``n`` requests of 100 tokens one after another at ``rate`` tokens/s."""
+    for _ in range(n):
+        t = g.admit(100)
+        clock.advance(100 / rate)
+        t.release()
+
+
+def test_rate_is_measured_over_busy_time_only() -> None:
+    clock = FakeClock()
+    g = gate(clock)
+    serve_at(g, clock, rate=1000.0)
+    assert g.throughput() == pytest.approx(1000.0, rel=1e-6)
+    clock.advance(60)  # idle: must not read as a slow server
+    serve_at(g, clock, rate=1000.0, n=3)
+    assert g.throughput() == pytest.approx(1000.0, rel=1e-6)
+
+
+def test_ewma_follows_a_slower_server() -> None:
+    r = ServiceRate(tau_s=2.0)
+    r.add(1.0, 1000)
+    assert r.rate == pytest.approx(1000.0)
+    r.add(1.0, 500)
+    assert 500 < r.rate < 1000
+    for _ in range(20):
+        r.add(1.0, 500)
+    assert r.rate == pytest.approx(500.0, rel=1e-3)
+
+
+def test_a_batch_finishing_at_once_gives_one_sample() -> None:
+    clock = FakeClock()
+    g = gate(clock)
+    tickets = [g.admit(100) for _ in range(16)]
+    clock.advance(0.8)  # one forward pass of 16 x 100 tokens
+    for t in tickets:
+        t.release()
+    assert g.throughput() == pytest.approx(1600 / 0.8)
+
+
+def test_no_wait_bound_before_a_rate_is_measured() -> None:
+    g = gate(FakeClock())
+    tickets = [g.admit(10_000) for _ in range(50)]
+    assert g.requests == 50 and g.over() is None
+    for t in tickets:
+        t.release()
+
+
+def test_refuses_past_the_estimated_wait_with_retry_after_from_the_drain_rate() -> None:
+    clock = FakeClock()
+    g = gate(clock)
+    serve_at(g, clock, rate=1000.0)
+    held = [g.admit(100) for _ in range(19)]  # 1900 tokens: 1.9 s at 1000 tokens/s
+    assert g.estimated_wait() == pytest.approx(1.9)
+    with pytest.raises(Overloaded) as info:
+        g.admit(600)  # 2.5 s > 2.0 s
+    assert info.value.reason == "queue_wait"
+    assert info.value.retry_after == 1  # 500 excess tokens at 1000 tokens/s
+    assert "max_queue_wait_s=2" in info.value.message
+    assert g.over() is None  # a request of unknown size may still fit
+    g.max_wait_s = 5.0
+    held.append(g.admit(1000))  # 2.9 s queued now
+    g.max_wait_s = 2.0
+    refusal = g.over()  # what the HTTP layer asks before parsing a body
+    assert refusal is not None and refusal.reason == "queue_wait"
+    assert refusal.retry_after == 1
+    for t in held[:15]:
+        t.release()
+    assert g.over() is None  # drained below the bound: admitting again
+
+
+def test_retry_after_scales_with_the_excess() -> None:
+    clock = FakeClock()
+    g = gate(clock, max_wait_s=1.0)
+    serve_at(g, clock, rate=100.0)
+    g.admit(100)  # 1.0 s queued
+    with pytest.raises(Overloaded) as info:
+        g.admit(900)  # 9 s past the bound at 100 tokens/s
+    assert info.value.retry_after == 9
+
+
+def test_count_bound_still_applies() -> None:
+    g = gate(FakeClock(), max_requests=2)
+    g.admit(1), g.admit(1)
+    refusal = g.over()
+    assert refusal is not None and refusal.reason == "queue_requests"
+    with pytest.raises(Overloaded):
+        g.admit(1)
+
+
+def test_default_queue_wait_comes_from_the_deadline() -> None:
+    spec = [ModelSpec(path="m")]
+    assert ServeConfig(models=spec).queue_wait_s == 5.0
+    assert ServeConfig(models=spec, request_timeout_s=8).queue_wait_s == 2.0
+    assert ServeConfig(models=spec, max_queue_wait_s=0.5).queue_wait_s == 0.5
