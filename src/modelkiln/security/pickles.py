@@ -52,15 +52,23 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
 
 
 def is_pickle(path: str | Path) -> bool:
-    """Whether ``path`` looks like pickled weights a loader would read.
+    """Whether the file ``path`` is a pickle-based checkpoint (by suffix)."""
+    return Path(path).suffix in PICKLE_SUFFIXES
 
-    ``.bin`` files count only as ``pytorch_model*.bin`` / ``adapter_model.bin``: other
-    ``.bin`` files (the Trainer's ``training_args.bin``) are never loaded by the server.
+
+def loaded_pickles(model_dir: str | Path) -> list[Path]:
+    """The pickled weights a loader would read from ``model_dir``.
+
+    Only ``pytorch_model*.bin`` / ``adapter_model.bin`` at the top level: transformers and
+    peft read nothing else when no safetensors exist. Other pickles there (the Trainer's
+    ``training_args.bin``, checkpoint folders, a TorchScript ``model.pt``) are never loaded
+    by the server, so they do not block it.
     """
-    path = Path(path)
-    if path.suffix == ".bin":
-        return path.name.startswith(("pytorch_model", "adapter_model"))
-    return path.suffix in PICKLE_SUFFIXES
+    return sorted(
+        f
+        for f in Path(model_dir).glob("*.bin")
+        if f.is_file() and f.name.startswith(("pytorch_model", "adapter_model"))
+    )
 
 
 def scan_pickle(path: str | Path) -> list[str]:
@@ -77,15 +85,14 @@ def scan_pickle(path: str | Path) -> list[str]:
 
 
 def check_checkpoint(path: str | Path, allow_pickle: bool) -> list[Path]:
-    """Refuse pickle files under ``path`` unless allowed and clean; return those accepted.
+    """Refuse the pickled weights of ``path`` unless allowed and clean; return those accepted.
 
     Raises:
         SecurityError: a pickle file and ``allow_pickle`` is off, or it imports a global
             outside the allowlist (named in the message).
     """
     path = Path(path)
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-    pickles = [f for f in files if is_pickle(f)]
+    pickles = ([path] if is_pickle(path) else []) if path.is_file() else loaded_pickles(path)
     if pickles and not allow_pickle:
         raise SecurityError(
             f"refusing pickle checkpoint {pickles[0]} (pickles can run code when loaded)",

@@ -27,7 +27,7 @@ def test_pickles_refused_by_default_and_scanned_when_allowed(tmp_path: Path) -> 
 
 
 def test_code_running_pickle_is_refused_even_when_allowed(tmp_path: Path) -> None:
-    (tmp_path / "model.pkl").write_bytes(pickle.dumps(_Evil()))
+    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(_Evil()))
     with pytest.raises(SecurityError, match="system"):
         check_checkpoint(tmp_path, allow_pickle=True)
 
@@ -35,3 +35,13 @@ def test_code_running_pickle_is_refused_even_when_allowed(tmp_path: Path) -> Non
 def test_safetensors_only_directory_passes(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"{}")
     assert check_checkpoint(tmp_path, allow_pickle=False) == []
+
+
+def test_pickles_no_loader_reads_do_not_block(tmp_path: Path) -> None:
+    for name in ("training_args.bin", "model.pt", "optimizer.pt"):
+        (tmp_path / name).write_bytes(b"never loaded by the server")
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / "pytorch_model.bin").write_bytes(b"not the served weights")
+    assert check_checkpoint(tmp_path, allow_pickle=False) == []
+    with pytest.raises(SecurityError, match="refusing pickle"):
+        check_checkpoint(tmp_path / "model.pt", allow_pickle=False)  # named explicitly
