@@ -169,7 +169,11 @@ class DriftMonitor:
             self._log_file.write(json.dumps(line) + "\n")
 
     def observe_features(self, model: str, version: str, features: dict[str, Any]) -> None:
-        """Add one request's features directly (library use, replays, tests)."""
+        """Add one request's features directly (library use, replays, tests).
+
+        Values are floats or vectors; categorical (``cat``) profile features are for the
+        offline report only, online windows hold numbers.
+        """
         track = self._track(model, version)
         track.requests += 1
         track.since_check += 1
@@ -329,8 +333,9 @@ class DriftMonitor:
         with self._lock:
             tracks = list(self._tracks.values())
         models = []
+        states = list(self._states.items())  # one C-level copy: the checker thread writes it
         for t in tracks:
-            feats = [asdict(s) for k, s in self._states.items() if k[:2] == (t.model, t.version)]
+            feats = [asdict(s) for k, s in states if k[:2] == (t.model, t.version)]
             status, message = self.profile_status.get(t.model, ("missing", "no profile"))
             models.append({
                 "model": t.model, "version": t.version, **t.service_stats(now),
