@@ -117,8 +117,12 @@ class MonitorExtension:
                        help="test the windows every N requests (default 250)")  # fmt: skip
         g.add_argument("--alert-rules", type=Path, metavar="YAML",
                        help="alert rules and channels (see kiln monitor --help)")  # fmt: skip
-        g.add_argument("--monitor-log", type=Path, metavar="JSONL",
-                       help="log request features (no prompts) for kiln monitor report")
+        g.add_argument(
+            "--monitor-log",
+            type=Path,
+            metavar="JSONL",
+            help="log request features (no prompts) for kiln monitor report",
+        )
 
     def hooks(self, args: argparse.Namespace, cfg: Any) -> ServeHooks | None:
         """The monitor's hooks, or None with --no-monitor."""
