@@ -56,6 +56,11 @@ class SecurityExtension:
             help="audit every authenticated request, not only admin actions",
         )
         g.add_argument(
+            "--audit-prompts",
+            action="store_true",
+            help="also audit the prompts' token ids (off: never prompts)",
+        )
+        g.add_argument(
             "--audit-fsync",
             type=float,
             default=1.0,
@@ -133,6 +138,7 @@ def policy_from_args(args: argparse.Namespace) -> Any:
         return None
     policy = SecurityPolicy(
         audit_requests=args.audit_requests,
+        audit_prompts=args.audit_prompts,
         allow_pickle=args.allow_pickle,
         uvicorn_options=_tls_options(args),
     )

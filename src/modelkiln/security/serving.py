@@ -63,6 +63,7 @@ class SecurityPolicy:
     limiter: Limiter = field(default_factory=MemoryLimiter)
     audit: AuditLog | None = None
     audit_requests: bool = True
+    audit_prompts: bool = False
     trust: TrustPolicy | None = None
     allow_pickle: bool = False
     uvicorn_options: dict[str, Any] = field(default_factory=dict)
@@ -82,7 +83,7 @@ class SecurityPolicy:
             **extra,
             authenticator=authenticator,
             guards=[guard] if authenticator else [],
-            observers=[UsageObserver(guard, self.audit, self.audit_requests)],
+            observers=[UsageObserver(guard, self.audit, self.audit_requests, self.audit_prompts)],
             model_checks=[
                 lambda path: model_check(path, self.trust, self.allow_pickle, self.audit)
             ],
@@ -208,8 +209,15 @@ class PolicyGuard:
 class UsageObserver:
     """Debits used tokens and writes request / admin records to the audit log."""
 
-    def __init__(self, guard: PolicyGuard, audit: AuditLog | None, audit_requests: bool) -> None:
+    def __init__(
+        self,
+        guard: PolicyGuard,
+        audit: AuditLog | None,
+        audit_requests: bool,
+        audit_prompts: bool = False,
+    ) -> None:
         self.guard, self.audit, self.audit_requests = guard, audit, audit_requests
+        self.audit_prompts = audit_prompts
 
     def observe(self, record: RequestRecord) -> None:
         """Called by the server's observer thread once per finished request."""
@@ -219,19 +227,22 @@ class UsageObserver:
         admin = record.route.startswith("/admin/")
         if self.audit is None or not (admin or self.audit_requests):
             return
-        self.audit.write(
-            "admin" if admin else "request",
-            principal=record.principal,
-            method=record.method,
-            route=record.route,
-            model=record.model,
-            version=record.version,
-            status=record.status,
-            input_tokens=record.input_tokens,
-            output_tokens=record.output_tokens,
-            cached=record.cached,
-            latency_ms=round(record.latency_s * 1000, 3),
-        )
+        fields: dict[str, Any] = {
+            "principal": record.principal,
+            "method": record.method,
+            "route": record.route,
+            "model": record.model,
+            "version": record.version,
+            "status": record.status,
+            "input_tokens": record.input_tokens,
+            "output_tokens": record.output_tokens,
+            "cached": record.cached,
+            "latency_ms": round(record.latency_s * 1000, 3),
+        }
+        if self.audit_prompts and record.prompt_ids:
+            # Token ids, not text: asked for explicitly (--audit-prompts), off by default.
+            fields["prompt_ids"] = [list(ids) for ids in record.prompt_ids]
+        self.audit.write("admin" if admin else "request", **fields)
 
     def close(self) -> None:
         """Flush the audit log at shutdown."""

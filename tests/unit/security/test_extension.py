@@ -87,3 +87,29 @@ def test_allow_pickle_scans_and_audits(tmp_path: Path) -> None:
         line.split('"event":"')[1].split('"')[0] for line in (tmp_path / "audit.jsonl").open()
     ]
     assert events == ["model.refused", "model.pickle_allowed", "model.accepted"]
+
+
+def test_audit_has_no_prompts_unless_asked(tmp_path: Path) -> None:
+    import json
+
+    from modelkiln.contract.serving import RequestRecord
+    from modelkiln.security.audit import AuditLog
+    from modelkiln.security.ratelimit import MemoryLimiter
+    from modelkiln.security.serving import PolicyGuard, UsageObserver
+
+    record = RequestRecord(
+        route="/v1/completions",
+        method="POST",
+        status=200,
+        latency_s=0.1,
+        time=0.0,
+        model="lm",
+        input_tokens=3,
+        prompt_ids=([5, 6, 7],),
+    )
+    for asked in (False, True):
+        audit = AuditLog(tmp_path / f"a{asked}.jsonl")
+        UsageObserver(PolicyGuard(MemoryLimiter()), audit, True, asked).observe(record)
+        audit.close()
+        line = json.loads((tmp_path / f"a{asked}.jsonl").read_text())
+        assert line.get("prompt_ids") == ([[5, 6, 7]] if asked else None)
