@@ -128,6 +128,11 @@ class Controller:
         """The model's last rollout state (active or finished)."""
         return self.store.load(model)
 
+    @_locked
+    def snapshot(self, model: str, decisions: int) -> tuple[RolloutState | None, list[Decision]]:
+        """The state and its last decisions, read together (never between a save and its log)."""
+        return self.store.load(model), self.store.decisions(model)[-decisions:] if decisions else []
+
     def policy(self, model: str) -> TrafficPolicy | None:
         """The traffic policy of the model's last rollout (None: no rollout yet)."""
         state = self.store.load(model)

@@ -41,14 +41,13 @@ def _error(message: str, code: str) -> dict[str, Any]:
 
 def model_view(gw: RolloutGateway, model: str, decisions: int = 0) -> dict[str, Any]:
     """What the admin API says about one model."""
-    state = gw.controller.status(model)
+    state, recent = gw.controller.snapshot(model, decisions)
     policy = gw.policies[model]
     out: dict[str, Any] = {
         "model": model, "versions": gw.versions[model], "policy": policy.model_dump(),
         "rollout": None if state is None else json.loads(state.model_dump_json(exclude={"tests"})),
     }  # fmt: skip
     if decisions:
-        recent = gw.controller.store.decisions(model)[-decisions:]
         out["decisions"] = [json.loads(d.model_dump_json()) for d in recent]
     return out
 
