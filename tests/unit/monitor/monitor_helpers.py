@@ -37,7 +37,7 @@ def save_tiny_gpt2(path: Path) -> Path:
     from modelkiln.data.tokenizer import save_tokenizer
 
     torch.manual_seed(0)
-    special = {"eos_token_id": 0, "bos_token_id": 0, "pad_token_id": 1}
+    special: dict[str, Any] = {"eos_token_id": 0, "bos_token_id": 0, "pad_token_id": 1}
     tok: Any = _tokenizer()
     size = len(tok)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=256, vocab_size=size, **special)

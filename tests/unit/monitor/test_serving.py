@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,7 +56,8 @@ def test_bad_profiles_warn_set_a_metric_and_serving_goes_on(
 
     status, snap, metrics, page = run(go())
     assert status == 200
-    by = {m["model"]: m["profile"]["status"] for m in snap["models"]}  # type: ignore[attr-defined]
+    models: Any = snap["models"]
+    by = {m["model"]: m["profile"]["status"] for m in models}
     assert by == {"missing": "missing", "corrupt": "corrupt", "other": "mismatched"}
     for name, st in by.items():
         assert metric(metrics, "ml_monitor_profile", model=name, status=st) == 1.0
@@ -68,5 +70,7 @@ def test_no_monitor_flag_turns_it_off() -> None:
     ext.add_arguments(parser)
     assert ext.hooks(parser.parse_args(["--no-monitor"]), config()) is None
     hooks = ext.hooks(parser.parse_args(["--monitor-window", "50"]), config())
-    assert hooks is not None and hooks.observers[0].config.window == 50
-    hooks.observers[0].close()
+    assert hooks is not None
+    mon: Any = hooks.observers[0]
+    assert mon.config.window == 50
+    mon.close()
