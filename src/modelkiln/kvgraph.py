@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from modelkiln.contract.hfmodel import ModelSpec
+    from modelkiln.contract.hfmodel import ModelInfo
 
 __all__ = [
     "KV_ONNX",
@@ -133,7 +133,7 @@ def _wrapper(model: torch.nn.Module, shape: CacheShape) -> torch.nn.Module:
 
 
 def export_kv_onnx(
-    model: torch.nn.Module, spec: ModelSpec, path: Path, *, opset: int = 17
+    model: torch.nn.Module, spec: ModelInfo, path: Path, *, opset: int = 17
 ) -> list[str]:
     """Export a causal LM with past/present KV tensors and dynamic batch / length axes.
 
@@ -367,7 +367,7 @@ def check_kv_parity(
     return report
 
 
-def kv_parity_prompts(spec: ModelSpec, lengths: Sequence[int] = (5, 9)) -> list[torch.Tensor]:
+def kv_parity_prompts(spec: ModelInfo, lengths: Sequence[int] = (5, 9)) -> list[torch.Tensor]:
     """Seeded random prompts (batch 1 and 2) for :func:`check_kv_parity`."""
     import torch
 

@@ -1,6 +1,6 @@
 """Hugging Face model and tokenizer folders: what they hold and how every stage loads them.
 
-:class:`ModelSpec` is what a stage needs to know about a model folder (task,
+:class:`ModelInfo` is what a stage needs to know about a model folder (task,
 architecture, inputs, sizes), read from ``config.json`` without loading the
 weights. ``torch`` and ``transformers`` are imported inside the functions.
 
@@ -24,13 +24,13 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-__all__ = ["ModelSpec", "Task", "auto_class", "inspect_model", "load_tokenizer", "load_torch_model"]
+__all__ = ["ModelInfo", "Task", "auto_class", "inspect_model", "load_tokenizer", "load_torch_model"]
 
 Task = Literal["encoder", "causal-lm"]
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelInfo:
     """A model directory and what the optimizer needs to know about it."""
 
     path: Path
@@ -44,7 +44,7 @@ class ModelSpec:
     max_positions: int | None
 
 
-def inspect_model(model_dir: str | Path, task: Literal["auto", Task] = "auto") -> ModelSpec:
+def inspect_model(model_dir: str | Path, task: Literal["auto", Task] = "auto") -> ModelInfo:
     """Read ``config.json`` of a Hugging Face model directory.
 
     Raises:
@@ -74,7 +74,7 @@ def inspect_model(model_dir: str | Path, task: Literal["auto", Task] = "auto") -
     if task == "encoder" and getattr(config, "type_vocab_size", None):
         names += ("token_type_ids",)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return ModelSpec(
+    return ModelInfo(
         path=path,
         task=task,
         model_type=str(getattr(config, "model_type", "")),
@@ -96,7 +96,7 @@ def auto_class(task: Task) -> Any:
 
 
 def load_torch_model(
-    spec: ModelSpec,
+    spec: ModelInfo,
     path: Path | None = None,
     dtype: torch.dtype | str | None = "float32",
     **kwargs: Any,

@@ -46,7 +46,7 @@ from modelkiln.optimize.report import compare_models, plot_comparison
 from modelkiln.progress import QUIET, Progress
 
 if TYPE_CHECKING:
-    from modelkiln.optimize.runners import ModelSpec, Runner
+    from modelkiln.optimize.runners import ModelInfo, Runner
 
 EvalFn = QualityMetric | Callable[["Runner"], float]
 
@@ -77,7 +77,7 @@ class BuiltVariant:
     parity: ParityReport
 
 
-def select_variants(spec: ModelSpec, cfg: OptimizeConfig) -> tuple[list[str], dict[str, str], bool]:
+def select_variants(spec: ModelInfo, cfg: OptimizeConfig) -> tuple[list[str], dict[str, str], bool]:
     """(names to build, baseline first; skipped name -> reason; whether the user named them).
 
     Raises:
@@ -286,7 +286,7 @@ def optimize(
 
 def _finish(
     out: Path,
-    spec: ModelSpec,
+    spec: ModelInfo,
     cfg: OptimizeConfig,
     cards: dict[str, EvalCard],
     skipped: dict[str, str],
@@ -315,7 +315,7 @@ def _finish(
     return result
 
 
-def _write_report(result: OptimizeResult, spec: ModelSpec, cfg: OptimizeConfig) -> None:
+def _write_report(result: OptimizeResult, spec: ModelInfo, cfg: OptimizeConfig) -> None:
     out = result.out_dir
     result.table = compare_models(result.cards, cfg.bench, cfg.baseline)
     result.plot_path = plot_comparison(result.cards, cfg.bench, out / "comparison.png")

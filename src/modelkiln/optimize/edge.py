@@ -26,10 +26,10 @@ from modelkiln.optimize.registry import VARIANTS, BuildContext, Variant
 if TYPE_CHECKING:
     import torch
 
-    from modelkiln.optimize.runners import ModelSpec, Runner
+    from modelkiln.optimize.runners import ModelInfo, Runner
 
 
-def _main_output_module(model: torch.nn.Module, spec: ModelSpec) -> torch.nn.Module:
+def _main_output_module(model: torch.nn.Module, spec: ModelInfo) -> torch.nn.Module:
     """Positional inputs -> ``(main output,)`` around an HF model (eval mode kept)."""
     import torch
 
@@ -47,7 +47,7 @@ def _main_output_module(model: torch.nn.Module, spec: ModelSpec) -> torch.nn.Mod
     return Main().eval()
 
 
-def _example(spec: ModelSpec) -> tuple[torch.Tensor, ...]:
+def _example(spec: ModelInfo) -> tuple[torch.Tensor, ...]:
     from modelkiln.optimize.runners import synthetic_batch
 
     batch = synthetic_batch(spec, 2, 16, seed=1, pad_last=True)
@@ -58,7 +58,7 @@ class ProgramRunner:
     """Builds a :class:`~modelkiln.optimize.runners.Runner` over a loaded program (lazy torch)."""
 
     @staticmethod
-    def make(program: Any, spec: ModelSpec) -> Runner:
+    def make(program: Any, spec: ModelInfo) -> Runner:
         import torch
 
         from modelkiln.optimize.runners import Runner
@@ -93,7 +93,7 @@ class _EdgeVariant(Variant):
         ctx.reference.config.save_pretrained(out)  # type: ignore[union-attr, operator]
         copy_side_files(ctx.spec.path, out)
 
-    def _fail(self, spec: ModelSpec, exc: Exception) -> StageError:
+    def _fail(self, spec: ModelInfo, exc: Exception) -> StageError:
         from modelkiln.onnxexport import root_cause
 
         return StageError(

@@ -36,7 +36,7 @@ from modelkiln.optimize.config import Tolerance
 if TYPE_CHECKING:
     import torch
 
-    from modelkiln.optimize.runners import ModelSpec
+    from modelkiln.optimize.runners import ModelInfo
 
 Batch = dict[str, "torch.Tensor"]
 FUSION_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "gpt2": "gpt2"}
@@ -196,7 +196,7 @@ def quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
-def export_outputs(model: torch.nn.Module, spec: ModelSpec) -> list[str]:
+def export_outputs(model: torch.nn.Module, spec: ModelInfo) -> list[str]:
     """Graph output names: ``logits`` (causal LM) or ``last_hidden_state`` [+ ``pooler_output``]."""
     if spec.task == "causal-lm":
         return ["logits"]
@@ -213,7 +213,7 @@ class _ExportWrapper:
     """Builds a positional-input module around an HF model (made lazily: torch import)."""
 
     @staticmethod
-    def make(model: torch.nn.Module, spec: ModelSpec, names: list[str]) -> torch.nn.Module:
+    def make(model: torch.nn.Module, spec: ModelInfo, names: list[str]) -> torch.nn.Module:
         import torch
 
         class Wrapper(torch.nn.Module):
@@ -235,7 +235,7 @@ class _ExportWrapper:
 
 def export_onnx(
     model: torch.nn.Module,
-    spec: ModelSpec,
+    spec: ModelInfo,
     path: Path,
     *,
     opset: int = 17,
@@ -272,7 +272,7 @@ def export_onnx(
     return names
 
 
-def _dynamic_kwargs(spec: ModelSpec, names: list[str], exporter: str) -> dict[str, Any]:
+def _dynamic_kwargs(spec: ModelInfo, names: list[str], exporter: str) -> dict[str, Any]:
     """Dynamic batch / sequence axes in the form each torch.onnx exporter takes."""
     import torch
 
@@ -287,7 +287,7 @@ def _dynamic_kwargs(spec: ModelSpec, names: list[str], exporter: str) -> dict[st
     return {"dynamo": False, "dynamic_axes": axes}
 
 
-def optimize_graph(src: Path, dst: Path, spec: ModelSpec, level: str = "fusion") -> str:
+def optimize_graph(src: Path, dst: Path, spec: ModelInfo, level: str = "fusion") -> str:
     """Write an ONNX Runtime-optimised copy of ``src`` to ``dst``; return what was done.
 
     ``fusion`` uses onnxruntime.transformers' fusions (attention, skip layer

@@ -34,7 +34,7 @@ from modelkiln.optimize.registry import VARIANTS, BuildContext
 
 if TYPE_CHECKING:
     from modelkiln.optimize.quant_options import Int4Config
-    from modelkiln.optimize.runners import ModelSpec
+    from modelkiln.optimize.runners import ModelInfo
 
 
 def output_matmuls(onnx_path: Path) -> list[str]:
@@ -84,7 +84,7 @@ class OnnxInt4WeightVariant(_OnnxVariant):
     tolerance = Tolerance(min_snr_db=8.0)
     summary = "ONNX Runtime int4 weight-only (MatMulNBits, block-wise scales; causal LMs)"
 
-    def unsupported(self, spec: ModelSpec) -> str | None:
+    def unsupported(self, spec: ModelInfo) -> str | None:
         """Encoders are compute-bound: int4 weight-only targets memory-bound LM decoding."""
         if spec.task != "causal-lm":
             return (

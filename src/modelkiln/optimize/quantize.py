@@ -27,12 +27,12 @@ from modelkiln.optimize.registry import VARIANTS, BuildContext, Variant
 if TYPE_CHECKING:
     import torch
 
-    from modelkiln.optimize.runners import ModelSpec, Runner
+    from modelkiln.optimize.runners import ModelInfo, Runner
 
 TORCHAO_WEIGHTS = "model.safetensors"
 
 
-def _spec(path: Path) -> ModelSpec:
+def _spec(path: Path) -> ModelInfo:
     from modelkiln.optimize.runners import inspect_model, read_variant_json
 
     return inspect_model(path, read_variant_json(path)["task"])
@@ -253,7 +253,7 @@ def _tied_output_key(model: torch.nn.Module) -> str | None:
     return next(f"{n}.weight" for n, m in model.named_modules() if m is out_emb)
 
 
-def _load_flat(spec: ModelSpec, path: Path) -> torch.nn.Module:
+def _load_flat(spec: ModelInfo, path: Path) -> torch.nn.Module:
     from safetensors import safe_open
     from safetensors.torch import load_file
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from modelkiln.optimize.config import OptimizeConfig
-    from modelkiln.optimize.runners import ModelSpec, Runner
+    from modelkiln.optimize.runners import ModelInfo, Runner
 
 T = TypeVar("T")
 """Written into every variant directory: its name, backend, task and build facts."""
@@ -120,7 +120,7 @@ class BuildContext:
             Empty when the caller has none; such methods then raise a ConfigError.
     """
 
-    spec: ModelSpec
+    spec: ModelInfo
     reference: torch.nn.Module
     cfg: OptimizeConfig
     samples: list[dict[str, torch.Tensor]] = field(default_factory=list)
@@ -136,7 +136,7 @@ class Variant(ABC):
     tolerance: ClassVar[Tolerance] = Tolerance(atol=1e-5)
     summary: ClassVar[str] = ""
 
-    def unsupported(self, spec: ModelSpec) -> str | None:
+    def unsupported(self, spec: ModelInfo) -> str | None:
         """Why this variant cannot handle ``spec`` (one line), or None when it can."""
         return None
 

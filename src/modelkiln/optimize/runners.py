@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from modelkiln.contract import read_variant_json, write_variant_json
-from modelkiln.contract.hfmodel import ModelSpec, Task, auto_class, inspect_model, load_torch_model
+from modelkiln.contract.hfmodel import ModelInfo, Task, auto_class, inspect_model, load_torch_model
 
 # Model loading and variant.json live in the artifact contract; re-exported for callers here.
 __all__ = [
-    "ModelSpec",
+    "ModelInfo",
     "OrtRunner",
     "Runner",
     "RunnerOutput",
@@ -63,7 +63,7 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
 
 
 def synthetic_batch(
-    spec: ModelSpec, batch: int, seq: int, *, seed: int = 0, pad_last: bool = False
+    spec: ModelInfo, batch: int, seq: int, *, seed: int = 0, pad_last: bool = False
 ) -> dict[str, torch.Tensor]:
     """Random token ids ``(batch, seq)`` with a full mask (the last row padded if asked)."""
     generator = torch.Generator().manual_seed(seed)
@@ -98,7 +98,7 @@ class RunnerOutput:
 class Runner(torch.nn.Module, ABC):
     """Run one variant: ``runner(**batch) -> RunnerOutput``; subclasses implement :meth:`run`."""
 
-    def __init__(self, spec: ModelSpec, input_names: tuple[str, ...] | None = None) -> None:
+    def __init__(self, spec: ModelInfo, input_names: tuple[str, ...] | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.input_names = input_names or spec.input_names
@@ -129,7 +129,7 @@ def _default_input(name: str, ids: torch.Tensor) -> torch.Tensor:
 class TorchRunner(Runner):
     """A PyTorch model (eager; any dtype or torchao-quantized weights)."""
 
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec) -> None:
+    def __init__(self, model: torch.nn.Module, spec: ModelInfo) -> None:
         super().__init__(spec)
         self.model = model.eval()
 
@@ -145,7 +145,7 @@ class TorchRunner(Runner):
 class OrtRunner(Runner):
     """An ONNX Runtime CPU session over ``model.onnx``; the first graph output is the main one."""
 
-    def __init__(self, onnx_path: Path, spec: ModelSpec, threads: int | None = None) -> None:
+    def __init__(self, onnx_path: Path, spec: ModelInfo, threads: int | None = None) -> None:
         from modelkiln.onnxrt import cpu_session
 
         session = cpu_session(onnx_path, threads)

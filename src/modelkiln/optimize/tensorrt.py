@@ -26,7 +26,7 @@ from modelkiln.optimize.registry import VARIANTS, BuildContext
 if TYPE_CHECKING:
     import torch
 
-    from modelkiln.optimize.runners import ModelSpec, Runner
+    from modelkiln.optimize.runners import ModelInfo, Runner
 
 TRT_PROVIDER = "TensorrtExecutionProvider"
 
@@ -61,7 +61,7 @@ def trt_providers(path: Path, fp16: bool) -> list[Any]:
 
 class _TrtRunnerFactory:
     @staticmethod
-    def make(onnx_path: Path, spec: ModelSpec, fp16: bool) -> Runner:
+    def make(onnx_path: Path, spec: ModelInfo, fp16: bool) -> Runner:
         import onnxruntime as ort
         import torch
 
@@ -89,7 +89,7 @@ class OnnxTensorRtVariant(_OnnxVariant):
     tolerance = Tolerance(min_snr_db=25.0)
     summary = "ONNX Runtime TensorRT EP (GPU only; fp16 kernels allowed)"
 
-    def unsupported(self, spec: ModelSpec) -> str | None:
+    def unsupported(self, spec: ModelInfo) -> str | None:
         """Unavailable without the TensorRT EP and a CUDA device."""
         return tensorrt_unavailable()
 

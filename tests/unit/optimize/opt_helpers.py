@@ -9,7 +9,7 @@ import torch
 
 from modelkiln.optimize.config import OptimizeConfig, Tolerance
 from modelkiln.optimize.gate import QualityMetric
-from modelkiln.optimize.runners import ModelSpec, inspect_model, synthetic_batch
+from modelkiln.optimize.runners import ModelInfo, inspect_model, synthetic_batch
 
 VOCAB = 256
 EXACTISH = Tolerance(atol=1e-5, rtol=1e-4)
@@ -47,7 +47,7 @@ def make_gpt2(path: Path) -> Path:
     return path
 
 
-def agreement_metric(spec: ModelSpec) -> QualityMetric:
+def agreement_metric(spec: ModelInfo) -> QualityMetric:
     """Mean cosine of a runner's outputs to the first runner measured (the baseline): 1.0 = same.
 
     Stands in for a held-out metric on random tiny models; higher is better.
@@ -71,7 +71,7 @@ def fast_config(**overrides: Any) -> OptimizeConfig:
     return OptimizeConfig.model_validate(data)
 
 
-def spec_of(path: Path) -> ModelSpec:
+def spec_of(path: Path) -> ModelInfo:
     """The spec of a model directory."""
     return inspect_model(path)
 

@@ -2,7 +2,7 @@
 distillation and a safe checkpoint format for plain ``torch.nn.Module`` models.
 
 Why it is not in the variant registry: registry variants are built from a Hugging Face
-model folder (a :class:`~modelkiln.contract.hfmodel.ModelSpec` read from ``config.json``,
+model folder (a :class:`~modelkiln.contract.hfmodel.ModelInfo` read from ``config.json``,
 tokenized text inputs, the transformer quality gates); a plain ``nn.Module`` has none of
 that. This path shares the same contracts and core mechanisms instead: the ONNX graph
 file name (:data:`modelkiln.contract.MODEL_ONNX`), the one export-error path
