@@ -65,3 +65,23 @@ def test_key_inside_the_model_dir_is_refused(model_dir: Path) -> None:
     (model_dir / "bad.key").write_text("abcd")
     with pytest.raises(ConfigError, match="2 bytes, not 32"):
         encrypt_path(model_dir.parent / "model" / "model.safetensors", model_dir / "bad.key")
+
+
+def test_onnx_session_from_encrypted_graph(tmp_path: Path) -> None:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from modelkiln.security.encryption import onnx_session_encrypted
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "model.onnx")
+    key = generate_key_file(tmp_path / "k.key")
+    (enc,) = encrypt_path(tmp_path / "model.onnx", key, remove_plaintext=True)
+    session = onnx_session_encrypted(enc, key, providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": np.array([1.0, -2.0], dtype=np.float32)})[0]
+    assert out.tolist() == [-1.0, 2.0]
