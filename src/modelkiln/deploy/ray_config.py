@@ -47,6 +47,9 @@ class Autoscaling(KilnModel):
     look_back_period_s: float = Field(
         30.0, gt=0, description="Window the ongoing-request average is taken over."
     )
+    metrics_interval_s: float | None = Field(
+        None, gt=0, description="How often replicas report load (Ray's default 10 s)."
+    )
 
 
 class ActorOptions(KilnModel):

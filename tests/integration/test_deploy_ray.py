@@ -1,0 +1,164 @@
+"""``kiln deploy ray`` on a real local Ray cluster (loopback, 2 CPUs, no dashboard).
+
+One Ray instance for the module (``ray.init`` takes ~25-35 s on a loaded 2-core machine,
+Serve's start ~10 s, each application ~20-30 s), shut down at the end. Every loop is
+bounded; no assertion is about timing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from serve_support import free_port, save_tiny_gpt2
+
+from modelkiln.deploy.ray_config import load_ray_config
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+pytestmark = pytest.mark.timeout(600)
+HEADER = "x-kiln-replica"
+BODY = {"model": "tiny", "prompt": "def f(", "max_tokens": 16}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A local Ray + Serve on loopback and a tiny GPT-2 directory; shut down after."""
+    model = save_tiny_gpt2(tmp_path_factory.mktemp("ray") / "tiny")
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield {"model": model, "port": port, "url": f"http://127.0.0.1:{port}"}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _deploy(cluster: dict[str, Any], **fields: Any) -> str:
+    """Deploy the tiny model as application ``tiny`` at ``/`` with ``kiln deploy ray``'s start."""
+    from modelkiln.deploy.ray_run import start
+
+    cfg = load_ray_config(
+        models=[{"path": cluster["model"], "name": "tiny"}],
+        port=cluster["port"],
+        ray_actor_options={"num_cpus": 0.1},  # 2 CPUs: room for the replicas and Serve's actors
+        serve={"cache": {"enabled": False}},
+        graceful_shutdown_timeout_s=20,
+        **fields,
+    )
+    start(cfg)  # joins the module's Ray + Serve (already initialized)
+    return cluster["url"]
+
+
+def _running(name: str) -> int:
+    status = serve.status().applications.get(name)
+    if status is None or "kiln" not in status.deployments:
+        return 0
+    return int(status.deployments["kiln"].replica_states.get("RUNNING", 0))
+
+
+def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{what} not reached within {timeout} s: {serve.status()}")
+
+
+class _Load:
+    """``workers`` threads sending completions back to back until stopped; keeps statuses."""
+
+    def __init__(self, url: str, workers: int) -> None:
+        self.url, self.stop = url, threading.Event()
+        self.results: list[Any] = []
+        self.pool = ThreadPoolExecutor(workers)
+        self.futures = [self.pool.submit(self._loop) for _ in range(workers)]
+
+    def _loop(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self.stop.is_set():
+                try:
+                    r = client.post(self.url + "/v1/completions", json=BODY)
+                    tag = r.headers.get(HEADER) if r.status_code == 200 else r.text[:300]
+                    self.results.append((r.status_code, tag))
+                except httpx.TimeoutException as exc:  # a hang: the test fails on it
+                    self.results.append(("timeout", repr(exc)))
+
+    def finish(self) -> list[Any]:
+        self.stop.set()
+        for f in self.futures:
+            f.result(timeout=120)
+        self.pool.shutdown()
+        return self.results
+
+
+def test_two_replicas_both_answer_with_their_own_metrics(cluster: dict[str, Any]) -> None:
+    url = _deploy(cluster, num_replicas=2)
+    seen: set[str] = set()
+    with httpx.Client(timeout=60) as client:
+        for _ in range(60):
+            r = client.post(url + "/v1/completions", json=BODY)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["finish_reason"] in {"length", "stop"}
+            seen.add(r.headers[HEADER])
+            if len(seen) == 2:
+                break
+        metrics = client.get(url + "/metrics")
+    assert len(seen) == 2
+    assert metrics.headers[HEADER] in seen  # one replica's own registry, and it says which
+    assert 'ml_requests_total{model_name="tiny",status="200"' in metrics.text
+
+
+def test_killed_replica_is_replaced_and_requests_end_cleanly(cluster: dict[str, Any]) -> None:
+    url = cluster["url"]  # the 2 replicas of the test above
+    _wait(lambda: _running("tiny") == 2, 120, "2 running replicas")
+    victim = httpx.post(url + "/v1/completions", json=BODY, timeout=60).headers[HEADER]
+    load = _Load(url, workers=3)
+    time.sleep(1)
+    actor = ray.get_actor(f"SERVE_REPLICA::tiny#kiln#{victim}", namespace="serve")
+    ray.kill(actor, no_restart=True)
+    _wait(lambda: _running("tiny") < 2, 60, "the controller noticing the dead replica")
+    _wait(lambda: _running("tiny") == 2, 180, "a replacement replica")
+    time.sleep(1)
+    results = load.finish()
+    # Ray's proxy answers a request that was in flight on the killed replica with a plain
+    # 500 "Internal Server Error" (Serve does not retry a request a replica already holds);
+    # every later request goes to the live replica. Never a hang (a timeout is recorded).
+    failed = [r for r in results if r[0] != 200]
+    assert all(s in {500, 503} for s, _ in failed), failed
+    assert len(failed) <= 3, failed  # at most the 3 workers' requests in flight at the kill
+    replicas = {rid for s, rid in results[-10:] if s == 200}
+    assert victim not in replicas and replicas, results[-10:]
+    serve.delete("tiny")
+
+
+def test_autoscaling_up_under_load_and_down_without_losing_requests(
+    cluster: dict[str, Any],
+) -> None:
+    url = _deploy(
+        cluster,
+        autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                     "upscale_delay_s": 1, "downscale_delay_s": 2, "look_back_period_s": 2,
+                     "metrics_interval_s": 0.5},
+    )  # fmt: skip
+    _wait(lambda: _running("tiny") == 1, 120, "1 running replica")
+    heavy = _Load(url, workers=4)
+    trickle = _Load(url, workers=1)  # in flight through the whole scale-down
+    try:
+        _wait(lambda: _running("tiny") == 2, 180, "scale-up to 2 replicas")
+    finally:
+        up = heavy.finish()
+    _wait(lambda: _running("tiny") == 1, 180, "scale-down to 1 replica")
+    time.sleep(2)
+    down = trickle.finish()
+    assert {rid for s, rid in up if s == 200} and len({rid for _, rid in up + down}) >= 2
+    assert {s for s, _ in up + down} == {200}, [r for r in up + down if r[0] != 200]
+    serve.delete("tiny")
