@@ -13,7 +13,9 @@ not look slow) and refuses a request whose estimated wait, queued tokens /
 rate, passes ``max_wait_s``. A fixed count alone admits 256 requests whether
 they take 1 s or 20 s to drain; the estimate keeps admitted latency near
 ``max_wait_s`` + service time whatever the inputs' lengths and the CPU.
-Until a rate is measured (the first completions) only the counts apply.
+Until a rate is measured (the first completions finish) at most
+``cold_requests`` are queued: a flood arriving at a fresh server would
+otherwise all be admitted before the first batch says how slow it is.
 
 Why not CoDel: CoDel sheds on the *sojourn* time of requests already queued,
 i.e. after the server has parsed, tokenized and queued them; the estimate
@@ -116,6 +118,7 @@ class AdmissionController:
         max_tokens: most tokens they may hold together. A single request larger
             than this is still admitted when the queue is empty (it cannot starve).
         max_wait_s: most estimated queue wait (queued tokens / measured rate); None: no bound.
+        cold_requests: most queued requests while no rate is measured yet (with ``max_wait_s``).
         clock: seconds, monotonic (tests pass a fake one, e.g. ``FakeClock().now``).
     """
 
@@ -125,11 +128,13 @@ class AdmissionController:
         max_tokens: int,
         *,
         max_wait_s: float | None = None,
+        cold_requests: int = 32,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_requests = max_requests
         self.max_tokens = max_tokens
         self.max_wait_s = max_wait_s
+        self.cold_requests = cold_requests
         self.requests = 0
         self.tokens = 0
         self.service = ServiceRate()
@@ -196,8 +201,10 @@ class AdmissionController:
         return self.service.rate
 
     def _too_long(self, tokens: int) -> bool:
-        if self.max_wait_s is None or self.service.rate <= 0:
+        if self.max_wait_s is None:
             return False
+        if self.service.rate <= 0:
+            return self.requests >= self.cold_requests
         return self.estimated_wait(tokens) > self.max_wait_s
 
     def _full_by_count(self) -> Overloaded:
@@ -211,6 +218,13 @@ class AdmissionController:
     def _full_by_wait(self, tokens: int) -> Overloaded:
         wait = self.estimated_wait(tokens)
         assert self.max_wait_s is not None
+        if self.service.rate <= 0:
+            return Overloaded(
+                "queue_wait",
+                1,
+                f"{self.requests} requests are queued and no service rate is measured yet "
+                f"(at most {self.cold_requests} until the first ones finish)",
+            )
         excess = self.tokens + tokens - self.max_wait_s * self.service.rate
         return Overloaded(
             "queue_wait",

@@ -151,6 +151,13 @@ class ServeConfig(KilnModel):
         "rate) before 429; None: min(5 s, request_timeout_s / 4), so admitted requests keep "
         "most of their deadline.",
     )
+    reject_hold_s: float = Field(
+        0.5,
+        ge=0,
+        description="Seconds an early 429 (queue already over, refused before parsing) is held "
+        "before it is sent, never past its Retry-After: clients that resend at once cannot "
+        "turn refusals into a flood that starves the model (0: answer at once).",
+    )
     keep_alive_s: float = Field(
         75.0,
         gt=0,

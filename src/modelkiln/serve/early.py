@@ -8,12 +8,17 @@ already over its queue bounds (:meth:`AdmissionController.over`), it drains
 the body's raw bytes unparsed (so the connection stays usable for the
 client's next request) and answers 429 with the computed ``Retry-After``.
 
+The answer is held up to ``reject_hold_s`` (at most its ``Retry-After``): a
+timer costs no CPU, and clients that resend at once (no backoff) then cannot
+make refusals cost more than the work they protect.
+
 When a route can still reach a model with room, the request goes on and the
 route's own admission (after tokenization, knowing the request's size) decides.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -56,6 +61,9 @@ class EarlyAdmissionMiddleware:
         if self.on_reject is not None:
             self.on_reject(refusal.reason)
         keep = await _drain(receive, self.state.cfg.max_body_bytes)
+        # Hold the answer (no CPU: a timer): clients that resend at once on a 429 would
+        # otherwise turn refusals into a flood that starves the model (see reject_hold_s).
+        await asyncio.sleep(min(self.state.cfg.reject_hold_s, refusal.retry_after))
         await _answer(send, refusal, keep)
 
     def _refusal(self, kind: str) -> tuple[ServedModel, Overloaded] | None:

@@ -53,12 +53,19 @@ def test_a_batch_finishing_at_once_gives_one_sample() -> None:
     assert g.throughput() == pytest.approx(1600 / 0.8)
 
 
-def test_no_wait_bound_before_a_rate_is_measured() -> None:
-    g = gate(FakeClock())
-    tickets = [g.admit(10_000) for _ in range(50)]
-    assert g.requests == 50 and g.over() is None
+def test_before_a_rate_is_measured_only_a_few_requests_queue() -> None:
+    clock = FakeClock()
+    g = gate(clock, cold_requests=4)
+    tickets = [g.admit(10_000) for _ in range(4)]
+    refusal = g.over()
+    assert refusal is not None and refusal.reason == "queue_wait" and refusal.retry_after == 1
+    with pytest.raises(Overloaded, match="no service rate is measured yet"):
+        g.admit(1)
+    clock.advance(1.0)
     for t in tickets:
         t.release()
+    assert g.throughput() == pytest.approx(40_000)  # measured: the wait bound takes over
+    assert len([g.admit(10_000) for _ in range(8)]) == 8  # 80 000 tokens = 2.0 s
 
 
 def test_refuses_past_the_estimated_wait_with_retry_after_from_the_drain_rate() -> None:
@@ -108,3 +115,4 @@ def test_default_queue_wait_comes_from_the_deadline() -> None:
     assert ServeConfig(models=spec).queue_wait_s == 5.0
     assert ServeConfig(models=spec, request_timeout_s=8).queue_wait_s == 2.0
     assert ServeConfig(models=spec, max_queue_wait_s=0.5).queue_wait_s == 0.5
+    assert AdmissionController(1, 1).max_wait_s is None  # no wait bound unless configured
