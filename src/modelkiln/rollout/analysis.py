@@ -142,6 +142,7 @@ def update_tests(
     slo: tuple[float, float],
     windows: tuple[ArmWindow, ArmWindow],
     agreement: list[float],
+    compare_latency: bool = True,
 ) -> None:
     """Feed one check interval to every test.
 
@@ -151,15 +152,21 @@ def update_tests(
         slo: ``(max_error_rate, max_latency_ms)``.
         windows: ``(candidate, baseline)`` of this interval.
         agreement: agreement scores of this interval's shadow pairs.
+        compare_latency: run the relative latency tests. Off when one arm is mirrored
+            traffic: a mirrored request runs after the served one, without streaming, under
+            other load, so the two arms' latencies are not exchangeable (the absolute
+            latency SLO still applies).
     """
     cand, base = windows
     tests["errors"].update_two_arm(cand.errors, cand.requests, base.errors, base.requests)
     for name, attr in (("latency", "latency_ms"), ("ttft", "ttft_ms"), ("tpot", "tpot_ms")):
+        if not compare_latency:
+            break
         c, b = getattr(cand, attr), getattr(base, attr)
         x_c, x_b = tail_counts(c, b, cfg.tail_quantile)
         tests[name].update_two_arm(x_c, len(c), x_b, len(b))
     # The median split sees a whole-distribution slowdown 10x sooner than the p95 tail.
-    x_c, x_b = tail_counts(cand.latency_ms, base.latency_ms, 0.5)
+    x_c, x_b = tail_counts(cand.latency_ms, base.latency_ms, 0.5) if compare_latency else (0, 0)
     tests["latency_p50"].update_two_arm(x_c, len(cand.latency_ms), x_b, len(base.latency_ms))
     if agreement:
         bad = sum(a < cfg.min_agreement for a in agreement)

@@ -173,7 +173,8 @@ class Controller:
             for k, v in state.tests.items()
         }
         slo = (spec.canary.max_error_rate, spec.canary.max_latency_ms)
-        analysis.update_tests(tests, spec.analysis, slo, (cand, base), pairs)
+        mirrored = spec.strategy != "canary"  # one arm is shadow traffic: see update_tests
+        analysis.update_tests(tests, spec.analysis, slo, (cand, base), pairs, not mirrored)
         state.tests = {k: t.log_lr for k, t in tests.items()}
         state.last_check = self.clock.now()
         state.checks += 1

@@ -146,10 +146,18 @@ def test_blue_green_switches_and_switches_back(tmp_path: Path) -> None:
     assert h.policies["m"].weights == {"1": 100} and h.policies["m"].shadow == "2"
     h.run(70)
     assert h.policies["m"].weights == {"2": 100} and h.policies["m"].shadow == "1"
-    h.run(70, slow="2")
+    h.run(70, bad="2")
     state = h.ctl.status("m")
     assert state is not None and state.status == "rolled-back"
     assert h.policies["m"].weights == {"1": 100} and h.policies["m"].shadow is None
+
+
+def test_mirrored_latency_is_not_compared(tmp_path: Path) -> None:
+    h = Harness(tmp_path)  # the mirrored arm is slower (it runs later, unstreamed): no rollback
+    h.ctl.start(spec(strategy="shadow", shadow_percent=50))
+    h.run(80, slow="2")
+    state = h.ctl.status("m")
+    assert state is not None and state.status == "awaiting-promotion"
 
 
 def test_shadow_waits_for_manual_promotion(tmp_path: Path) -> None:
