@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import TextIO
 
 LOG_FILE = "log.txt"
+#: Loggers whose records are modelkiln's own lines (kept on the terminal by
+#: :func:`terminal_logging`); every other logger is third-party.
+OURS = ("modelkiln", "uvicorn", "__main__")
 # (pattern in third-party output, what modelkiln tells the user instead). Import-time noise
 # (torchao's "Failed to load _C_mxfp8", bitsandbytes' "gemm_4bit_forward" on every import)
 # is left in the log: it says nothing about the run.
@@ -101,9 +104,69 @@ def _router() -> _Router:
     loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, logging.StreamHandler) and handler.stream is router.real:
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and handler.stream is router.real
+                and not getattr(handler, "kiln_terminal", False)
+            ):
                 handler.setStream(router)
     return router
+
+
+class _SplitHandler(logging.Handler):
+    """Writes modelkiln's (and uvicorn's) records to the terminal, others to ``sys.stderr``.
+
+    Inside a capture ``sys.stderr`` is the router, so a third-party record that
+    propagates to the root logger (bitsandbytes', torchao's) lands in the log file
+    while the server's own lines stay on the terminal.
+    """
+
+    def __init__(self, terminal: TextIO) -> None:
+        super().__init__()
+        self.terminal = terminal
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            ours = record.name.split(".", 1)[0] in OURS
+            stream = self.terminal if ours else sys.stderr
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # logging's own rule: a failed emit must not raise
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def terminal_logging(level: str, fmt: str) -> Iterator[None]:
+    """Log through the root logger at ``level`` while inside (the server's process).
+
+    modelkiln's own records (:data:`OURS`) always reach the terminal; other records
+    go through ``sys.stderr``, i.e. into the log file while :func:`capture_output` is
+    active (and on the terminal too with :func:`set_verbose`).
+    """
+    real = sys.stderr.real if isinstance(sys.stderr, _Router) else sys.stderr
+    handler = _SplitHandler(real)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+
+
+def keep_on_terminal(name: str) -> None:
+    """Point the stream handlers of logger ``name`` back at the terminal.
+
+    For handlers a library made from ``sys.stderr`` during a capture (uvicorn's,
+    configured when ``uvicorn.Config`` is built): their lines are the server's own.
+    """
+    if not isinstance(sys.stderr, _Router):
+        return
+    for handler in logging.getLogger(name).handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+            handler.setStream(sys.stderr.real)
+            handler.kiln_terminal = True  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

@@ -60,3 +60,31 @@ def test_verbose_also_shows_them_and_errors_keep_the_log(
         sys.stderr.write("before the crash\n")
         raise RuntimeError("stage failed")
     assert "before the crash" in kept.read_text()
+
+
+def test_server_logging_keeps_its_own_lines_and_uvicorns_on_the_terminal(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    uvicorn_log = logging.getLogger("uvicorn")
+    with (
+        logs.terminal_logging("info", "%(name)s: %(message)s"),
+        logs.capture_output(tmp_path / "serve.log"),
+    ):
+        # As uvicorn.Config does: a handler made from sys.stderr during the capture.
+        handler = logging.StreamHandler(sys.stderr)
+        uvicorn_log.addHandler(handler)
+        uvicorn_log.propagate = False
+        try:
+            logs.keep_on_terminal("uvicorn")
+            uvicorn_log.warning("Uvicorn running on http://127.0.0.1:1")
+            logging.getLogger("modelkiln.serve.state").info("ready: serving lm")
+            logging.getLogger("bitsandbytes.cextension").warning("gemm_4bit_forward")
+        finally:
+            uvicorn_log.removeHandler(handler)
+            uvicorn_log.propagate = True
+    err = capfd.readouterr().err
+    assert "Uvicorn running" in err and "modelkiln.serve.state: ready: serving lm" in err
+    assert "gemm_4bit_forward" not in err
+    text = (tmp_path / "serve.log").read_text()
+    assert "bitsandbytes.cextension: gemm_4bit_forward" in text
+    assert "Uvicorn running" not in text and "ready: serving" not in text

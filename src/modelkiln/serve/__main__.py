@@ -14,9 +14,11 @@ and a config error found while starting), 1 when serving failed.
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkiln.errors import ConfigError, KilnError
@@ -62,6 +64,11 @@ def build_parser(
     p.add_argument("--auto-truncate", action="store_true", default=None,
                    help="cut embedding inputs past the model's limit instead of 400")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-file", type=Path, metavar="PATH",
+                   help="where third-party warnings, log lines and bars go "
+                        f"(default {default_log_file()})")  # fmt: skip
+    p.add_argument("-v", "--verbose", "--debug", action="store_true", dest="verbose",
+                   help="also show third-party output on the terminal")  # fmt: skip
     for extension in extensions:
         extension.add_arguments(p)
     return p
@@ -144,21 +151,44 @@ def main(
         if extensions is None:
             extensions = load_extensions(SERVE_EXTENSIONS)
         args = build_parser(prog, extensions).parse_args(argv)  # exits 2 itself on bad flags
-        logging.basicConfig(level=args.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        cfg = config_from_args(args, extensions)
-        hooks = _hooks(extensions, args, cfg)
-        started = True
-        from modelkiln.serve.server import serve
+        with _third_party_output(args, verbose=debug or args.verbose):
+            cfg = config_from_args(args, extensions)
+            hooks = _hooks(extensions, args, cfg)
+            started = True
+            from modelkiln.serve.server import serve
 
-        serve(cfg, log_level=args.log_level, hooks=hooks)
+            serve(cfg, log_level=args.log_level, hooks=hooks)
     except KilnError as exc:
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1 if started and not isinstance(exc, ConfigError) else 2
     return 0
+
+
+def default_log_file() -> Path:
+    """The server's third-party log when ``--log-file`` is not given (user cache dir)."""
+    from modelkiln.hardware import cache_dir
+
+    return cache_dir() / "logs" / "serve.log"
+
+
+@contextlib.contextmanager
+def _third_party_output(args: argparse.Namespace, *, verbose: bool) -> Iterator[None]:
+    """Keep the terminal to modelkiln's and uvicorn's lines while the server runs.
+
+    Third-party warnings, log records and bars (torchao, torch, transformers,
+    bitsandbytes) go to ``--log-file``; ``-v`` / ``--debug`` shows them too.
+    """
+    from modelkiln.logs import capture_output, set_verbose, terminal_logging
+
+    path: Path = args.log_file or default_log_file()
+    set_verbose(verbose)
+    print(f"third-party output: {path}", flush=True)  # stdout: stderr is for errors
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    with terminal_logging(args.log_level, fmt), capture_output(path):
+        yield
 
 
 def _hooks(extensions: Sequence[ServeExtension], args: argparse.Namespace, cfg: ServeConfig) -> Any:

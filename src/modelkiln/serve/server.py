@@ -28,6 +28,7 @@ import uvicorn
 
 from modelkiln.contract.serving import ServeHooks
 from modelkiln.errors import ServingError
+from modelkiln.logs import keep_on_terminal
 from modelkiln.serve.app import create_app
 from modelkiln.serve.config import (
     CacheConfig,
@@ -148,6 +149,9 @@ def serve(cfg: ServeConfig, *, log_level: str = "info", hooks: ServeHooks | None
         ServingError: a model could not be loaded (the server stops at once).
     """
     server, fatal = _build(cfg, log_level, process_started(), hooks=hooks)
+    # uvicorn.Config made its handler from sys.stderr, which is the third-party log while
+    # `python -m modelkiln.serve` captures it: uvicorn's lines are the server's own.
+    keep_on_terminal("uvicorn")
     with _quiet_signals():
         server.run()
     if fatal:
