@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +30,7 @@ from modelkiln.errors import ServingError, StageError
 from modelkiln.serve.stage import ServeStageConfig, choose_model, stage_prompts, stage_report
 
 if TYPE_CHECKING:
-    from modelkiln.bench import LoadReport
+    from modelkiln.bench import LoadReport, RequestResult
     from modelkiln.stages import StageContext
 
 
@@ -77,12 +79,15 @@ def run_serve_stage(ctx: StageContext) -> None:
             "max_tokens": cfg.max_tokens,
             "seed": ctx.pipeline.seed,
         }
-        reports["closed"] = run_load(url, prompts, concurrency=cfg.concurrency,
-                                     num_requests=cfg.requests, duration_s=cfg.duration_s,
-                                     **common)  # fmt: skip
+        with _bar(ctx, f"serve: closed loop x{cfg.concurrency}", cfg.requests) as tick:
+            reports["closed"] = run_load(url, prompts, concurrency=cfg.concurrency,
+                                         num_requests=cfg.requests, duration_s=cfg.duration_s,
+                                         on_result=tick, **common)  # fmt: skip
         if cfg.rate is not None:
-            reports["open"] = run_load(url, prompts, rate=cfg.rate, num_requests=cfg.requests,
-                                       duration_s=cfg.duration_s, **common)  # fmt: skip
+            with _bar(ctx, f"serve: open loop {cfg.rate:g} req/s", cfg.requests) as tick:
+                reports["open"] = run_load(url, prompts, rate=cfg.rate,
+                                           num_requests=cfg.requests, duration_s=cfg.duration_s,
+                                           on_result=tick, **common)  # fmt: skip
     finally:
         t1 = time.monotonic()
         server.stop()
@@ -108,3 +113,13 @@ def run_serve_stage(ctx: StageContext) -> None:
     per_request = {k: [asdict(x) for x in r.results] for k, r in reports.items()}
     (ctx.out / REQUESTS_JSON).write_text(json.dumps(per_request), encoding="utf-8")
     (ctx.out / REPORT_MD).write_text(stage_report(choice, cfg, runs), encoding="utf-8")
+
+
+@contextmanager
+def _bar(ctx: StageContext, task: str, total: int) -> Iterator[Callable[[RequestResult], None]]:
+    """A progress task advanced once per completed request (the load test's bar)."""
+    ctx.progress.start(task, total)
+    try:
+        yield lambda _result: ctx.progress.advance(task)
+    finally:
+        ctx.progress.finish(task)

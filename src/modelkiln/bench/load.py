@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from modelkiln.bench.backends.openai import Client
@@ -51,8 +51,9 @@ def request_body(kind: str, model: str | None, prompt: str, max_tokens: int) -> 
 
 
 async def _one(
-    client: Client, kind: str, body: dict[str, Any], origin: float, result: RequestResult
-) -> RequestResult:
+    client: Client, kind: str, body: dict[str, Any], origin: float, result: RequestResult,
+    on_result: Callable[[RequestResult], None] | None = None,
+) -> RequestResult:  # fmt: skip
     t0: float | None = None
     try:
         t0 = await client.post(_ROUTES[kind], body, result, origin)
@@ -62,6 +63,8 @@ async def _one(
     result.latency = time.perf_counter() - send
     if kind == "embeddings" and result.ok:
         result.ttft = result.latency
+    if on_result is not None:
+        on_result(result)
     return result
 
 
@@ -117,6 +120,7 @@ async def run_load_async(
     api_key: str | None = None,
     timeout_s: float = 300.0,
     extra_body: dict[str, Any] | None = None,
+    on_result: Callable[[RequestResult], None] | None = None,
 ) -> LoadReport:
     """Drive ``url`` with ``prompts`` (cycled) and return every request's result.
 
@@ -125,6 +129,7 @@ async def run_load_async(
     ``duration_s`` (whichever comes first ends the sending; requests in flight are
     still awaited). ``max_concurrency`` caps requests in flight in the open modes:
     the rest wait on the client, and that wait is part of their response time.
+    ``on_result`` is called with each request's result as it completes (a progress bar).
 
     Raises:
         ConfigError: the arguments do not describe a run.
@@ -157,10 +162,12 @@ async def run_load_async(
 
     try:
         if closed is not None:
-            results = await _closed_loop(client, kind, next_request, started, closed.concurrency)
+            results = await _closed_loop(
+                client, kind, next_request, started, closed.concurrency, on_result
+            )
             mode = closed.mode
         else:
-            results = await _open_loop(client, kind, next_request, started, stop_at)
+            results = await _open_loop(client, kind, next_request, started, stop_at, on_result)
             mode = (
                 opened.mode if opened is not None else f"trace replay, {len(trace or [])} requests"
             )
@@ -172,23 +179,25 @@ async def run_load_async(
 
 
 async def _closed_loop(
-    client: Client, kind: str, next_request: Any, started: float, concurrency: int
-) -> list[RequestResult]:
+    client: Client, kind: str, next_request: Any, started: float, concurrency: int,
+    on_result: Callable[[RequestResult], None] | None = None,
+) -> list[RequestResult]:  # fmt: skip
     """``concurrency`` workers, each sending its next request when the last one ended."""
     results: list[RequestResult] = []
 
     async def worker() -> None:
         while (req := next_request()) is not None:
             r = RequestResult(start=time.perf_counter() - started)
-            results.append(await _one(client, kind, req[1], started, r))
+            results.append(await _one(client, kind, req[1], started, r, on_result))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results
 
 
 async def _open_loop(
-    client: Client, kind: str, next_request: Any, started: float, stop_at: float
-) -> list[RequestResult]:
+    client: Client, kind: str, next_request: Any, started: float, stop_at: float,
+    on_result: Callable[[RequestResult], None] | None = None,
+) -> list[RequestResult]:  # fmt: skip
     """Send each request at its scheduled offset; the wait for a slot counts."""
     tasks = []
     while (req := next_request()) is not None:
@@ -201,7 +210,7 @@ async def _open_loop(
             await asyncio.sleep(delay)
         now = time.perf_counter() - started
         r = RequestResult(start=now, scheduled=offset, dispatched=now)
-        tasks.append(asyncio.create_task(_one(client, kind, body, started, r)))
+        tasks.append(asyncio.create_task(_one(client, kind, body, started, r, on_result)))
     return list(await asyncio.gather(*tasks))
 
 

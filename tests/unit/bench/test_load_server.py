@@ -24,8 +24,12 @@ def url() -> Iterator[str]:
 
 
 def test_closed_loop_measures_every_streamed_token(url: str) -> None:
-    report = run_load(url, ["a b", "c"], model="lm", concurrency=3, num_requests=9, max_tokens=6)
+    done: list[RequestResult] = []  # what a progress bar gets, once per completed request
+    report = run_load(url, ["a b", "c"], model="lm", concurrency=3, num_requests=9, max_tokens=6,
+                      on_result=done.append)  # fmt: skip
     assert report.mode == "closed loop, concurrency 3" and len(report.results) == 9
+    assert sorted(map(id, done)) == sorted(map(id, report.results))
+    assert all(r.latency > 0 for r in done)
     for r in report.results:
         assert r.ok and r.completion_tokens == 6 and len(r.itl) == 5
         assert r.ttft is not None and 0.005 < r.ttft < r.latency

@@ -16,7 +16,26 @@ from modelkiln.data.tokenizer import save_tokenizer
 from modelkiln.errors import StageError
 from modelkiln.pipeline import StageContext
 from modelkiln.pipeline_serve import run_serve_stage
+from modelkiln.progress import Progress
 from modelkiln.serve.stage import ServeStageConfig, choose_model
+
+
+class _Bars(Progress):
+    """Records what a progress bar would show."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float | None] = {}
+        self.done: dict[str, float] = {}
+        self.finished: list[str] = []
+
+    def start(self, task: str, total: float | None = None) -> None:
+        self.totals[task] = total
+
+    def advance(self, task: str, amount: float = 1.0) -> None:
+        self.done[task] = self.done.get(task, 0) + amount
+
+    def finish(self, task: str) -> None:
+        self.finished.append(task)
 
 
 def artifact(path: Path, stage: str) -> Artifact:
@@ -81,10 +100,15 @@ def test_serve_stage_serves_load_tests_drains_and_reports(train_dir: Path, tmp_p
         out=out,
         inputs={"train": artifact(train_dir, "train")},
         metrics={},
+        progress=(bars := _Bars()),
     )
     run_serve_stage(ctx)
     m = ctx.metrics
     assert m["served_source"] == "train" and m["errors"] == 0
+    # One bar per load run, advanced per completed request, then finished (the CLI's bars).
+    assert bars.totals == {"serve: closed loop x4": 8, "serve: open loop 20 req/s": 8}
+    assert bars.done == {"serve: closed loop x4": 8, "serve: open loop 20 req/s": 8}
+    assert bars.finished == list(bars.totals)
     for run in ("closed", "open"):
         s = m[run]
         assert s["requests"] == 8 and s["ok"] == 8
