@@ -7,15 +7,19 @@ bounded; no assertion is about timing.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from serve_support import free_port, save_tiny_gpt2
+from serve_support import free_port, save_tiny_gpt2, wait_ready
 
 from modelkiln.deploy.ray_config import load_ray_config
 
@@ -162,3 +166,28 @@ def test_autoscaling_up_under_load_and_down_without_losing_requests(
     assert {rid for s, rid in up if s == 200} and len({rid for _, rid in up + down}) >= 2
     assert {s for s, _ in up + down} == {200}, [r for r in up + down if r[0] != 200]
     serve.delete("tiny")
+
+
+@pytest.mark.slow
+def test_cli_run_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """``kiln deploy ray --run`` in its own process (its own Ray): ready, answers, Ctrl-C exits 0.
+
+    Slow: a second Ray start (~10-35 s) on top of the module's; run with ``-m slow``.
+    """
+    model = save_tiny_gpt2(tmp_path / "tiny")
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "kiln"), "deploy", "ray", str(tmp_path / "out"),
+           "--model-path", str(model), "--replicas", "1", "--num-cpus", "0.5",
+           "--port", str(port), "--run"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", 240, proc)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=BODY, timeout=60)
+        assert r.status_code == 200 and r.headers[HEADER]
+        assert (tmp_path / "out" / "serve_config.yaml").is_file()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
