@@ -56,6 +56,8 @@ BF16_MAX_OUTPUT_ERROR = 5e-2
 TOLERANCE: dict[str, float] = {"fp32": 1e-5, "bf16": 5e-2, "fp16": 1e-2}
 CACHE_ENV = "MODELKILN_CACHE_DIR"
 BENCH_SHAPE = (256, 512, 512)  # (tokens, in, out) of the timed matmul; ~0.07 GFLOP
+BENCH_TOKENS = 256  # rows of the timed matmul: a batch of tokens
+SHAPE_LIMITS = (64, 4096)  # model dims are clipped here so one shape times in well under 1 s
 BENCH_BUDGET_S = 0.25  # time per dtype; three dtypes stay well under 2 s
 
 
@@ -177,7 +179,40 @@ def measured_throughput(shape: tuple[int, int, int] = BENCH_SHAPE) -> dict[str, 
     return dict(result, cached=False)
 
 
-def _figures() -> tuple[dict[str, Any], str]:
+def matmul_shape(hidden: int, ffn: int | None = None) -> tuple[int, int, int]:
+    """The timed matmul for a model ``hidden`` wide: its feed-forward up-projection.
+
+    ``(BENCH_TOKENS, hidden, ffn or 4*hidden)``, each dim clipped to :data:`SHAPE_LIMITS`
+    and rounded up to a multiple of 16 (torch's int8 matmul needs multiples of 8).
+    """
+    lo, hi = SHAPE_LIMITS
+
+    def fit(n: int) -> int:
+        return min(hi, max(lo, -(-n // 16) * 16))
+
+    return (BENCH_TOKENS, fit(hidden), fit(ffn or 4 * hidden))
+
+
+def model_matmul_shape(model_dir: str | Path) -> tuple[int, int, int] | None:
+    """:func:`matmul_shape` of the model whose ``config.json`` is in ``model_dir`` (None: unknown).
+
+    Reads the JSON only (no transformers import): ``hidden_size`` / ``n_embd`` / ``d_model``
+    and ``intermediate_size`` / ``n_inner`` / ``ffn_dim``.
+    """
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    hidden = next((config[k] for k in ("hidden_size", "n_embd", "d_model") if config.get(k)), None)
+    ffn = next(
+        (config[k] for k in ("intermediate_size", "n_inner", "ffn_dim") if config.get(k)), None
+    )
+    if not isinstance(hidden, int):
+        return None
+    return matmul_shape(hidden, ffn if isinstance(ffn, int) else None)
+
+
+def _figures(shape: tuple[int, int, int] | None = None) -> tuple[dict[str, Any], str]:
     """Throughput figures and where they come from (measured here, or assumed from a class)."""
     forced = cpu_class_override()
     if forced is not None:
@@ -185,7 +220,7 @@ def _figures() -> tuple[dict[str, Any], str]:
         figures: dict[str, Any] = {"fp32": p.fp32, "bf16": p.bf16, "int8": p.int8}
         figures["bf16_rel_error"] = 2e-3  # a correct bf16 kernel's error at these sizes
         return figures, f"assumed from class {forced} ({p.label}; {CPU_CLASS_ENV} is set)"
-    figures = measured_throughput()
+    figures = measured_throughput(shape or BENCH_SHAPE)
     where = "cached measurement" if figures.get("cached") else "measured"
     shape = "x".join(str(n) for n in figures["shape"])
     return figures, f"{where}, {shape} matmul"
@@ -209,8 +244,16 @@ def _speed_decision(name: str, fast: str, figures: dict[str, Any], origin: str) 
     return Decision(name, fast, f"{speeds} >= {MIN_SPEEDUP}x ({origin})", source, ratio)
 
 
-def precision_decision(precision: Precision = "auto", device: str | None = None) -> Decision:
+def precision_decision(
+    precision: Precision = "auto",
+    device: str | None = None,
+    shape: tuple[int, int, int] | None = None,
+) -> Decision:
     """The concrete precision for ``precision`` on ``device``, with the reason.
+
+    ``shape`` is the matmul the model will run (:func:`matmul_shape`,
+    :func:`model_matmul_shape`); ``auto`` times fp32 and bf16 at that shape (once per
+    machine and shape, cached). None: the generic :data:`BENCH_SHAPE`.
 
     Raises:
         ConfigError: fp16 asked for on a CPU (no fp16 fast path, and no loss scaling there).
@@ -228,7 +271,7 @@ def precision_decision(precision: Precision = "auto", device: str | None = None)
 
         value = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return Decision("precision", value, f"CUDA GPU, bf16 supported: {value == 'bf16'}", "cuda")
-    return _speed_decision("precision", "bf16", *_figures())
+    return _speed_decision("precision", "bf16", *_figures(shape))
 
 
 def confirm_bf16_output(decision: Decision, model: Any, inputs: dict[str, Any]) -> Decision:

@@ -91,6 +91,28 @@ def test_this_machine_is_measured_once_and_cached(
     hardware.clear_caches()
 
 
+def test_the_model_s_own_matmul_is_timed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(hardware.CPU_CLASS_ENV, raising=False)
+    monkeypatch.setenv(hardware.CACHE_ENV, str(tmp_path / "cache"))
+    hardware.clear_caches()
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"n_embd": 72, "n_inner": None}))
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(
+        json.dumps({"hidden_size": 384, "intermediate_size": 1536})
+    )
+    # GPT-2's n_inner None means 4x; dims round up to 16 and clip to SHAPE_LIMITS.
+    assert hardware.model_matmul_shape(tmp_path / "gpt2") == (256, 80, 288)
+    assert hardware.model_matmul_shape(tmp_path / "bert") == (256, 384, 1536)
+    assert hardware.model_matmul_shape(tmp_path / "missing") is None
+    assert hardware.matmul_shape(8192, 16) == (256, 4096, 64)
+    decision = hardware.precision_decision("auto", "cpu", (256, 384, 1536))
+    assert "256x384x1536" in decision.reason
+    stored = json.loads((tmp_path / "cache" / "hardware.json").read_text())
+    assert [entry["shape"] for entry in stored.values()] == [[256, 384, 1536]]
+    hardware.clear_caches()
+
+
 def test_cache_dir_follows_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(hardware.CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -26,6 +26,7 @@ from modelkiln.errors import DependencyMissingError, ServingError
 from modelkiln.hardware import (
     Precision,
     confirm_bf16_output,
+    model_matmul_shape,
     precision_decision,
     torch_dtype,
 )
@@ -235,7 +236,7 @@ class TorchEncoderBackend:
 
         path = Path(model_dir)
         device = device or device_name()
-        decision = precision_decision(precision, device)
+        decision = precision_decision(precision, device, model_matmul_shape(path))
         # auto: load fp32 so a bf16 choice can be checked against it on this model.
         dtype = torch_dtype("fp32" if precision == "auto" else decision.value)
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkiln.artifacts import hash_json, sha256_file
-from modelkiln.hardware import precision_decision
+from modelkiln.hardware import matmul_shape, model_matmul_shape, precision_decision
 from modelkiln.progress import QUIET, Progress
 from modelkiln.train import data as tdata
 from modelkiln.train import distributed as tdist
@@ -37,6 +37,7 @@ from modelkiln.train.engine import (
     run_loop,
 )
 from modelkiln.train.models import (
+    PRESETS,
     build_scratch_model,
     check_sequence_length,
     check_vocabulary,
@@ -116,6 +117,14 @@ class _Env:
     precision_reason: str = ""
 
 
+def _matmul_shape(cfg: TrainConfig) -> tuple[int, int, int] | None:
+    """The feed-forward matmul of the model this run trains (None: not known before loading)."""
+    if cfg.model.source == "scratch":
+        _, width, _, ffn = PRESETS[(cfg.model.architecture, cfg.model.size)]
+        return matmul_shape(width, ffn)
+    return model_matmul_shape(cfg.model.source)
+
+
 def fit(
     cfg: TrainConfig,
     *,
@@ -144,7 +153,7 @@ def fit(
         callbacks: extra Trainer callbacks for every phase.
     """
     tok, tok_dir = resolve_tokenizer(cfg.model, tokenizer)
-    decision = precision_decision(cfg.precision)
+    decision = precision_decision(cfg.precision, shape=_matmul_shape(cfg))
     progress.message(f"train: precision {decision.value} ({decision.reason})")
     env = _Env(
         cfg, tok, tok_dir, ckpt_root, final_dir, decision.value, seed,  # type: ignore[arg-type]

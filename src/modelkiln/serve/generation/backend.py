@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkiln.errors import ServingError
-from modelkiln.hardware import Precision, precision_decision, torch_dtype
+from modelkiln.hardware import Precision, model_matmul_shape, precision_decision, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +117,7 @@ class TorchCausalLMBackend:
         from modelkiln.hardware import device_name
 
         device = device or device_name()
-        decision = precision_decision(precision, device)
+        decision = precision_decision(precision, device, model_matmul_shape(model_dir))
         log.info(
             "causal LM %s runs in %s: %s", Path(model_dir).name, decision.value, decision.reason
         )
