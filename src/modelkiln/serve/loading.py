@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modelkiln.errors import ServingError
+from modelkiln.serve.advice import log_faster_engine_hint
 from modelkiln.serve.config import ModelSpec, ServeConfig, has_torch_weights
 from modelkiln.serve.embeddings import BatchPolicy, BatchStats, EmbeddingEngine
 
@@ -107,6 +108,7 @@ def load_engine(
             hint="the generation engine's KV cache changes shape every step, which makes "
             "torch.compile recompile; set compile only on encoder models",
         )
+    log_faster_engine_hint(spec, kind, backend_name)
     try:
         from modelkiln.serve.generation.engine import ContinuousBatchingEngine
     except ImportError as exc:  # the engine lives in its own package; guard partial installs
