@@ -19,13 +19,14 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND := Agg
 
-.PHONY: help install demo test test-all bench lint format clean
+.PHONY: help install demo test test-all bench lint audit format clean
 
 help:
 	@echo "make demo    set up .venv and run the quickstart end to end"
 	@echo "make test    set up .venv and run the test suite"
 	@echo "make bench   run the benchmarks and update docs/BENCHMARKS.md"
-	@echo "make lint    ruff + mypy"
+	@echo "make lint    ruff + mypy + make audit"
+	@echo "make audit   bandit + pip-audit (CI runs it)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,10 +56,14 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
-lint: $(STAMP)
+lint: $(STAMP) audit
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
+
+# Security checks CI runs too: bandit (no high-severity finding) and pip-audit
+# (skipped with a message when the vulnerability service is unreachable).
+audit: $(STAMP)
 	$(BIN)/bandit -q -r src -lll
 	$(BIN)/python scripts/pip_audit_or_skip.py
 
