@@ -150,6 +150,14 @@ def ray_cmd(
     ] = None,
     upscale_delay_s: Annotated[float | None, typer.Option(help="Autoscaling: s (30).")] = None,
     downscale_delay_s: Annotated[float | None, typer.Option(help="Autoscaling: s (600).")] = None,
+    predictive: Annotated[
+        bool,
+        typer.Option(
+            "--predictive",
+            help="Autoscale with modelkiln's forecast policy (Holt-Winters + M/M/c) instead of "
+            "Serve's reactive one; tune it with --set autoscaling.predictive.p95_target_s=...",
+        ),
+    ] = False,
     num_cpus: Annotated[float | None, typer.Option(help="CPUs per replica (1).")] = None,
     memory: Annotated[int | None, typer.Option(help="Memory per replica, bytes.")] = None,
     port: Annotated[int | None, typer.Option(help="Serve HTTP port (8000).")] = None,
@@ -178,6 +186,7 @@ def ray_cmd(
         models = [{"path": p} for p in model_path] if model_path else None
         sets = [*(set_ or []), *(f"ray_actor_options.{k}={v}" for k, v in actor.items())]
         sets += [f"autoscaling.{k}={v}" for k, v in auto.items()]
+        sets = (["autoscaling.predictive={}"] if predictive else []) + sets
         cfg = load_ray_config(config, sets, models=models, num_replicas=replicas, port=port)
         _report(write_ray(cfg, out), out)
         if run:

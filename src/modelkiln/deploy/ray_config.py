@@ -31,6 +31,18 @@ DEPLOYMENT_NAME = "kiln"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".pt", ".pth", ".data", ".gguf")
 
 
+class Predictive(KilnModel):
+    """The predictive policy (:mod:`modelkiln.deploy.ray_policy`) instead of Serve's default."""
+
+    service_time_s: float = Field(0.2, gt=0, description="Mean time one request takes, s.")
+    slots_per_replica: int = Field(8, ge=1, description="Requests one replica serves at once.")
+    p95_target_s: float = Field(1.0, gt=0, description="p95 latency to stay under, s.")
+    buffer: float = Field(1.2, ge=1, description="Head-room on the forecast rate.")
+    sample_s: float = Field(60.0, gt=0, description="One history sample per this many s.")
+    season: int = Field(1440, ge=2, description="Samples per season (1440 x 60 s = a day).")
+    horizon: int = Field(30, ge=1, description="Samples ahead the forecast peak is taken over.")
+
+
 class Autoscaling(KilnModel):
     """Ray Serve ``autoscaling_config`` (reactive: ongoing requests per replica)."""
 
@@ -49,6 +61,9 @@ class Autoscaling(KilnModel):
     )
     metrics_interval_s: float | None = Field(
         None, gt=0, description="How often replicas report load (Ray's default 10 s)."
+    )
+    predictive: Predictive | None = Field(
+        None, description="Forecast-driven policy (Holt-Winters + M/M/c); None: Serve's own."
     )
 
 
@@ -134,6 +149,13 @@ def _check(cfg: RayDeployConfig) -> None:
             f"[{auto.min_replicas}, {auto.max_replicas}]",
             hint="set min_replicas <= initial_replicas <= max_replicas",
         )
+    pred = auto.predictive if auto is not None else None
+    if pred is not None and pred.p95_target_s <= pred.service_time_s:
+        raise ConfigError(
+            f"ray config: autoscaling.predictive.p95_target_s={pred.p95_target_s} must exceed "
+            f"service_time_s={pred.service_time_s}",
+            hint="raise the latency target or lower the service time",
+        )
     memory = cfg.ray_actor_options.memory
     for model in cfg.models:
         if not model.path.is_dir():
@@ -179,7 +201,13 @@ def deployment_options(cfg: RayDeployConfig) -> dict[str, Any]:
     """The ``deployments[]`` entry (also what the builder passes to ``.options``)."""
     opts: dict[str, Any] = {"name": DEPLOYMENT_NAME}
     if cfg.autoscaling is not None:
-        opts["autoscaling_config"] = cfg.autoscaling.model_dump(exclude_none=True)
+        auto = cfg.autoscaling.model_dump(exclude_none=True, exclude={"predictive"})
+        if cfg.autoscaling.predictive is not None:
+            from modelkiln.deploy.ray_policy import POLICY_PATH
+
+            kwargs = cfg.autoscaling.predictive.model_dump()
+            auto["policy"] = {"policy_function": POLICY_PATH, "policy_kwargs": kwargs}
+        opts["autoscaling_config"] = auto
     else:
         opts["num_replicas"] = cfg.num_replicas or 1
     opts["max_ongoing_requests"] = cfg.max_ongoing_requests

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import yaml
@@ -14,6 +16,7 @@ from typer.testing import CliRunner
 
 from modelkiln.deploy import ray_config, ray_run
 from modelkiln.deploy.ray_config import load_ray_config, serve_run_config, write_ray
+from modelkiln.deploy.ray_policy import PredictivePolicy
 from modelkiln.errors import ConfigError, DependencyMissingError
 
 
@@ -105,3 +108,53 @@ def test_cli_bad_inputs_exit_with_one_clear_error(model_dir: Path, tmp_path: Pat
 
 def test_no_ray_import_at_config_time() -> None:
     assert "ray" not in ray_config.__dict__ and "ray" not in ray_run.__dict__
+
+
+def test_predictive_policy_config_validates_against_rays_schema(model_dir: Path) -> None:
+    schema = pytest.importorskip("ray.serve.schema")
+    cfg = load_ray_config(
+        models=[{"path": model_dir}],
+        autoscaling={"max_replicas": 4, "predictive": {"service_time_s": 0.1}},
+    )
+    doc = serve_run_config(cfg)
+    auto = doc["applications"][0]["deployments"][0]["autoscaling_config"]
+    assert auto["policy"]["policy_function"] == "modelkiln.deploy.ray_policy:PredictivePolicy"
+    parsed = schema.ServeDeploySchema.model_validate(doc)
+    policy = parsed.applications[0].deployments[0].autoscaling_config["policy"]
+    assert policy["policy_kwargs"]["service_time_s"] == 0.1
+    with pytest.raises(ConfigError, match="predictive.p95_target_s=0.1 must exceed"):
+        load_ray_config(models=[{"path": model_dir}],
+                        autoscaling={"predictive": {"p95_target_s": 0.1}})  # fmt: skip
+
+
+def _ctx(ongoing: float, now: float, state: dict[str, Any], high: int = 10) -> Any:
+    return SimpleNamespace(
+        total_num_requests=ongoing, current_time=now, policy_state=state,
+        capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=high,
+    )  # fmt: skip
+
+
+def test_predictive_policy_sizes_for_the_rate_now_and_clamps() -> None:
+    policy = PredictivePolicy(service_time_s=0.5, slots_per_replica=2, p95_target_s=2.0,
+                              sample_s=1.0, season=4, horizon=2)  # fmt: skip
+    idle, state = policy(_ctx(0, 0.0, {}))
+    assert idle == 1  # the deployment's minimum
+    busy, state = policy(_ctx(20, 0.5, state))  # 20 ongoing / 0.5 s = 40 req/s
+    assert busy == 10  # 40 req/s needs > 10 replicas of 2 slots: clamped to max
+    assert policy(_ctx(4, 0.6, state, high=100))[0] > 1
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # statsmodels: a perfect fit's log(0)
+def test_predictive_policy_scales_ahead_of_a_seasonal_peak() -> None:
+    policy = PredictivePolicy(service_time_s=0.5, slots_per_replica=2, p95_target_s=2.0,
+                              sample_s=1.0, season=4, horizon=4)  # fmt: skip
+    state: dict[str, Any] = {}
+    pattern = [1, 1, 1, 12]  # ongoing requests per sample: a peak every 4th sample
+    now = 0.0
+    for _ in range(4):  # 4 seasons of history, one tick closing each sample
+        for ongoing in pattern:
+            _, state = policy(_ctx(ongoing, now, state, high=100))
+            now += 1.0
+    ahead, state = policy(_ctx(1, now, state, high=100))  # quiet now, the peak is next
+    reactive = policy.model.replicas(1 / 0.5)
+    assert state["kiln_forecast_rate"] > 2 and ahead > reactive
