@@ -174,5 +174,14 @@ for _spec in (
         ),
         config="modelkiln.serve.stage:ServeStageConfig",
     ),
+    StageSpec(
+        "monitor",
+        "modelkiln.pipeline_monitor:run_monitor_stage",
+        requires=("data", "train"),
+        optional=("optimize",),
+        description="profile the served model, replay held-out then prose traffic: drift + alert",
+        key_metrics=("held_out.drift_detected", "prose.drift_detected", "alerts_received"),
+        config="modelkiln.monitor.stage:MonitorStageConfig",
+    ),
 ):
     register_stage(_spec)

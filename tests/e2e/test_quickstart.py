@@ -44,6 +44,10 @@ _SMALL = {
     "serve.requests": "4",
     "serve.concurrency": "2",
     "serve.max_tokens": "4",
+    "monitor.profile_samples": "80",
+    "monitor.requests": "50",
+    "monitor.window": "40",
+    "monitor.chunk_lines": "4",
 }
 TINY = [arg for key, value in _SMALL.items() for arg in ("--set", f"{key}={value}")]
 
@@ -58,14 +62,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_quickstart_builds_every_stage(runs: Path) -> None:
     run = runs / "quickstart"
-    for stage in ("data", "tokenizer", "train", "optimize", "serve"):
+    for stage in ("data", "tokenizer", "train", "optimize", "serve", "monitor"):
         manifest = json.loads((run / stage / "manifest.json").read_text())
         assert manifest["stage"] == stage
         assert manifest["outputs"], "outputs are recorded with their sha256"
     report = (run / "report.md").read_text()
     assert "| train | ran |" in report and "| optimize | ran |" in report
-    assert "| serve | ran |" in report
-    for section in ("## Data", "## Tokenizer", "## Train", "## Optimize", "## Serv"):
+    assert "| serve | ran |" in report and "| monitor | ran |" in report
+    for section in ("## Data", "## Tokenizer", "## Train", "## Optimize", "## Serv", "## Monitor"):
         assert section in report
 
 
@@ -73,6 +77,21 @@ def test_serve_stage_served_the_model_and_stopped_cleanly(runs: Path) -> None:
     serve = load_artifact(runs / "quickstart" / "serve")
     assert serve.metrics["errors"] == 0
     assert serve.metrics["closed"]["output_tokens_per_s"] > 0
+
+
+def test_monitor_stage_sees_no_drift_then_drift_and_delivers_an_alert(runs: Path) -> None:
+    mon = load_artifact(runs / "quickstart" / "monitor")
+    assert mon.metrics["held_out"]["errors"] == 0 and mon.metrics["prose"]["errors"] == 0
+    assert mon.metrics["held_out"]["drift_detected"] is False, mon.metrics["held_out"]
+    assert mon.metrics["prose"]["drift_detected"] is True
+    assert mon.metrics["prose"]["drifted_features"], "the drifted features are named"
+    assert mon.metrics["alerts_received"] >= 1, "the webhook receiver got the drift alert"
+    body = json.loads((mon.path / "monitor.json").read_text())["alerts_received"][0]
+    assert body["status"] == "firing" and body["model"] == "model"
+    for phase in ("held_out", "prose"):
+        assert (mon.path / phase / "report.png").stat().st_size > 0
+    report = (runs / "quickstart" / "report.md").read_text()
+    assert "## Monitor" in report and "(monitor/prose/report.png)" in report
 
 
 def test_optimize_stage_compares_variants_of_the_fine_tuned_model(runs: Path) -> None:
