@@ -71,8 +71,10 @@ def run_monitor_stage(ctx: StageContext) -> None:
     folder, note = _profile(choice, ref_texts, cfg, ctx.out / "profile", seed)
     profile = load_profile(folder)
     tok = load_tokenizer(choice.path)
-    cut = [_cut(tok, t, cfg.max_prompt_tokens) for t in replay]
-    traffic = {"held_out": cut, "prose": prose_texts(cfg.requests, seed)}
+    traffic = {  # both phases cut as the profile was: the drift is in the content, not the cut
+        name: [_cut(tok, t, cfg.max_prompt_tokens) for t in texts]
+        for name, texts in (("held_out", replay), ("prose", prose_texts(cfg.requests, seed)))
+    }
     summary = _serve_and_replay(ctx, choice, profile, traffic)
     summary.update(served_path=str(choice.path), profile_rows=len(ref_texts),
                    window=cfg.window, check_every_requests=cfg.check_every_requests,
