@@ -16,7 +16,8 @@ Stage layout (``out``)::
     monitor.json       both phases' final states and the alerts the receiver got
 
 Example:
-    >>> chunks = text_chunks(["a\\nb\\n\\nc\\n"], lines=2)
+    >>> text_chunks(["a\\nb\\nc\\n"], lines=2)
+    ['a\\nb\\n', 'c\\n']
     >>> prose_texts(2, seed=0)[0][:1].isupper()
     True
 """
