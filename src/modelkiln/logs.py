@@ -45,9 +45,14 @@ _state: dict[str, bool] = {"verbose": False}
 _said: set[str] = set()
 
 
-def set_verbose(verbose: bool) -> None:
-    """Show captured third-party output in the terminal too (``--debug`` / ``-v``)."""
+def set_verbose(verbose: bool) -> bool:
+    """Show captured third-party output in the terminal too (``--debug`` / ``-v``).
+
+    Returns the previous setting (to restore it).
+    """
+    previous = _state["verbose"]
     _state["verbose"] = verbose
+    return previous
 
 
 class _Router(io.TextIOBase):

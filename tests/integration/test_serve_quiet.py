@@ -60,7 +60,7 @@ def test_third_party_output_goes_to_the_log_file(noisy_model: Path, tmp_path: Pa
     for marker in THIRD_PARTY:
         assert marker not in out, f"{marker!r} leaked to the terminal:\n{out}"
     text = log_file.read_text()
-    assert PROBE in text and "UNEXPECTED" in text
+    assert PROBE in text and "UNEXPECTED" in text and "--- modelkiln.serve pid" in text
     # The server's own records stay on the terminal only.
     assert not re.search(r" (INFO|WARNING|ERROR) (modelkiln|uvicorn)\b", text), text
 
@@ -70,3 +70,15 @@ def test_debug_also_shows_it_on_the_terminal(noisy_model: Path, tmp_path: Path) 
     out = _serve_once(noisy_model, log_file, "--debug")
     assert PROBE in out
     assert PROBE in log_file.read_text()
+
+
+def test_an_unwritable_log_file_is_one_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from modelkiln.serve.__main__ import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["--model-path", "m", "--log-file", str(blocker / "serve.log")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write the log file") and "--log-file PATH" in err

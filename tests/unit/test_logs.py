@@ -5,11 +5,20 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from modelkiln import logs
+
+
+@pytest.fixture(autouse=True)
+def quiet() -> Iterator[None]:
+    """Start quiet whatever an earlier test (``kiln --debug ...``) left set."""
+    previous = logs.set_verbose(False)
+    yield
+    logs.set_verbose(previous)
 
 
 def test_warnings_log_lines_and_bars_go_to_the_file(

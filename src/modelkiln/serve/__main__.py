@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,11 +185,21 @@ def _third_party_output(args: argparse.Namespace, *, verbose: bool) -> Iterator[
     from modelkiln.logs import capture_output, set_verbose, terminal_logging
 
     path: Path = args.log_file or default_log_file()
-    set_verbose(verbose)
+    try:  # one header per start: the file is appended to by every server run
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as log:
+            log.write(f"--- modelkiln.serve pid {os.getpid()} started {time.ctime()} ---\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the log file {path}: {exc}",
+                          hint="pass --log-file PATH in a writable folder") from exc  # fmt: skip
     print(f"third-party output: {path}", flush=True)  # stdout: stderr is for errors
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    with terminal_logging(args.log_level, fmt), capture_output(path):
-        yield
+    previous = set_verbose(verbose)
+    try:
+        with terminal_logging(args.log_level, fmt), capture_output(path):
+            yield
+    finally:
+        set_verbose(previous)
 
 
 def _hooks(extensions: Sequence[ServeExtension], args: argparse.Namespace, cfg: ServeConfig) -> Any:
