@@ -140,6 +140,9 @@ class AdmissionController:
         self.service = ServiceRate()
         self._clock = clock
         self._mark = clock()  # time of the last admit / release (busy time counts from it)
+        self.typical_tokens = (
+            0.0  # EWMA of admitted requests' tokens: the size :meth:`over` assumes
+        )
 
     def estimated_wait(self, tokens: int = 0) -> float:
         """Seconds the queue (plus ``tokens``) needs to drain at the measured rate (0: unknown)."""
@@ -160,8 +163,9 @@ class AdmissionController:
                 self._retry_after(self.tokens - self.max_tokens + 1),
                 f"{self.tokens} tokens are queued (max_queued_tokens={self.max_tokens})",
             )
-        if self.requests and self._too_long(0):
-            return self._full_by_wait(0)
+        typical = round(self.typical_tokens)  # the size is unknown before parsing: assume usual
+        if self.requests and self._too_long(typical):
+            return self._full_by_wait(typical)
         return None
 
     def admit(self, tokens: int) -> Ticket:
@@ -178,6 +182,9 @@ class AdmissionController:
         if self.requests and self._too_long(tokens):
             raise self._full_by_wait(tokens)
         self.service.add(self._tick(), 0)
+        self.typical_tokens += (
+            0.1 * (tokens - self.typical_tokens) if self.typical_tokens else tokens
+        )
         self.requests += 1
         self.tokens += tokens
         return Ticket(self, tokens)

@@ -152,11 +152,12 @@ class ServeConfig(KilnModel):
         "most of their deadline.",
     )
     reject_hold_s: float = Field(
-        0.5,
+        5.0,
         ge=0,
         description="Seconds an early 429 (queue already over, refused before parsing) is held "
-        "before it is sent, never past its Retry-After: clients that resend at once cannot "
-        "turn refusals into a flood that starves the model (0: answer at once).",
+        "before it is sent, at most max_queue_wait_s (a timer, no CPU; Retry-After is shortened "
+        "by as much): clients that resend at once cannot turn refusals into a flood that "
+        "starves the model (0: answer at once).",
     )
     keep_alive_s: float = Field(
         75.0,
@@ -209,6 +210,11 @@ class ServeConfig(KilnModel):
         if self.max_queue_wait_s is not None:
             return self.max_queue_wait_s
         return min(5.0, self.request_timeout_s / 4)
+
+    @property
+    def queue_hold_s(self) -> float:
+        """How long a 429 is held before it is sent: ``reject_hold_s``, at most the wait bound."""
+        return min(self.reject_hold_s, self.queue_wait_s)
 
     def resolved_admin_keys(self) -> list[str]:
         """``admin_keys`` plus the comma-separated keys of ``$MODELKILN_ADMIN_KEYS``."""

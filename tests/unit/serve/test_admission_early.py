@@ -16,7 +16,7 @@ def test_a_full_queue_refuses_before_parsing_and_keeps_the_connection() -> None:
     engine = FakeEngine(delay=0.05)
 
     async def go() -> tuple[httpx.Response, httpx.Response, httpx.Response, str]:
-        app = create_app(config(max_queued_requests=1), engines={"lm": engine})
+        app = create_app(config(max_queued_requests=1, reject_hold_s=0.2), engines={"lm": engine})
         async with client(app) as c:
             busy = asyncio.create_task(c.post("/v1/completions", json=COMPLETION))
             while not engine.requests:

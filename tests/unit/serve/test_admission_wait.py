@@ -72,16 +72,16 @@ def test_refuses_past_the_estimated_wait_with_retry_after_from_the_drain_rate() 
     clock = FakeClock()
     g = gate(clock)
     serve_at(g, clock, rate=1000.0)
-    held = [g.admit(100) for _ in range(19)]  # 1900 tokens: 1.9 s at 1000 tokens/s
-    assert g.estimated_wait() == pytest.approx(1.9)
+    held = [g.admit(100) for _ in range(18)]  # 1800 tokens: 1.8 s at 1000 tokens/s
+    assert g.estimated_wait() == pytest.approx(1.8)
     with pytest.raises(Overloaded) as info:
-        g.admit(600)  # 2.5 s > 2.0 s
+        g.admit(600)  # 2.4 s > 2.0 s
     assert info.value.reason == "queue_wait"
-    assert info.value.retry_after == 1  # 500 excess tokens at 1000 tokens/s
+    assert info.value.retry_after == 1  # 400 excess tokens at 1000 tokens/s
     assert "max_queue_wait_s=2" in info.value.message
-    assert g.over() is None  # a request of unknown size may still fit
+    assert g.over() is None  # a request of the usual size (100 tokens) still fits
     g.max_wait_s = 5.0
-    held.append(g.admit(1000))  # 2.9 s queued now
+    held.append(g.admit(1000))  # 2.8 s queued now
     g.max_wait_s = 2.0
     refusal = g.over()  # what the HTTP layer asks before parsing a body
     assert refusal is not None and refusal.reason == "queue_wait"
