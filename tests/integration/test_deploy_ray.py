@@ -191,3 +191,29 @@ def test_cli_run_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_predictive_policy_drives_the_replicas(cluster: dict[str, Any]) -> None:
+    """``--predictive``: Serve calls modelkiln's policy, which scales up under load, then down.
+
+    Slow: one more application on the module's Ray (~1 min on a loaded 2-core machine).
+    """
+    predictive = {"service_time_s": 0.5, "slots_per_replica": 1, "p95_target_s": 2.0,
+                  "sample_s": 1.0, "season": 4, "horizon": 2}  # fmt: skip
+    url = _deploy(cluster, autoscaling={"min_replicas": 1, "max_replicas": 2,
+                                        "metrics_interval_s": 0.5, "look_back_period_s": 2,
+                                        # Serve applies the delays to custom policies too
+                                        "upscale_delay_s": 1, "downscale_delay_s": 2,
+                                        "predictive": predictive})  # fmt: skip
+    _wait(lambda: _running("tiny") == 1, 120, "1 running replica")
+    # 4 ongoing requests: Serve's own policy (target 10 per replica) would stay at 1
+    # replica; the predictive one sizes 4 / 0.5 s = 8 req/s on 1-slot replicas: 2 (the max).
+    heavy = _Load(url, workers=4)
+    try:
+        _wait(lambda: _running("tiny") == 2, 180, "the policy's scale-up to 2 replicas")
+    finally:
+        up = heavy.finish()
+    _wait(lambda: _running("tiny") == 1, 180, "the policy's scale-down to 1 replica")
+    assert {s for s, _ in up} == {200}, [r for r in up if r[0] != 200]
+    serve.delete("tiny")
