@@ -139,7 +139,10 @@ def ray_cmd(
         list[Path] | None,
         typer.Option("--model-path", help="Model directory; repeat for one application each."),
     ] = None,
-    config: DeployConfigOpt = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Ray deploy config YAML (RayDeployConfig; flags win)."),
+    ] = None,
     set_: SetOpt = None,
     replicas: Annotated[int | None, typer.Option("--replicas", help="Fixed replicas.")] = None,
     min_replicas: Annotated[int | None, typer.Option(help="Autoscaling: fewest (1).")] = None,

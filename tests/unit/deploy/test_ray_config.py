@@ -158,3 +158,13 @@ def test_predictive_policy_scales_ahead_of_a_seasonal_peak() -> None:
     ahead, state = policy(_ctx(1, now, state, high=100))  # quiet now, the peak is next
     reactive = policy.model.replicas(1 / 0.5)
     assert state["kiln_forecast_rate"] > 2 and ahead > reactive
+
+
+def test_cli_reads_a_config_file_and_flags_win(model_dir: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "ray.yaml"
+    cfg.write_text(f"models: [{{path: {model_dir}}}]\nnum_replicas: 3\nport: 9001\n")
+    code, output = _cli([str(tmp_path / "out"), "--config", str(cfg), "--port", "9002"])
+    assert code == 0, output
+    doc = yaml.safe_load((tmp_path / "out" / "serve_config.yaml").read_text())
+    assert doc["http_options"]["port"] == 9002
+    assert doc["applications"][0]["deployments"][0]["num_replicas"] == 3
