@@ -7,6 +7,7 @@ bounded; no assertion is about timing.
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -35,11 +36,13 @@ BODY = {"model": "tiny", "prompt": "def f(", "max_tokens": 16}
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A local Ray + Serve on loopback and a tiny GPT-2 directory; shut down after."""
     model = save_tiny_gpt2(tmp_path_factory.mktemp("ray") / "tiny")
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port, metrics = free_port(), free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics)  # fmt: skip
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield {"model": model, "port": port, "url": f"http://127.0.0.1:{port}"}
+        yield {"model": model, "port": port, "url": f"http://127.0.0.1:{port}",
+               "metrics": f"http://127.0.0.1:{metrics}/metrics"}  # fmt: skip
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -119,6 +122,11 @@ def test_two_replicas_both_answer_with_their_own_metrics(cluster: dict[str, Any]
     assert len(seen) == 2
     assert metrics.headers[HEADER] in seen  # one replica's own registry, and it says which
     assert 'ml_requests_total{model_name="tiny",status="200"' in metrics.text
+    # The aggregate: Ray's Prometheus endpoint carries Serve's counters of every replica.
+    counters = re.compile(r'^ray_serve_deployment_request_counter_total\{.*application="tiny".*'
+                          r'replica="([^"]+)".*\} ', re.M)  # fmt: skip
+    _wait(lambda: set(counters.findall(httpx.get(cluster["metrics"], timeout=10).text)) >= seen,
+          120, "Serve's request counters of both replicas on Ray's metrics port")  # fmt: skip
 
 
 def test_killed_replica_is_replaced_and_requests_end_cleanly(cluster: dict[str, Any]) -> None:

@@ -164,6 +164,10 @@ def ray_cmd(
     num_cpus: Annotated[float | None, typer.Option(help="CPUs per replica (1).")] = None,
     memory: Annotated[int | None, typer.Option(help="Memory per replica, bytes.")] = None,
     port: Annotated[int | None, typer.Option(help="Serve HTTP port (8000).")] = None,
+    metrics_export_port: Annotated[
+        int | None,
+        typer.Option(help="With --run: port of Ray's Prometheus endpoint (ray_serve_* metrics)."),
+    ] = None,
     run: Annotated[bool, typer.Option("--run", help="Start it now (Ctrl-C stops).")] = False,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster to join with --run (default: a local one).")
@@ -190,7 +194,14 @@ def ray_cmd(
         sets = [*(set_ or []), *(f"ray_actor_options.{k}={v}" for k, v in actor.items())]
         sets += [f"autoscaling.{k}={v}" for k, v in auto.items()]
         sets = (["autoscaling.predictive={}"] if predictive else []) + sets
-        cfg = load_ray_config(config, sets, models=models, num_replicas=replicas, port=port)
+        cfg = load_ray_config(
+            config,
+            sets,
+            models=models,
+            num_replicas=replicas,
+            port=port,
+            metrics_export_port=metrics_export_port,
+        )
         _report(write_ray(cfg, out), out)
         if run:
             start(cfg, address=address)

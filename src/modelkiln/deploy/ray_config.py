@@ -113,6 +113,13 @@ class RayDeployConfig(KilnModel):
     )
     host: str = Field("127.0.0.1", description="Interface of Serve's HTTP proxy.")
     port: int = Field(8000, ge=0, le=65535, description="Port of Serve's HTTP proxy.")
+    metrics_export_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of Ray's Prometheus endpoint (ray_serve_* of every replica) when "
+        "--run starts a local Ray; None: Ray picks one.",
+    )
     serve: dict[str, Any] = Field(
         default_factory=dict,
         description="ServeConfig fields for every replica (e.g. {cache: {enabled: false}}).",

@@ -39,7 +39,10 @@ def start(cfg: RayDeployConfig, *, address: str | None = None, num_cpus: int | N
     from modelkiln.deploy.ray_app import build_app
 
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
+        extra: dict[str, Any] = {}
+        if address is None and cfg.metrics_export_port is not None:
+            extra["_metrics_export_port"] = cfg.metrics_export_port  # ray start's flag
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, **extra)
     doc = serve_run_config(cfg)
     serve.start(http_options=doc["http_options"])
     for app in doc["applications"]:
