@@ -21,6 +21,7 @@ from modelkiln.bench.results import LoadReport
 from modelkiln.bench.slo import parse_slo
 from modelkiln.configbase import KilnModel
 from modelkiln.errors import ConfigError
+from modelkiln.progress import QUIET, Progress
 
 DEFAULT_PROMPTS = (
     "def fibonacci(n):\n",
@@ -77,8 +78,11 @@ def _check_mode(cfg: ServeBenchConfig) -> str:
     return chosen[0]
 
 
-def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
+def run_serve_bench(cfg: ServeBenchConfig, progress: Progress = QUIET) -> dict[str, Any]:
     """Run the benchmark ``cfg`` describes and return its JSON-ready result.
+
+    ``progress`` gets one bar per load run (a sweep or search step is one run),
+    advanced as each request completes.
 
     Raises:
         ConfigError: the options do not describe one run, or a bad SLO / trace.
@@ -95,9 +99,17 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
         "duration_s": cfg.duration_s, "max_concurrency": cfg.max_concurrency,
     }  # fmt: skip
 
+    def load(task: str, **options: Any) -> LoadReport:
+        progress.start(task, cfg.requests or (len(trace) if trace else None))
+        try:
+            return run_load(cfg.url, cfg.prompts, on_result=lambda _r: progress.advance(task),
+                            **options, **common)  # fmt: skip
+        finally:
+            progress.finish(task)
+
     def at_rate(rate: float) -> LoadReport:
-        return run_load(cfg.url, cfg.prompts, rate=rate, arrival=cfg.arrival,
-                        burstiness=cfg.burstiness, **common)  # fmt: skip
+        return load(f"bench: {rate:g} req/s", rate=rate, arrival=cfg.arrival,
+                    burstiness=cfg.burstiness)  # fmt: skip
 
     per_request = spec.per_request() if spec else None
     out: dict[str, Any] = {"url": cfg.url, "model": model, "kind": cfg.kind, "mode": mode}
@@ -113,10 +125,10 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
                 "probes": found.probes, "slo": cfg.slo}  # fmt: skip
         return out
     if mode == "closed":
-        report = run_load(cfg.url, cfg.prompts, concurrency=cfg.concurrency, **common)
+        report = load(f"bench: {cfg.concurrency} clients", concurrency=cfg.concurrency)
     elif mode == "replay":
         common.pop("num_requests")
-        report = run_load(cfg.url, cfg.prompts, trace=trace, **common)
+        report = load("bench: trace replay", trace=trace)
     else:
         report = at_rate(cfg.rate or 1.0)
     out["summary"] = report.summary(per_request)

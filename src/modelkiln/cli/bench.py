@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from modelkiln.cli._common import console, guard
+from modelkiln.cli._common import RichProgress, console, guard
 
 bench_app = typer.Typer(
     help="Benchmark a server (serve), a model offline (offline), compare runs (compare, history).",
@@ -160,7 +160,7 @@ def serve(
             seed=seed,
             api_key=api_key,
         )
-        result = run_serve_bench(cfg)
+        result = run_serve_bench(cfg, RichProgress(console))
         if json_out is not None:
             write_json(result, json_out)
         if history is not None:
