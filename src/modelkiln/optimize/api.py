@@ -195,7 +195,7 @@ def _measure_quality(
 ) -> None:
     progress.message(f"quality of {cfg.baseline} ({metric.name})")
     base_value = metric(built[cfg.baseline].runner)
-    for name, b in built.items():
+    for name, b in progress.track(list(built.items()), "measure quality"):
         card = cards[name]
         stopped = [t["aborted"] for t in card.latency if t.get("aborted")]
         slow_ok = cfg.target == name or cfg.gate.evaluate_slow

@@ -103,7 +103,7 @@ def benchmark(
     results: dict[str, list[Timing]] = {name: [] for name in runners}
     dropped: dict[str, str] = {}
     with torch_threads(cfg.threads):
-        for b, s in shapes:
+        for b, s in progress.track(shapes, "benchmark shapes"):
             batch = make_batch(b, s)
             timings = {name: Timing(name, b, s) for name in runners}
             active = [n for n in runners if n not in dropped]
