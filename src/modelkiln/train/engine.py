@@ -220,8 +220,10 @@ def _callbacks(
             progress.advance(task)
 
         def on_log(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            # The bar shows training progress; only evaluations get a line of their own
+            # (every training loss stays in the run's log history and report).
             logs = kw.get("logs") or {}
-            shown = {k: logs[k] for k in ("loss", "eval_loss", "eval_perplexity") if k in logs}
+            shown = {k: logs[k] for k in ("eval_loss", "eval_perplexity") if k in logs}
             if shown:
                 text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
                 progress.message(f"{task} step {state.global_step}: {text}")
