@@ -222,8 +222,8 @@ def _figures(shape: tuple[int, int, int] | None = None) -> tuple[dict[str, Any],
         return figures, f"assumed from class {forced} ({p.label}; {CPU_CLASS_ENV} is set)"
     figures = measured_throughput(shape or BENCH_SHAPE)
     where = "cached measurement" if figures.get("cached") else "measured"
-    shape = "x".join(str(n) for n in figures["shape"])
-    return figures, f"{where}, {shape} matmul"
+    timed = "x".join(str(n) for n in figures["shape"])
+    return figures, f"{where}, {timed} matmul"
 
 
 def _speed_decision(name: str, fast: str, figures: dict[str, Any], origin: str) -> Decision:

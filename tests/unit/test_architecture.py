@@ -39,18 +39,17 @@ WIRING = frozenset(
 #: The one list of allowed exceptions: (importing module, imported module) -> reason.
 EXCEPTIONS: dict[tuple[str, str], str] = {
     ("modelkiln.deploy.azureml_score", "modelkiln.serve"): "the Azure ML scoring entry point "
-    "starts the server inside the container (an entry point, like cli/); deploy helper",
+    "starts the server inside the container (an entry point, like cli/)",
     ("modelkiln.deploy.ray_app", "modelkiln.serve"): "the Ray Serve replica entry point builds "
-    "the server app with serve's public create_app (an entry point, like azureml_score); ray helper",
-    ("modelkiln.rollout.serving", "modelkiln.serve"): "rollout starts the servers of every "
-    "version (wiring); rollout helper: move it to the wiring layer or serve's public entry",
+    "the server app with serve's public create_app (an entry point, like azureml_score)",
+    ("modelkiln.rollout.serving", "modelkiln.serve"): "the rollout gateway starts one server per "
+    "version through serve's public API (create_app, ServeConfig, ModelSpec): wiring",
 }
 
 
 #: Import cycles allowed when imports inside functions are counted too (module-level cycles
 #: are never allowed): the modules of the cycle -> reason. Same place as EXCEPTIONS.
-LAZY_CYCLE_EXCEPTIONS: dict[frozenset[str], str] = {
-}
+LAZY_CYCLE_EXCEPTIONS: dict[frozenset[str], str] = {}
 
 
 def module_name(path: Path) -> str:

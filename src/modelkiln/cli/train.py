@@ -132,7 +132,9 @@ def train_encoder_cmd(
         )
         check_pairs_enabled(job)
         # The pipeline builds (or reuses) the data stage holding the pairs; the job trains.
-        data_cfg = PipelineConfig(run=job.run, runs_dir=job.runs_dir, data=job.data)
+        data_cfg = PipelineConfig.model_validate(
+            {"run": job.run, "runs_dir": job.runs_dir, "data": job.data}
+        )
         data = build_stage(data_cfg, "data", progress=RichProgress(console))
         metrics = train_encoder(job, data.path, RichProgress(console))
     table = Table(title=f"code search on {metrics['eval_pairs']} held-out pairs")

@@ -1,4 +1,7 @@
-"""Parity tolerances and variant families (apart from the config, so the registry needs no config)."""
+"""Parity tolerances and variant families.
+
+Apart from the config, so the variant registry needs no config.
+"""
 
 from __future__ import annotations
 
