@@ -70,6 +70,16 @@ def start_process(args: list[str], port: int, timeout: float = 60) -> subprocess
     return proc
 
 
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it has not exited within ``timeout``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def save_tiny_gpt2(path: Path) -> Path:
     """A 2-layer random GPT-2 with the FIM-capable code tokenizer, saved with save_pretrained."""
     import torch

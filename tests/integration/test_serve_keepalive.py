@@ -10,13 +10,12 @@ early 429 drains the unread body so the connection stays usable.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from overload_support import text
-from serve_support import free_port, start_process
+from serve_support import free_port, start_process, stop_process
 
 from http_helpers import tiny_encoder_dir  # isort: skip
 
@@ -34,12 +33,7 @@ def server() -> Iterator[str]:
         port,
     )  # fmt: skip
     yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc)
 
 
 async def _burst(c: httpx.AsyncClient, round_: int) -> tuple[dict[int, int], list[str]]:

@@ -10,13 +10,12 @@ read, not the client's wall clock (the client shares the machine).
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from overload_support import flood, save_slow_encoder
-from serve_support import free_port, start_process
+from serve_support import free_port, start_process, stop_process
 
 WAIT_S = 0.5  # max_queue_wait_s of the server under test
 
@@ -42,12 +41,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         port,
     )  # fmt: skip
     yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc)
 
 
 def test_flood_gets_only_200_and_429_and_admitted_latency_stays_bounded(server: str) -> None:

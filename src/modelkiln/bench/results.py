@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelkiln.stats import percentile_or_none as percentile  # the one shared percentile
+
 __all__ = ["SLO", "LoadReport", "RequestResult", "percentile"]
 
 
@@ -92,17 +94,6 @@ class SLO:
         if self.itl_s is not None and r.itl and max(r.itl) > self.itl_s:
             return False
         return r.tpot is None or r.tpot <= self.tpot_s
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100, linear interpolation); None for no values."""
-    if not values:
-        return None
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def series(results: list[RequestResult]) -> dict[str, list[float]]:

@@ -87,6 +87,12 @@ KV_ONNX = "model_kv.onnx"
 SOURCE_DIR = "source"
 """The fp32 HF model the optimize stage built its variants from (after an adapter merge)."""
 
+# monitor: the reference profile next to the model it belongs to
+MONITOR_PROFILE_DIR = "monitor_profile"
+"""Folder of a model's reference profile (JSON + .npy arrays, see :mod:`modelkiln.monitor`)."""
+MONITOR_PROFILE_JSON = "profile.json"
+"""The profile's JSON inside :data:`MONITOR_PROFILE_DIR`."""
+
 # serve / bench stage reports
 SERVE_JSON = "serve.json"
 """The serve stage's config and every load-test summary."""

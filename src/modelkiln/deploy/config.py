@@ -15,8 +15,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from modelkiln.config import format_validation_error, read_yaml
-from modelkiln.configbase import KilnModel, apply_overrides
+from modelkiln.configbase import KilnModel, apply_overrides, format_validation_error, read_yaml
 from modelkiln.errors import ConfigError
 
 #: Kubernetes resource quantity grammar (k8s.io/apimachinery resource.Quantity), e.g.

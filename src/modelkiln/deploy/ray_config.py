@@ -16,10 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from modelkiln.config import format_validation_error, read_yaml
-from modelkiln.configbase import KilnModel, apply_overrides
+from modelkiln.configbase import KilnModel, load_section
 from modelkiln.deploy import _yaml
 from modelkiln.errors import ConfigError
 
@@ -193,13 +192,7 @@ def load_ray_config(
     Raises:
         ConfigError: naming the bad field, its value and the fix.
     """
-    merged = read_yaml(data) if isinstance(data, str | Path) else dict(data or {})
-    merged = apply_overrides(merged, overrides or [])
-    merged.update({k: v for k, v in fields.items() if v is not None})
-    try:
-        cfg = RayDeployConfig.model_validate(merged)
-    except ValidationError as exc:
-        raise format_validation_error(exc, "ray config") from None
+    cfg = load_section(RayDeployConfig, data, overrides, named=fields, label="ray config")
     _check(cfg)
     return cfg
 

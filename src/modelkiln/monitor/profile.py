@@ -38,11 +38,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelkiln.artifacts import now, sha256_file
+from modelkiln.contract import MONITOR_PROFILE_DIR, MONITOR_PROFILE_JSON
 from modelkiln.errors import ArtifactError
 from modelkiln.monitor.stattests import default_stattest, get_stattest
 
-PROFILE_DIR = "monitor_profile"
-PROFILE_JSON = "profile.json"
+PROFILE_DIR = MONITOR_PROFILE_DIR
+PROFILE_JSON = MONITOR_PROFILE_JSON
 FORMAT = "modelkiln.monitor.profile"
 FORMAT_VERSION = 1
 #: Files of a model folder that do not count in its hash (the profile itself, logs).

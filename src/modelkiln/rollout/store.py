@@ -12,13 +12,17 @@ import stat
 from pathlib import Path
 
 from modelkiln.artifacts import MANIFEST, sha256_file
+from modelkiln.contract import (
+    ADAPTER_CONFIG,
+    EVAL_CARD,
+    MONITOR_PROFILE_DIR,
+    MONITOR_PROFILE_JSON,
+)
 from modelkiln.errors import ArtifactError
 
-ADAPTER_CONFIG = "adapter_config.json"
 HF_CONFIG = "config.json"
-EVAL_CARD = "eval_card.json"
-# The monitoring issue's reference profile; carried along when a version has one.
-REFERENCE_PROFILE = "reference_profile.json"
+# The monitor's reference profile of the model; carried along when a version has one.
+REFERENCE_PROFILE = f"{MONITOR_PROFILE_DIR}/{MONITOR_PROFILE_JSON}"
 CARRIED = {"manifest": MANIFEST, "eval_card": EVAL_CARD, "reference_profile": REFERENCE_PROFILE}
 KINDS = ("hf", "onnx", "peft")
 

@@ -128,7 +128,7 @@ class TrustPolicy(KilnModel):
     @classmethod
     def load(cls, path: str | Path) -> TrustPolicy:
         """Read a policy file; relative key paths are relative to the file."""
-        from modelkiln.config import read_yaml
+        from modelkiln.configbase import read_yaml
 
         path = Path(path)
         data = json.loads(path.read_text()) if path.suffix == ".json" else read_yaml(path)
