@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from modelkiln.errors import ConfigError
 
 __all__ = [
+    "FieldError",
     "KilnModel",
     "apply_overrides",
     "format_validation_error",
@@ -36,6 +37,23 @@ class KilnModel(BaseModel):
     """Base of every config model: unknown keys are errors, values are checked on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FieldError(ValueError):
+    """Raise from a model-level validator to name the field and the fix.
+
+    pydantic reports ``@model_validator`` failures at the root (no field), so the error
+    line could only say ``<root>``; this carries the field and hint through to
+    :func:`format_validation_error`.
+
+    Example:
+        >>> raise FieldError("replicas_min", "3 > replicas_max (2)", hint="lower replicas_min")
+    """
+
+    def __init__(self, field: str, message: str, *, hint: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.hint = hint
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -75,7 +93,12 @@ def format_validation_error(err: ValidationError, source: str) -> ConfigError:
     """Turn pydantic's report into one line naming the field, the bad value and the fix."""
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "<root>"
-    if first["type"] == "extra_forbidden":
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        at = f"{field}.{cause.field}" if first["loc"] else cause.field
+        message = f"{source}: {at}: {cause}"
+        hint = cause.hint
+    elif first["type"] == "extra_forbidden":
         message = f"{source}: unknown field '{field}'"
         hint = "remove it or check its spelling against the stage's config reference"
     elif first["type"] == "missing":

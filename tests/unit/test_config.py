@@ -111,3 +111,29 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 def test_bad_run_name() -> None:
     with pytest.raises(ConfigError, match="run = '../escape'"):
         load_config(None, ["run=../escape"])
+
+
+def test_model_level_check_names_its_field_and_fix() -> None:
+    from pydantic import model_validator
+
+    from modelkiln.configbase import FieldError, KilnModel, load_section
+
+    class Span(KilnModel):
+        low: int = 0
+        high: int = 1
+
+        @model_validator(mode="after")
+        def _ordered(self) -> Span:
+            if self.low > self.high:
+                raise FieldError("low", f"low ({self.low}) > high ({self.high})", hint="lower low")
+            return self
+
+    class Outer(KilnModel):
+        span: Span = Span()
+
+    with pytest.raises(ConfigError) as info:
+        load_section(Span, {"low": 3}, label="span config")
+    assert str(info.value) == "span config: low: low (3) > high (1) — fix: lower low"
+    assert info.value.hint == "lower low"
+    with pytest.raises(ConfigError, match=r"span\.low: low \(5\)"):
+        load_section(Outer, {"span": {"low": 5}})

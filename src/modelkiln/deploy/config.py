@@ -13,10 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from modelkiln.configbase import KilnModel, apply_overrides, format_validation_error, read_yaml
-from modelkiln.errors import ConfigError
+from modelkiln.configbase import FieldError, KilnModel, load_section
 
 #: Kubernetes resource quantity grammar (k8s.io/apimachinery resource.Quantity), e.g.
 #: ``500m``, ``2``, ``1.5``, ``4Gi``, ``1e3``. Hand-written because no maintained
@@ -140,15 +139,29 @@ class DeployConfig(KilnModel):
     @model_validator(mode="after")
     def _consistent(self) -> DeployConfig:
         if self.replicas_min > self.replicas_max:
-            raise ValueError(
-                f"replicas_min ({self.replicas_min}) > replicas_max ({self.replicas_max})"
+            raise FieldError(
+                "replicas_min",
+                f"replicas_min ({self.replicas_min}) > replicas_max ({self.replicas_max})",
+                hint="set replicas_min <= replicas_max",
             )
         if (self.model_path is None) == (self.model is None):
-            raise ValueError("give exactly one of model_path and model (registry://...)")
+            raise FieldError(
+                "model_path",
+                "give exactly one of model_path and model (registry://...)",
+                hint="pass --model-path DIR or --model registry://NAME",
+            )
         if self.model_path is not None and not Path(self.model_path).is_dir():
-            raise ValueError(f"model_path {str(self.model_path)!r} is not a directory")
+            raise FieldError(
+                "model_path",
+                f"model_path {str(self.model_path)!r} is not a directory",
+                hint="pass an existing model directory to --model-path",
+            )
         if self.bake_model and self.model_path is None:
-            raise ValueError("bake_model needs a local model_path")
+            raise FieldError(
+                "bake_model",
+                "bake_model needs a local model_path",
+                hint="pass --model-path DIR, or drop --bake",
+            )
         return self
 
     @property
@@ -181,24 +194,6 @@ class DeployConfig(KilnModel):
         ]  # fmt: skip
 
 
-def _field_error(exc: ValidationError) -> ConfigError:
-    """Name the field even for model-level checks (pydantic reports those at the root)."""
-    err = format_validation_error(exc, "deploy config")
-    first = exc.errors()[0]
-    if not first["loc"]:
-        reason = first["msg"].removeprefix("Value error, ")
-        field = reason.split(" ", 1)[0].split("(", 1)[0].strip()
-        fix = {
-            "replicas_min": "set replicas_min <= replicas_max",
-            "give": "pass --model-path DIR or --model registry://NAME",
-            "model_path": "pass an existing model directory to --model-path",
-            "bake_model": "pass --model-path DIR, or drop --bake",
-        }.get(field, "fix the deploy config")
-        named = "model_path" if field == "give" else field
-        return ConfigError(f"deploy config: {named}: {reason}", hint=fix)
-    return err
-
-
 def load_deploy_config(
     data: dict[str, Any] | str | Path | None = None,
     overrides: list[str] | None = None,
@@ -210,10 +205,4 @@ def load_deploy_config(
     Raises:
         ConfigError: naming the bad field, its value and the fix.
     """
-    merged = read_yaml(data) if isinstance(data, str | Path) else dict(data or {})
-    merged = apply_overrides(merged, overrides or [])
-    merged.update({k: v for k, v in fields.items() if v is not None})
-    try:
-        return DeployConfig.model_validate(merged)
-    except ValidationError as exc:
-        raise _field_error(exc) from None
+    return load_section(DeployConfig, data, overrides, named=fields, label="deploy config")
