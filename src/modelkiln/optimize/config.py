@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from modelkiln.configbase import KilnModel, load_section
+from modelkiln.configbase import FieldError, KilnModel, load_section
 from modelkiln.optimize.distill.config import DistillConfig
 from modelkiln.optimize.prune.config import PruneConfig
 from modelkiln.optimize.quant_options import QuantExtraConfig
@@ -102,7 +102,11 @@ class BenchConfig(KilnModel):
     @model_validator(mode="after")
     def _runs_ordered(self) -> BenchConfig:
         if self.max_runs < self.min_runs:
-            raise ValueError(f"max_runs ({self.max_runs}) < min_runs ({self.min_runs})")
+            raise FieldError(
+                "max_runs",
+                f"max_runs ({self.max_runs}) < min_runs ({self.min_runs})",
+                hint="set max_runs >= min_runs",
+            )
         return self
 
 

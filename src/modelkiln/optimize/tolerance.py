@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from modelkiln.configbase import KilnModel
+from modelkiln.configbase import FieldError, KilnModel
 
 __all__ = ["Family", "Tolerance"]
 
@@ -36,7 +36,11 @@ class Tolerance(KilnModel):
     @model_validator(mode="after")
     def _something_to_check(self) -> Tolerance:
         if self.atol is None and self.min_snr_db is None:
-            raise ValueError("set atol (element-wise) or min_snr_db (whole output), or both")
+            raise FieldError(
+                "atol",
+                "neither atol nor min_snr_db is set: nothing to check",
+                hint="set atol (element-wise) or min_snr_db (whole output), or both",
+            )
         return self
 
     def describe(self) -> str:

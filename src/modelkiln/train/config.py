@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from modelkiln.configbase import KilnModel
+from modelkiln.configbase import FieldError, KilnModel
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Schedule = Literal["linear", "cosine", "one_cycle", "reduce_on_plateau", "constant"]
@@ -109,7 +109,11 @@ class AdaLoraMethodConfig(KilnModel):
     @model_validator(mode="after")
     def _ranks(self) -> AdaLoraMethodConfig:
         if self.target_r > self.init_r:
-            raise ValueError(f"target_r ({self.target_r}) must be <= init_r ({self.init_r})")
+            raise FieldError(
+                "target_r",
+                f"target_r ({self.target_r}) must be <= init_r ({self.init_r})",
+                hint="lower target_r or raise init_r",
+            )
         return self
 
 
@@ -187,9 +191,11 @@ class LoopConfig(KilnModel):
     @model_validator(mode="after")
     def _save_on_eval(self) -> LoopConfig:
         if self.save_steps % self.eval_steps:
-            raise ValueError(
+            raise FieldError(
+                "save_steps",
                 f"save_steps ({self.save_steps}) must be a multiple of eval_steps "
-                f"({self.eval_steps}) so the best checkpoint can be kept"
+                f"({self.eval_steps}) so the best checkpoint can be kept",
+                hint=f"set save_steps to a multiple of {self.eval_steps}",
             )
         return self
 
@@ -280,9 +286,17 @@ class DeepSpeedConfig(KilnModel):
     @model_validator(mode="after")
     def _offload(self) -> DeepSpeedConfig:
         if self.offload_params != "none" and self.stage != 3:
-            raise ValueError(f"offload_params needs ZeRO stage 3 (stage is {self.stage})")
+            raise FieldError(
+                "offload_params",
+                f"offload_params needs ZeRO stage 3 (stage is {self.stage})",
+                hint="set stage: 3 or offload_params: none",
+            )
         if "nvme" in (self.offload_params, self.offload_optimizer) and not self.nvme_path:
-            raise ValueError("NVMe offload needs nvme_path")
+            raise FieldError(
+                "nvme_path",
+                "NVMe offload needs nvme_path",
+                hint="set nvme_path to a fast local dir",
+            )
         return self
 
 
@@ -372,5 +386,9 @@ class TrainConfig(KilnModel):
     @model_validator(mode="after")
     def _something_to_do(self) -> TrainConfig:
         if not (self.pretrain.enabled or self.finetune.enabled):
-            raise ValueError("pretrain and finetune are both disabled; enable at least one")
+            raise FieldError(
+                "finetune.enabled",
+                "pretrain and finetune are both disabled",
+                hint="enable at least one: --set train.finetune.enabled=true",
+            )
         return self

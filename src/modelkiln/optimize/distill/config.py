@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from modelkiln.configbase import KilnModel
+from modelkiln.configbase import FieldError, KilnModel
 from modelkiln.errors import ConfigError
 
 
@@ -130,12 +130,18 @@ class DistillConfig(KilnModel):
     @model_validator(mode="after")
     def _consistent(self) -> DistillConfig:
         if self.layer_map is not None and self.student_layers not in (None, len(self.layer_map)):
-            raise ValueError(
+            raise FieldError(
+                "layer_map",
                 f"layer_map has {len(self.layer_map)} entries but student_layers is "
-                f"{self.student_layers}"
+                f"{self.student_layers}",
+                hint="give one layer_map entry per student layer, or drop student_layers",
             )
         if self.stages and self.student_layers and self.stages[-1] != self.student_layers:
-            raise ValueError(f"stages must end at student_layers ({self.student_layers})")
+            raise FieldError(
+                "stages",
+                f"stages must end at student_layers ({self.student_layers})",
+                hint=f"make the last stage {self.student_layers}",
+            )
         return self
 
     def target_layers(self, teacher_layers: int) -> int:
