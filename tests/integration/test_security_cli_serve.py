@@ -11,8 +11,8 @@ import httpx
 import pytest
 from serve_support import free_port, save_tiny_gpt2, start_process
 
+from modelkiln.contract.audit import verify_audit_log
 from modelkiln.errors import ServingError
-from modelkiln.security.audit import verify_audit_log
 from modelkiln.security.keys import KeyStore
 from modelkiln.security.serving import SecurityPolicy
 from modelkiln.security.signing import TrustPolicy, generate_signing_key, sign_model
@@ -63,5 +63,6 @@ def test_kiln_serve_with_keys_trust_policy_and_audit(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(30)
     events = [json.loads(line)["event"] for line in (tmp_path / "audit.jsonl").open()]
-    assert events[0] == "model.accepted" and "auth.failure" in events and "request" in events
+    assert events[:2] == ["server.start", "model.accepted"]
+    assert "auth.failure" in events and "request" in events
     assert verify_audit_log(tmp_path / "audit.jsonl").ok

@@ -123,6 +123,6 @@ def test_trust_policy_refuses_bad_adapters_and_keeps_serving(tmp_path: Path) -> 
     events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     refused = [e["path"] for e in events if e["event"] == "model.refused"]
     assert sorted(Path(p).name for p in refused) == ["rogue", "tampered", "unsigned"]
-    admin_actions = [(e["route"], e["status"]) for e in events if e["event"] == "admin"]
+    admin_actions = [(e["route"], e["status"]) for e in events if e["event"] == "adapter.load"]
     assert ("/admin/adapters", 201) in admin_actions and ("/admin/adapters", 400) in admin_actions
     assert verify_audit_log(tmp_path / "audit.jsonl").ok

@@ -31,7 +31,7 @@ def verify(
 
     Example: kiln audit verify /var/log/kiln/audit.jsonl
     """
-    from modelkiln.security.audit import verify_audit_log
+    from modelkiln.contract.audit import verify_audit_log
 
     with guard():
         report = verify_audit_log(file)

@@ -31,7 +31,13 @@ StoreOpt = Annotated[
     ),
 ]
 AuditOpt = Annotated[
-    Path | None, typer.Option("--audit-log", help="Append the key change to this audit log.")
+    Path | None,
+    typer.Option(
+        "--audit-log",
+        envvar="MODELKILN_AUDIT_LOG",
+        help="Append the key change to this hash-chained audit log (the server's "
+        "--audit-log file may be shared: appends are locked).",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
@@ -39,7 +45,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 def _audit(path: Path | None, event: str, **fields: object) -> None:
     if path is None:
         return
-    from modelkiln.security.audit import AuditLog
+    from modelkiln.contract.audit import AuditLog
 
     log = AuditLog(path, fsync_interval_s=0)
     log.write(event, actor="cli", **fields)
@@ -79,7 +85,8 @@ def create(
     with guard():
         lifetime = parse_duration(expires) if expires else None
         key, rec = KeyStore(store).create(scope, _split(models), rpm, tpm, lifetime, note)
-        _audit(audit_log, "key.create", key_id=rec.id, scope=rec.scope, models=rec.models)
+        _audit(audit_log, "key.create", key_id=rec.id, scope=rec.scope, models=rec.models,
+               rpm=rec.rpm, tpm=rec.tpm, expires=rec.expires)  # fmt: skip
     if as_json:
         sys.stdout.write(json.dumps({"id": rec.id, "key": key}) + "\n")
         return

@@ -97,7 +97,35 @@ class SecurityExtension:
             from modelkiln.security.serving import model_check
 
             return ServeHooks(model_checks=[lambda path: model_check(path, None, False, None)])
+        if policy.audit is not None:
+            models = [
+                {"name": m.served_name, "path": str(m.path), "version": m.version}
+                for m in getattr(cfg, "models", [])
+            ]
+            policy.audit.write("server.start", actor="server", models=models, **_settings(args))
         return policy.hooks()
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The security settings of a server start, as audited (never a secret or a URL's
+    credentials)."""
+    return {
+        "key_store": args.key_store,
+        "jwt": {
+            "hs256": bool(args.jwt_secret),
+            "jwks": args.jwt_jwks_file or (args.jwt_jwks_url and "url"),
+            "issuer": args.jwt_issuer,
+            "audience": args.jwt_audience,
+        },
+        "rate_limit": "redis" if args.rate_limit_redis else "in-process",
+        "trust_policy": args.trust_policy,
+        "decrypt": bool(args.decrypt_key_file),
+        "tls": bool(args.ssl_certfile),
+        "mtls": bool(args.ssl_ca_certs),
+        "allow_pickle": args.allow_pickle,
+        "audit_requests": args.audit_requests,
+        "audit_prompts": args.audit_prompts,
+    }
 
 
 def _tls_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,7 +194,7 @@ def policy_from_args(args: argparse.Namespace) -> Any:
 
         policy.limiter = RedisLimiter(args.rate_limit_redis)
     if args.audit_log:
-        from modelkiln.security.audit import AuditLog
+        from modelkiln.contract.audit import AuditLog
 
         policy.audit = AuditLog(args.audit_log, fsync_interval_s=args.audit_fsync)
     if args.trust_policy:

@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from modelkiln.configbase import KilnModel
+from modelkiln.contract.audit import AuditWriter
 from modelkiln.errors import SecurityError
 from modelkiln.security.keys import SCOPES, Principal
 
@@ -75,6 +76,8 @@ class JWKSCache:
         self._keys: dict[str, Any] = {}
         self._loaded_at = 0.0
         self._tried_at = 0.0
+        #: Where key-set changes are audited as ``config.reload`` (the server sets it).
+        self.audit: AuditWriter | None = None
 
     def _default_fetch(self) -> dict[str, Any]:
         if self.cfg.jwks_file is not None:
@@ -95,7 +98,15 @@ class JWKSCache:
         except Exception as exc:  # any fetch / parse failure keeps the previous keys
             log.warning("JWKS refresh failed (keeping %d known keys): %s", len(self._keys), exc)
             return False
-        self._keys = {k.key_id or "": k for k in jwks.keys}
+        keys = {k.key_id or "": k for k in jwks.keys}
+        if self.audit is not None and self._loaded_at and keys.keys() != self._keys.keys():
+            self.audit.write(
+                "config.reload", actor="server", what="jwks",
+                source=str(self.cfg.jwks_file or self.cfg.jwks_url),
+                added=sorted(keys.keys() - self._keys.keys()),
+                removed=sorted(self._keys.keys() - keys.keys()), keys=len(keys),
+            )  # fmt: skip
+        self._keys = keys
         self._loaded_at = time.monotonic()
         return True
 

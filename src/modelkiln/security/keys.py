@@ -12,7 +12,9 @@ server secret lives in a separate file (``<store>.secret``, mode 0600, or
 confirm a guessed key.
 
 The server re-reads the store when its mtime or size changes, so ``kiln keys
-revoke`` takes effect on the next request without a restart.
+revoke`` takes effect on the next request without a restart; with an audit log
+(``KeyStore.audit``), each re-read that changes the keys writes a
+``config.reload`` event naming the added, revoked, changed and removed key ids.
 
 Example:
     >>> store = KeyStore("keys.json")
@@ -36,6 +38,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from modelkiln.contract.audit import AuditWriter
 from modelkiln.errors import ConfigError, SecurityError
 
 #: Environment variable holding the HMAC server secret (hex); overrides the secret file.
@@ -120,8 +123,11 @@ class KeyStore:
         self.secret_file = Path(secret_file) if secret_file else Path(f"{self.path}.secret")
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
+        self._loaded = False  # read once: later changes are reloads
         self._records: dict[str, KeyRecord] = {}
         self._secret: bytes | None = None
+        #: Where re-reads that change the keys are audited (the server sets it).
+        self.audit: AuditWriter | None = None
 
     # -- secret and hashing -------------------------------------------------------------
     def _server_secret(self, create: bool = False) -> bytes:
@@ -153,7 +159,8 @@ class KeyStore:
         try:
             st = self.path.stat()
         except FileNotFoundError:
-            self._records, self._stamp = {}, None
+            self._audit_changes(self._records, {})
+            self._records, self._stamp, self._loaded = {}, None, True
             return
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp == self._stamp:
@@ -168,7 +175,23 @@ class KeyStore:
                     f"cannot read key store {self.path}: {exc}", hint="fix or delete the file"
                 ) from None
             return
-        self._records, self._stamp = records, stamp
+        if self._loaded:  # the first read is the server's start, not a reload
+            self._audit_changes(self._records, records)
+        self._records, self._stamp, self._loaded = records, stamp, True
+
+    def _audit_changes(self, old: dict[str, KeyRecord], new: dict[str, KeyRecord]) -> None:
+        if self.audit is None:
+            return
+        added = sorted(new.keys() - old.keys())
+        removed = sorted(old.keys() - new.keys())
+        both = old.keys() & new.keys()
+        revoked = sorted(k for k in both if new[k].revoked and not old[k].revoked)
+        changed = sorted(k for k in both if new[k] != old[k] and k not in revoked)
+        if added or removed or revoked or changed:
+            self.audit.write(
+                "config.reload", actor="server", what="key_store", path=str(self.path),
+                added=added, revoked=revoked, changed=changed, removed=removed, keys=len(new),
+            )  # fmt: skip
 
     def _save(self) -> None:
         # Atomic replace: the server never reads a half-written store.

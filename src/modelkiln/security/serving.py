@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from modelkiln.contract.audit import AuditLog
 from modelkiln.contract.serving import RequestRecord, RequestRejected, ServeHooks
 from modelkiln.errors import SecurityError
-from modelkiln.security.audit import AuditLog
 from modelkiln.security.keys import Principal
 from modelkiln.security.ratelimit import Decision, Limiter, MemoryLimiter
 from modelkiln.security.signing import TrustPolicy
@@ -70,8 +70,13 @@ class SecurityPolicy:
     decrypt_key_file: Path | None = None
 
     def hooks(self) -> ServeHooks:
-        """The server hooks enforcing this policy."""
+        """The server hooks enforcing this policy (the audit log also gets the key-store and
+        JWKS reloads)."""
         guard = PolicyGuard(self.limiter)
+        if self.audit is not None:
+            for source in (self.keys, getattr(self.jwt, "jwks", None)):
+                if source is not None and getattr(source, "audit", False) is None:
+                    source.audit = self.audit  # type: ignore[union-attr]
         authenticator = (
             BearerAuthenticator(self.keys, self.jwt, self.audit) if self.keys or self.jwt else None
         )
@@ -206,6 +211,20 @@ class PolicyGuard:
                 self._fallback.debit(bucket, tpm, tokens)
 
 
+#: Fields of an admin-route request written to the audit log.
+ADMIN_FIELDS = ("principal", "method", "route", "model", "status", "latency_ms")
+
+
+def admin_event(method: str, route: str) -> tuple[str, dict[str, Any]]:
+    """The audit event of an admin request: ``adapter.load`` / ``adapter.unload`` (with the
+    adapter id) for the adapter routes, else ``admin``."""
+    if route == "/admin/adapters" and method == "POST":
+        return "adapter.load", {}
+    if route.startswith("/admin/adapters/") and method == "DELETE":
+        return "adapter.unload", {"adapter": route.removeprefix("/admin/adapters/")}
+    return "admin", {}
+
+
 class UsageObserver:
     """Debits used tokens and writes request / admin records to the audit log."""
 
@@ -239,14 +258,19 @@ class UsageObserver:
             "cached": record.cached,
             "latency_ms": round(record.latency_s * 1000, 3),
         }
+        event = "admin" if admin else "request"
+        if admin:
+            event, extra = admin_event(record.method, record.route)
+            fields = {k: fields[k] for k in ADMIN_FIELDS} | extra
         if self.audit_prompts and record.prompt_ids:
             # Token ids, not text: asked for explicitly (--audit-prompts), off by default.
             fields["prompt_ids"] = [list(ids) for ids in record.prompt_ids]
-        self.audit.write("admin" if admin else "request", **fields)
+        self.audit.write(event, **fields)
 
     def close(self) -> None:
-        """Flush the audit log at shutdown."""
+        """Write ``server.stop`` and close the audit log at shutdown."""
         if self.audit is not None:
+            self.audit.write("server.stop", actor="server")
             self.audit.close()
 
 
@@ -261,15 +285,16 @@ def model_check(
     from modelkiln.security.pickles import check_checkpoint
 
     write: Callable[..., None] = audit.write if audit is not None else (lambda *a, **k: None)
+    kind = "adapter" if (Path(path) / "adapter_config.json").is_file() else "model"
     try:
         signer = trust.check(path) if trust is not None else None
         pickles = check_checkpoint(path, allow_pickle)
     except SecurityError as exc:
-        write("model.refused", path=str(path), reason=exc.message)
+        write("model.refused", path=str(path), kind=kind, reason=exc.message)
         raise
     if pickles:
-        write("model.pickle_allowed", path=str(path), files=[p.name for p in pickles])
-    write("model.accepted", path=str(path), signer=str(signer) if signer else None)
+        write("model.pickle_allowed", path=str(path), kind=kind, files=[p.name for p in pickles])
+    write("model.accepted", path=str(path), kind=kind, signer=str(signer) if signer else None)
 
 
 def encrypted_model_loader(path: Path, key_file: Path) -> Any:
