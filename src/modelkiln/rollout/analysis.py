@@ -77,6 +77,14 @@ class ArmWindow:
     ttft_ms: list[float] = field(default_factory=list)
     tpot_ms: list[float] = field(default_factory=list)
 
+    def merge(self, other: ArmWindow) -> None:
+        """Add ``other`` (a later part of the same interval) to this window."""
+        self.requests += other.requests
+        self.errors += other.errors
+        self.latency_ms += other.latency_ms
+        self.ttft_ms += other.ttft_ms
+        self.tpot_ms += other.tpot_ms
+
 
 def quantile(values: list[float], q: float) -> float:
     """The ``q`` quantile (nearest rank) of ``values``; NaN when empty."""

@@ -17,13 +17,13 @@ Example (tests drive it like the generation scheduler, with a fake clock):
 from __future__ import annotations
 
 import functools
-import math
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from modelkiln.errors import ConfigError
 from modelkiln.rollout import analysis
+from modelkiln.rollout.figures import Interval, decisive, evidence, figures, numbers_of
 from modelkiln.rollout.policy import TrafficPolicy
 from modelkiln.rollout.recorder import MetricsSource
 from modelkiln.rollout.spec import ACTIVE, Decision, RolloutSpec, RolloutState
@@ -42,8 +42,9 @@ class Clock(Protocol):
 
 ApplyFn = Callable[[str, TrafficPolicy], None]
 FinishFn = Callable[[RolloutState], None]
-DriftProbe = Callable[[str, str], bool]
-"""``(model, version) -> True`` when monitoring reports drift on that version."""
+DriftProbe = Callable[[str, str], list[str] | None]
+"""``(model, version) -> drifted features`` (``[]``: checked, none; None: no information),
+e.g. :class:`.drift.HttpDriftProbe`."""
 
 
 def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -78,6 +79,7 @@ class Controller:
         self.on_finish = on_finish or (lambda _s: None)
         self.drift = drift
         self._lock = threading.RLock()
+        self._interval: dict[str, Interval] = {}  # this check interval's figures, per model
 
     # -- commands ------------------------------------------------------------
     @_locked
@@ -101,7 +103,10 @@ class Controller:
                     hint=f"finish it first: kiln rollout promote|rollback|abort {spec.model}",
                 )
             now = self.clock.now()
-            state = RolloutState(spec=spec, started=now, stage_started=now, last_check=now)
+            state = RolloutState(
+                spec=spec, started=now, stage_started=now, last_check=now, last_analysis=now
+            )
+            self._interval.pop(spec.model, None)
             state.tests = {k: t.log_lr for k, t in analysis.new_tests(spec.analysis).items()}
             for v in (spec.baseline, spec.candidate):
                 self.source.drain(spec.model, v)  # figures before the start do not count
@@ -148,40 +153,81 @@ class Controller:
             else:
                 # The interrupted interval's figures are gone; the tests keep their evidence.
                 state.last_check = state.stage_started = self.clock.now()
+                state.last_analysis = state.last_check
                 self._commit(state, "check", f"resumed at stage {state.stage} after a restart")
             out.append(state)
         return out
 
-    # -- checks --------------------------------------------------------------
+    # -- checks ------------------------------------------------------------
     @_locked
     def tick(self) -> list[Decision]:
-        """Run every check that is due; return the decisions taken."""
+        """Update the tests of every running rollout and run the checks that are due (or that
+        a test forces by crossing its bound); return the decisions taken."""
         decisions = []
+        now = self.clock.now()
         for state in self.store.active():
-            due = self.clock.now() - state.last_check >= state.spec.canary.check_interval_s
+            due = now - state.last_analysis >= state.spec.canary.analysis_interval_s
             if state.status == "running" and due:
-                decisions.append(self._check(state))
+                decision = self._analyse(state)
+                if decision is not None:
+                    decisions.append(decision)
         return decisions
 
-    def _check(self, state: RolloutState) -> Decision:
+    def _analyse(self, state: RolloutState) -> Decision | None:
+        """Feed both versions' figures since the last update to the sequential tests.
+
+        The tests are always valid, however often they are updated, so they are updated
+        every ``analysis_interval_s`` and a rollback does not wait for the next check; the
+        window gates, the dwell time and drift are judged at the checks.
+        """
         spec = state.spec
+        acc = self._interval.get(spec.model)
+        if acc is None or acc.key != (state.started, state.stage):
+            acc = self._interval[spec.model] = Interval((state.started, state.stage))
+        elif acc.tests is not None:  # newer than the saved state: tests live in memory
+            state.tests, state.stage_requests = acc.tests, acc.stage_requests
+            state.last_analysis = acc.last_analysis
         cand = self.source.drain(spec.model, spec.candidate)
         base = self.source.drain(spec.model, spec.baseline)
         pairs = self.source.drain_pairs(spec.model)
+        for window, arm in ((acc.cand, cand), (acc.base, base), (acc.batch_cand, cand),
+                            (acc.batch_base, base)):  # fmt: skip
+            window.merge(arm)
+        acc.pairs += pairs
+        acc.batch_pairs += pairs
+        state.stage_requests += cand.requests
         tests = {
             k: analysis.SequentialTest(list(spec.analysis.ratios), v)
             for k, v in state.tests.items()
         }
-        slo = (spec.canary.max_error_rate, spec.canary.max_latency_ms)
-        mirrored = spec.strategy != "canary"  # one arm is shadow traffic: see update_tests
-        analysis.update_tests(tests, spec.analysis, slo, (cand, base), pairs, not mirrored)
+        due = self.clock.now() - state.last_check >= spec.canary.check_interval_s
+        if acc.batch_ready(due):
+            slo = (spec.canary.max_error_rate, spec.canary.max_latency_ms)
+            mirrored = spec.strategy != "canary"  # one arm is shadow traffic: see update_tests
+            batch = (acc.batch_cand, acc.batch_base)
+            analysis.update_tests(tests, spec.analysis, slo, batch, acc.batch_pairs, not mirrored)
+            acc.new_batch()
         state.tests = {k: t.log_lr for k, t in tests.items()}
+        state.last_analysis = self.clock.now()
+        failing = analysis.failing_tests(tests, spec.analysis, n_stages(spec))
+        if due or decisive(state, failing, acc):
+            return self._check(state, tests, failing)
+        # Saved at the next check (a file write per update would cost more than the update).
+        acc.tests, acc.stage_requests = state.tests, state.stage_requests
+        acc.last_analysis = state.last_analysis
+        return None
+
+    def _check(
+        self, state: RolloutState, tests: dict[str, analysis.SequentialTest], failing: list[str]
+    ) -> Decision:
+        spec = state.spec
+        acc = self._interval.setdefault(spec.model, Interval((state.started, state.stage)))
         state.last_check = self.clock.now()
         state.checks += 1
-        state.stage_requests += cand.requests
-        state.window = ([*state.window, _figures(cand, base, pairs)])[-spec.canary.window :]
-        numbers = _numbers(state, tests)
-        failing = analysis.failing_tests(tests, spec.analysis, n_stages(spec))
+        current = figures(acc.cand, acc.base, acc.pairs)
+        acc.new_check()
+        state.window = ([*state.window, current])[-spec.canary.window :]
+        numbers = numbers_of(state, tests)
         action, reason = self._judge(state, failing, numbers)
         if action == "rollback":
             self._finish(state, "rolled-back", "rollback", reason, numbers)
@@ -198,19 +244,18 @@ class Controller:
         absolute = [f for f in failing if f.startswith("slo_")]
         relative = [f for f in failing if not f.startswith("slo_")]
         if relative:
-            return "rollback", "candidate worse than the baseline: " + _evidence(relative, numbers)
+            return "rollback", "candidate worse than the baseline: " + evidence(relative, numbers)
         base_over = (
             means["base_error_rate"] > spec.canary.max_error_rate
             or means["base_p95_ms"] > spec.canary.max_latency_ms
         )
         if absolute and not base_over:
-            return "rollback", "candidate over its SLO: " + _evidence(absolute, numbers)
+            return "rollback", "candidate over its SLO: " + evidence(absolute, numbers)
         if absolute:
             return "hold", "both versions over the SLO (environment, not the candidate)"
-        if self.drift is not None and self.drift(spec.model, spec.candidate):
-            if spec.analysis.drift_action == "rollback":
-                return "rollback", "monitoring reports drift on the candidate"
-            return "hold", "monitoring reports drift on the candidate"
+        drift = self._drift(spec, numbers)
+        if drift:
+            return ("rollback" if spec.analysis.drift_action == "rollback" else "hold"), drift
         over = (
             means["cand_error_rate"] > spec.canary.max_error_rate
             or means["cand_p95_ms"] > spec.canary.max_latency_ms
@@ -223,6 +268,22 @@ class Controller:
         if waited and not enough:
             why = f"{state.stage_requests} < {spec.canary.min_requests} candidate requests"
         return "hold", why
+
+    def _drift(self, spec: RolloutSpec, numbers: dict[str, Any]) -> str:
+        """Why drift stops the ramp ('' when it does not): the candidate drifts while the
+        baseline, on the same traffic, does not. Both drifting is a shift of the inputs, not
+        the candidate's doing: noted in the numbers, no action."""
+        if self.drift is None:
+            return ""
+        cand, base = self.drift(spec.model, spec.candidate), self.drift(spec.model, spec.baseline)
+        numbers["drift"] = {"candidate": cand, "baseline": base}
+        if not cand or base:
+            return ""
+        other = "no drift information" if base is None else "no drift"
+        return (
+            f"monitoring reports drift on the candidate {spec.candidate} "
+            f"({', '.join(cand)}); baseline {spec.baseline}: {other}"
+        )
 
     def _advance(self, state: RolloutState, reason: str, numbers: dict[str, Any]) -> None:
         spec = state.spec
@@ -237,6 +298,7 @@ class Controller:
         state.stage_started = self.clock.now()
         state.stage_requests = 0
         state.window = []
+        self._interval.pop(spec.model, None)
         state.tests = {k: t.log_lr for k, t in analysis.new_tests(spec.analysis).items()}
         self._commit(state, "advance", reason, numbers)
 
@@ -279,43 +341,3 @@ class Controller:
                 action=action, reason=reason, numbers=numbers or {},
             )
         )  # fmt: skip
-
-
-def _figures(
-    cand: analysis.ArmWindow, base: analysis.ArmWindow, pairs: list[float]
-) -> dict[str, float]:
-    def rate(a: analysis.ArmWindow) -> float:
-        return a.errors / a.requests if a.requests else 0.0
-
-    def p95(a: analysis.ArmWindow) -> float:
-        q = analysis.quantile(a.latency_ms, 0.95)
-        return 0.0 if math.isnan(q) else q
-
-    return {
-        "cand_requests": cand.requests, "base_requests": base.requests,
-        "cand_error_rate": rate(cand), "base_error_rate": rate(base),
-        "cand_p95_ms": p95(cand), "base_p95_ms": p95(base),
-        "agreement": sum(pairs) / len(pairs) if pairs else 1.0, "pairs": len(pairs),
-    }  # fmt: skip
-
-
-def _numbers(state: RolloutState, tests: dict[str, analysis.SequentialTest]) -> dict[str, Any]:
-    keys = state.window[-1].keys() if state.window else []
-    mean = {k: sum(w[k] for w in state.window) / len(state.window) for k in keys}
-    bound = analysis.log_bound(state.spec.analysis, n_stages(state.spec))
-    return {
-        "last": state.window[-1] if state.window else {},
-        "window_mean": mean,
-        "log_evidence": {k: round(t.log_evidence, 3) for k, t in tests.items()},
-        "bound": round(bound, 3),
-    }
-
-
-def _evidence(names: list[str], numbers: dict[str, Any]) -> str:
-    ev = numbers["log_evidence"]
-    parts = [f"{n} log-LR {ev[n]:.2f} >= {numbers['bound']:.2f}" for n in names]
-    m = numbers["window_mean"]
-    return "; ".join(parts) + (
-        f" (window: candidate errors {m['cand_error_rate']:.1%} vs {m['base_error_rate']:.1%},"
-        f" p95 {m['cand_p95_ms']:.0f} vs {m['base_p95_ms']:.0f} ms)"
-    )

@@ -81,7 +81,7 @@ class RolloutGateway:
         self.admin_keys = admin_keys
         self.faults = faults or {}
         self.started = time.monotonic()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = threading.Event()
         self.controller.resume()
         for model in self.versions:  # a finished rollout left the split it ended with
@@ -175,16 +175,23 @@ class RolloutGateway:
                 },
             )
             return
-        keep = a.shadow is not None and not payload.get("stream")
+        mirror = None
+        if a.shadow is not None:
+            # The twin starts now, not after the answer: both versions run the same request
+            # at the same time, so their figures compare on the same load.
+            mirror = self._spawn(self._mirror(scope, payload, model, a.shadow))
+        keep = mirror is not None and _deterministic(scope["path"], payload)
         status, answer = await self._serve_one(
             scope, receive, send, payload, model, a.version, keep
         )
-        if a.shadow is not None:
-            task = asyncio.create_task(
-                self._shadow(scope, payload, model, a.shadow, status, answer)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if mirror is not None and keep:
+            self._spawn(self._compare(model, mirror, status, answer))
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)  # a reference, or the loop may collect it mid-flight
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _serve_one(
         self, scope: dict[str, Any], receive: Any, send: Any, payload: dict[str, Any],
@@ -256,12 +263,10 @@ class RolloutGateway:
         self.recorder.record(model, version, ok=ok, latency_ms=ms, ttft_ms=ttft, tpot_ms=tpot)
         self.metrics.request(model, version, status, ms / 1000)
 
-    async def _shadow(
-        self, scope: dict[str, Any], payload: dict[str, Any], model: str, version: str,
-        served_status: int, served_body: bytes,
-    ) -> None:  # fmt: skip
-        """Mirror the request to ``version``; compare and discard its answer."""
-        mirror = {**payload, "stream": False}
+    async def _mirror(
+        self, scope: dict[str, Any], payload: dict[str, Any], model: str, version: str
+    ) -> tuple[int, bytes]:
+        """Run the request's twin on ``version`` (same body, streamed or not); discard it."""
         chunks: list[bytes] = []
         status = [500]
 
@@ -276,10 +281,18 @@ class RolloutGateway:
             return {"type": "http.disconnect"}
 
         shadow_scope = {**scope, "method": "POST"}
-        await self._serve_one(shadow_scope, no_more, sink, mirror, model, version, True)
-        if served_status == 200 and status[0] == 200 and served_body:
+        await self._serve_one(shadow_scope, no_more, sink, payload, model, version, False)
+        return status[0], b"".join(chunks)
+
+    async def _compare(
+        self, model: str, mirror: asyncio.Task[tuple[int, bytes]], served_status: int,
+        served_body: bytes,
+    ) -> None:  # fmt: skip
+        """Record the agreement of a served answer with its twin's."""
+        status, body = await mirror
+        if served_status == 200 and status == 200 and served_body:
             try:
-                score = response_agreement(json.loads(served_body), json.loads(b"".join(chunks)))
+                score = response_agreement(json.loads(served_body), json.loads(body))
             except ValueError:
                 score = None
             if score is not None:
@@ -337,6 +350,14 @@ class RolloutGateway:
                 }
             )
         return json.dumps(data).encode()
+
+
+def _deterministic(path: str, payload: dict[str, Any]) -> bool:
+    """Whether two runs of the request should give the same answer (embeddings, or greedy
+    and unstreamed): only those pairs measure agreement; sampled answers differ anyway."""
+    if path in ("/v1/embeddings", "/inference"):
+        return True
+    return payload.get("temperature") == 0 and not payload.get("stream")
 
 
 def _with_length(scope: dict[str, Any], n: int) -> dict[str, Any]:

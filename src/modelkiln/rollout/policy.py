@@ -45,6 +45,21 @@ class CanaryConfig(KilnModel):
     min_requests: int = Field(
         default=20, ge=0, description="Candidate requests a stage needs before it may advance."
     )
+    mirror_percent: float = Field(
+        default=100.0,
+        ge=0,
+        le=100,
+        description="Share of requests also run on the other version at the same time, answer "
+        "discarded, so both versions are measured on the same requests (a 5 % canary then "
+        "sees as many requests as the baseline). Costs that much extra compute; 0: only "
+        "served traffic is analysed.",
+    )
+    analysis_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds between updates of the sequential tests; a test that crosses its "
+        "bound rolls back at once, without waiting for the next check.",
+    )
 
     @field_validator("steps")
     @classmethod
@@ -66,6 +81,12 @@ class TrafficPolicy(KilnModel):
     shadow: str | None = Field(default=None, description="Version that gets mirrored traffic.")
     shadow_percent: float = Field(default=0.0, ge=0, le=100, description="Share mirrored.")
     allow_override: bool = Field(default=True, description=f"Honour the {OVERRIDE_HEADER} header.")
+    mirror_percent: float = Field(
+        default=0.0,
+        ge=0,
+        le=100,
+        description="Share of requests of a two-version split also run on the other version.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrafficPolicy:
@@ -145,12 +166,17 @@ def assign(
         return Assignment(override, None, "override")
     b = bucket(key) if key is not None else rng.randrange(BUCKETS)
     version = _pick(policy, b)
-    shadow = None
-    if policy.shadow and policy.shadow != version and policy.shadow_percent > 0:
+    shadow, percent = policy.shadow, policy.shadow_percent
+    if shadow is None and policy.mirror_percent > 0 and len(policy.weights) == 2:
+        # Analysis mirror of a canary: the twin runs on the version *not* serving it.
+        shadow, percent = next(v for v in policy.weights if v != version), policy.mirror_percent
+    if shadow == version or percent <= 0:
+        shadow = None
+    if shadow is not None:
         # Mirroring is drawn apart from the split so the shadow sample is not biased.
         s = bucket("shadow:" + key) if key is not None else rng.randrange(BUCKETS)
-        if s < policy.shadow_percent * BUCKETS / 100:
-            shadow = policy.shadow
+        if s >= percent * BUCKETS / 100:
+            shadow = None
     return Assignment(version, shadow, "sticky" if key is not None else "split")
 
 

@@ -87,8 +87,8 @@ def simulate(
                 carry -= 1.0
                 requests += 1
                 _one_request(spec, policies[spec.model], rec, rng, injector, traffic, clock.time)
-            # tick() does nothing between checks; skipping it saves a state read per second.
-            due = clock.time % spec.canary.check_interval_s < 1.0
+            # tick() does nothing between test updates; skipping it saves a state read.
+            due = clock.time % spec.canary.analysis_interval_s < 1.0
             if due and ctl.tick() and not _running(store, spec.model):
                 break
         state = store.load(spec.model)

@@ -41,6 +41,9 @@ class RolloutState(KilnModel):
     started: float = Field(description="Clock time the rollout started.")
     stage_started: float = Field(description="Clock time the current stage started.")
     last_check: float = Field(description="Clock time of the last check.")
+    last_analysis: float = Field(
+        default=0.0, description="Clock time the sequential tests were last updated."
+    )
     stage_requests: int = Field(default=0, description="Candidate requests seen in this stage.")
     tests: dict[str, list[float]] = Field(default_factory=dict, description="log LR per test.")
     window: list[dict[str, float]] = Field(

@@ -39,7 +39,9 @@ def policy_for(state: RolloutState) -> TrafficPolicy:
     if state.status in ("rolled-back", "aborted"):
         return single(base)
     if spec.strategy == "canary":
-        return split(base, cand, spec.canary.steps[state.stage])
+        return split(
+            base, cand, spec.canary.steps[state.stage], mirror_percent=spec.canary.mirror_percent
+        )
     if spec.strategy == "blue-green" and state.stage == 1:
         # After the switch the old version keeps getting a mirrored share, so the
         # comparison still runs against a baseline at the same time.

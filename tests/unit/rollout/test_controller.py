@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from modelkiln.errors import ConfigError
-from modelkiln.rollout.controller import Controller
+from modelkiln.rollout.controller import Controller, DriftProbe
 from modelkiln.rollout.policy import CanaryConfig, TrafficPolicy, assign
 from modelkiln.rollout.recorder import Recorder
 from modelkiln.rollout.spec import RolloutSpec, RolloutState
@@ -21,18 +21,18 @@ FAST = CanaryConfig(dwell_s=60, check_interval_s=10, min_requests=10)
 class Harness:
     """A controller, its fake clock, and seeded traffic through the applied policy."""
 
-    def __init__(self, tmp: Path, drift: bool = False) -> None:
+    def __init__(self, tmp: Path, drift: DriftProbe | None = None) -> None:
         self.clock, self.rec, self.rng = FakeClock(), Recorder(), random.Random(0)
         self.policies: dict[str, TrafficPolicy] = {}
         self.finished: list[RolloutState] = []
         self.store = StateStore(tmp)
         self.ctl = self.controller(drift)
 
-    def controller(self, drift: bool = False) -> Controller:
+    def controller(self, drift: DriftProbe | None = None) -> Controller:
         return Controller(
             self.store, self.clock, self.rec,
             apply=self.policies.__setitem__, on_finish=self.finished.append,
-            drift=(lambda _m, _v: True) if drift else None,
+            drift=drift,
         )  # fmt: skip
 
     def run(self, seconds: int, bad: str | None = None, slow: str | None = None) -> None:
@@ -81,9 +81,10 @@ def test_faulty_candidate_rolls_back_and_logs_why(tmp_path: Path) -> None:
     assert h.policies["m"].weights == {"1": 100}
     last = h.store.decisions("m")[-1]
     assert last.action == "rollback" and "errors log-LR" in last.reason
-    assert last.numbers["log_evidence"]["errors"] >= last.numbers["bound"]
+    ev = last.numbers["log_evidence"]
+    assert max(ev["errors"], ev["slo_errors"]) >= last.numbers["bound"]
     lines = h.store.log_path("m").read_text().splitlines()
-    assert '"action":"rollback"' in lines[-1] and "candidate worse than the baseline" in lines[-1]
+    assert '"action":"rollback"' in lines[-1] and "errors log-LR" in lines[-1]
 
 
 def test_slow_candidate_rolls_back_on_latency(tmp_path: Path) -> None:
@@ -172,8 +173,10 @@ def test_shadow_waits_for_manual_promotion(tmp_path: Path) -> None:
 
 
 def test_drift_holds_the_ramp(tmp_path: Path) -> None:
-    h = Harness(tmp_path, drift=True)
+    h = Harness(tmp_path, drift=lambda _m, v: ["input_tokens (ks)"] if v == "2" else [])
     h.ctl.start(spec())
     h.run(200)
     assert h.policies["m"].weights == {"1": 95, "2": 5}
-    assert "drift" in h.store.decisions("m")[-1].reason
+    last = h.store.decisions("m")[-1]
+    assert last.action == "hold" and "drift on the candidate 2 (input_tokens (ks))" in last.reason
+    assert last.numbers["drift"] == {"candidate": ["input_tokens (ks)"], "baseline": []}

@@ -94,16 +94,39 @@ def test_admin_start_split_shadow_and_auth(tmp_path: Path) -> None:
         assert again.status_code == 409 and "already" in again.text
         missing = await c.post("/admin/rollout/m/start", json={"candidate": "9"}, headers=ADMIN)
         assert missing.status_code == 400 and "not loaded" in missing.text
-        for _ in range(5):
-            await c.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        for t in (0, 0, 0, 0, 0, 1.0):  # a sampled answer (temperature 1) is not compared
+            await c.post("/v1/completions", json={"model": "m", "prompt": "x", "temperature": t})
         await asyncio.sleep(0.05)  # the mirrored requests run in the background
         r = await c.post("/admin/rollout/m/abort", json={"reason": "test"}, headers=ADMIN)
         assert r.json()["rollout"]["status"] == "aborted"
 
     run(gw, go)
-    assert gw.recorder.drain("m", "2").requests == 5
+    assert gw.recorder.drain("m", "2").requests == 6
     pairs = gw.recorder.drain_pairs("m")
     assert len(pairs) == 5 and all(p == pytest.approx(2 / 3) for p in pairs)
+
+
+def test_canary_mirrors_each_request_to_the_other_version(tmp_path: Path) -> None:
+    gw = gateway(tmp_path, FakeClock())
+    canary = {"steps": [10, 100], "dwell_s": 3600}
+
+    async def go(c: httpx.AsyncClient) -> None:
+        r = await c.post("/admin/rollout/m/start", json={"candidate": "2", "canary": canary},
+                         headers=ADMIN)  # fmt: skip
+        assert r.json()["policy"]["mirror_percent"] == 100
+        served = [
+            (await c.post("/v1/completions", json={"model": "m", "temperature": 0})).headers[
+                "x-model-version"
+            ]
+            for _ in range(40)
+        ]
+        await asyncio.sleep(0.05)
+        assert served.count("2") < 20  # users still see the canary share only
+
+    run(gw, go)
+    # ... but both versions ran every request: the candidate is measured on all 40
+    assert gw.recorder.drain("m", "2").requests == 40 == gw.recorder.drain("m", "1").requests
+    assert len(gw.recorder.drain_pairs("m")) == 40
 
 
 def test_injected_fault_returns_500_and_is_recorded(tmp_path: Path) -> None:
