@@ -208,6 +208,9 @@ def offline(
 ) -> None:
     """Sweep batch x sequence length on torch and ONNX Runtime; JSON + PNG + HTML.
 
+    MODEL is a save_pretrained() folder or any variant kiln optimize writes (fp32 / bf16,
+    torchao int8, pruned, distilled, TorchScript, torch.export, ONNX fp32 / int8 / int4).
+
     Reports p50/p95/p99, throughput, peak RSS (CUDA memory on a GPU), samples/s per
     MB and the optimal batch (largest that still gains > 5 % within --memory-cap-mb).
 
@@ -234,6 +237,11 @@ def offline(
         console.print(f"[dim]sweeping {model} ...[/dim]")
         result = run_offline(cfg)
         paths = write_offline(result, out)
+        for v in result["variants"]:
+            console.print(
+                f"[dim]{v['backend']}: variant {v['variant'] or '-'}, format {v['format']}, "
+                f"dtype {v['dtype'] or '-'}, device {v['device']}[/dim]"
+            )
         if history is not None:
             append_history(result, history)
     table = Table(title=f"kiln bench offline {result['name']}", title_justify="left")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +14,11 @@ from modelkiln.cli._common import console, guard
 
 def profile(
     model: Annotated[
-        str | None, typer.Argument(help="Model dir, hub-cache name or optimize variant dir.")
+        str | None,
+        typer.Argument(
+            help="Model dir or any kiln optimize variant dir (HF fp32/bf16, torchao int8, "
+            "pruned, distilled, TorchScript, torch.export, ONNX)."
+        ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("profile"),
     batch: Annotated[int, typer.Option(min=1, help="Batch size profiled.")] = 4,
@@ -34,8 +39,10 @@ def profile(
 ) -> None:
     """Profile a model (torch.profiler / ONNX Runtime trace, top ops, memory) or a server.
 
-    Writes trace.json (open it in https://ui.perfetto.dev), ops.json and memory.json.
-    With --server URL --pid PID: a py-spy flame graph SVG of the running server.
+    Writes trace.json (open it in https://ui.perfetto.dev) and profile.json (top ops, memory).
+    With --server URL (or --pid PID): a py-spy flame graph SVG of the running server and its
+    Python worker processes; a PID that is a wrapper (sh -c ...) is sampled through its Python
+    children.
 
     Example: kiln profile runs/quickstart/train/model --batch 8 --seq 128 -o prof/
     """
@@ -44,6 +51,11 @@ def profile(
     with guard():
         if server is not None:
             svg = profile_server(server, out, seconds=seconds, pid=pid)
+            info = json.loads((svg.parent / "flame.json").read_text())
+            console.print(
+                f"sampled process {info['pid']} {info['process']} "
+                f"(Python pids {info['python_pids']}, {info['samples']} samples)"
+            )
             console.print(f"flame graph: {svg}")
             return
         if model is None:
@@ -60,7 +72,14 @@ def profile(
         table.add_row(row["name"][:60], str(row["calls"]), f"{row['self_ms']:.3f}",
                       f"{row['self_pct']:.1f}")  # fmt: skip
     console.print(table)
+    v = result["variant"]
+    console.print(
+        f"[dim]variant {v['variant'] or '-'}, format {v['format']}, dtype {v['dtype'] or '-'}, "
+        f"device {v['device']}[/dim]"
+    )
     mem = result.get("memory") or {}
+    if mem.get("skipped"):
+        console.print(f"memory analysis skipped: {mem['skipped']}")
     for key, value in mem.items():
         if isinstance(value, int | float):
             console.print(f"{key}: {value:,.3f}")

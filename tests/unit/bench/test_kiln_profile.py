@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from http_helpers import tiny_encoder_dir
 from test_offline import tiny_onnx_dir
@@ -62,23 +64,33 @@ def test_onnx_variant_gets_onnx_runtimes_profiler(tmp_path: Path) -> None:
     assert {r["name"] for r in res["top_ops"]} >= {"Gather", "Mul"}
 
 
-def test_server_flame_graph_or_the_exact_refusal(tmp_path: Path) -> None:
-    busy = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import time\nt = time.time()\nwhile time.time() - t < 60: sum(range(99))",
-        ]
-    )
+def test_server_flame_graph_through_a_shell_wrapper_or_the_exact_refusal(tmp_path: Path) -> None:
+    # The pid is a shell wrapper (like `$!` of `sh -c 'python ...' &`): py-spy alone says
+    # "Failed to find python version"; kiln samples the Python child through it.
+    loop = "import time\nt = time.time()\nwhile time.time() - t < 60: sum(range(99))"
+    wrapper = subprocess.Popen(["/bin/sh", "-c", f"{sys.executable} -c '{loop}'; true"])
     try:
+        time.sleep(0.5)
         try:
-            svg = profile_server("http://127.0.0.1:1", tmp_path, seconds=1, pid=busy.pid)
+            svg = profile_server("http://127.0.0.1:1", tmp_path, seconds=1, pid=wrapper.pid)
         except EnvironmentCheckError as exc:  # sandboxes without ptrace access
             assert "py-spy could not sample process" in str(exc) and "ptrace" in str(exc)
         else:
             assert svg.read_text().lstrip().startswith("<?xml")
+            info = json.loads((tmp_path / "flame.json").read_text())
+            assert info["pid"] == wrapper.pid and "'sh'" in info["process"]
+            assert len(info["python_pids"]) == 1 and info["python_pids"][0] != wrapper.pid
     finally:
-        busy.kill()
-        busy.wait()
+        for child in psutil.Process(wrapper.pid).children(recursive=True):
+            child.kill()
+        wrapper.kill()
+        wrapper.wait()
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(EnvironmentCheckError, match="is 'sleep' .*not a Python interpreter"):
+            profile_server("http://127.0.0.1:1", tmp_path, seconds=1, pid=sleeper.pid)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
     with pytest.raises(ConfigError, match="no process on this machine"):
         profile_server("http://127.0.0.1:1", tmp_path)

@@ -130,6 +130,7 @@ def run_offline(cfg: OfflineConfig) -> dict[str, Any]:
         "model": str(cfg.model),
         "config": cfg.model_dump(),
         "environment": _environment(),
+        "variants": [r.meta for r in runners],
         "seconds": time.perf_counter() - started,
         "rows": rows,
         "optimal": optimal,

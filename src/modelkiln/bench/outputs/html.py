@@ -59,6 +59,10 @@ def offline_html(result: dict[str, Any], png: Path | None, path: Path) -> Path:
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>kiln bench offline: {html.escape(str(result.get('name', '')))}</h1>",
         f"<p>{html.escape(', '.join(f'{k}: {v}' for k, v in env.items()))}</p>",
+        "<h2>What ran</h2>",
+        table_html(
+            result.get("variants", []), ["backend", "variant", "format", "dtype", "device", "task"]
+        ),
         "<h2>Optimal batch</h2>",
         table_html(result.get("optimal", []), ["backend", "seq", "batch", "items_per_s"]),
         "<h2>Every cell</h2>",

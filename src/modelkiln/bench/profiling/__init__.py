@@ -49,6 +49,7 @@ def profile_model(
     result: dict[str, Any] = {
         "model": str(path),
         "backend": runner.name,
+        "variant": runner.meta,
         "batch": batch,
         "seq": seq,
         "steps": steps,
@@ -60,15 +61,28 @@ def profile_model(
 
         result |= ort_trace(path / MODEL_ONNX, inputs, out, steps, top)
     else:
-        from modelkiln.bench.profiling.memory import memory_analysis
         from modelkiln.bench.profiling.torch_trace import torch_trace
 
-        net = runner.module
-        result |= torch_trace(net, inputs, out, steps, top)
+        on_cuda = runner.meta.get("device") == "cuda"
+        result |= torch_trace(runner.run, inputs, out, steps, top, cuda=on_cuda)
         if memory:
-            result["memory"] = memory_analysis(net, inputs)
+            result["memory"] = _memory(runner, inputs)
     (out / "profile.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result
+
+
+def _memory(runner: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The training-memory analysis, for formats that can train (plain HF weights)."""
+    fmt = runner.meta.get("format")
+    if fmt != "hf" or runner.module is None:
+        return {
+            "skipped": f"format {fmt!r} ({runner.meta.get('variant')}) does not train: "
+            "torchao int8 tensors, TorchScript and torch.export programs run inference only; "
+            "analyse the fp32 source model instead"
+        }
+    from modelkiln.bench.profiling.memory import memory_analysis
+
+    return memory_analysis(runner.module, inputs)
 
 
 def profile_server(url: str, out: Path, *, seconds: float = 10.0, pid: int | None = None) -> Path:

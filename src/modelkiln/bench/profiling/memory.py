@@ -3,7 +3,7 @@ against the peak measured over one real training step.
 
 Estimate, per the usual accounting (the handbook's version counts Adam as 1x):
 parameters + gradients (1x the trainable parameters) + Adam's two moments (2x
-the trainable parameters, fp32) + activations. Activations are measured, not
+the trainable parameters, in their dtype) + activations. Activations are measured, not
 guessed: forward hooks record the bytes each leaf module outputs at the given
 batch and sequence length, summed per layer (the module path up to its
 index, e.g. ``encoder.layer.0``) — roughly what autograd keeps for backward.
@@ -118,7 +118,8 @@ def memory_analysis(model: Any, inputs: dict[str, Any], measure: bool = True) ->
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     grads = sum(p.numel() * p.element_size() for p in trainable)
-    adam = sum(2 * p.numel() * 4 for p in trainable)  # two fp32 moments per parameter
+    # Adam's two moments per parameter, in the parameter's dtype (torch.optim.Adam's state)
+    adam = sum(2 * p.numel() * p.element_size() for p in trainable)
     layers = activations_per_layer(model, inputs)
     acts = sum(layers.values())
     mb = 2**20

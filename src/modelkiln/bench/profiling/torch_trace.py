@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +30,29 @@ def top_ops(prof: Any, top: int) -> list[dict[str, Any]]:
 
 
 def torch_trace(
-    model: Any, inputs: dict[str, Any], out: Path, steps: int, top: int
+    forward: Callable[[dict[str, Any]], Any],
+    inputs: dict[str, Any],
+    out: Path,
+    steps: int,
+    top: int,
+    *,
+    cuda: bool = False,
 ) -> dict[str, Any]:
-    """Profile ``steps`` forward passes (after one warm-up); write ``out/trace.json``."""
-    import torch
+    """Profile ``steps`` calls of ``forward(inputs)`` (after one warm-up); write the trace.
+
+    ``forward`` is any torch forward pass (an HF module, a TorchScript or
+    torch.export program, torchao-quantized weights); ``cuda`` adds GPU activity.
+    Writes ``out/trace.json`` (Chrome trace).
+    """
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+    if cuda:
         activities.append(ProfilerActivity.CUDA)
-    with torch.inference_mode():
-        model(**inputs)  # warm-up: first-call allocations stay out of the trace
-        with profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
-            for _ in range(steps):
-                model(**inputs)
+    forward(inputs)  # warm-up: first-call allocations (and program optimisation) stay out
+    with profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
+        for _ in range(steps):
+            forward(inputs)
     trace = out / "trace.json"
     prof.export_chrome_trace(str(trace))
     return {"trace": str(trace), "top_ops": top_ops(prof, top)}
