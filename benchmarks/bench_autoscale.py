@@ -1,30 +1,32 @@
-"""Predictive (Holt-Winters + M/M/c) vs reactive (HPA-like) autoscaling on a seeded
-synthetic trace: share of requests within the p95 target and replica-seconds.
+"""Predictive (Holt-Winters + M/M/c) vs reactive (HPA-like) autoscaling on seeded synthetic
+traces, each policy tuned on its own tuning seeds and scored on held-out seeds.
 
-    python benchmarks/bench_autoscale.py [--days 5] [--seed 0]
+    python benchmarks/bench_autoscale.py                       # ~1-2 min (pure simulation)
+    python benchmarks/bench_autoscale.py --startup-steps 3     # replicas take 15 min to start
+    python benchmarks/bench_autoscale.py --burst-scale 0       # what-if: no bursts
 """
 
 from __future__ import annotations
 
 import argparse
 
-from modelkiln.deploy.autoscale_backtest import compare
+from modelkiln.deploy.autoscale_tune import Scenario, render_markdown, run_study
 
 
 def main() -> None:
-    """Print one line per policy and the predictive / reactive replica-seconds ratio."""
+    """Print the tuned settings and the per-seed table (markdown)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--days", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tune-seeds", type=int, nargs="+", default=[100, 101, 102])
+    p.add_argument("--eval-seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--goal", type=float, default=0.99, help="share of requests within target")
+    p.add_argument("--startup-steps", type=int, default=1, help="5-minute steps to start")
+    p.add_argument("--burst-scale", type=float, default=1.0, help="0: no bursts")
     args = p.parse_args()
-    results = compare(days=args.days, train_days=3, seed=args.seed)
-    for r in results:
-        print(f"{r.policy:<10} within target {r.within_target:.2%}  "
-              f"replica-seconds {r.replica_seconds:,.0f}  peak replicas {r.max_replicas}")  # fmt: skip
-    reactive, predictive = results
-    print(
-        f"predictive / reactive replica-seconds: {predictive.replica_seconds / reactive.replica_seconds:.3f}"
-    )
+    scenario = Scenario(startup_steps=args.startup_steps, burst_scale=args.burst_scale)
+    study = run_study(args.tune_seeds, args.eval_seeds, args.goal, scenario)
+    print(render_markdown(study))
+    print("forecast error (RMS, req/s) per seed:",
+          {k: round(v, 2) for k, v in study.sigma.items()})  # fmt: skip
 
 
 if __name__ == "__main__":

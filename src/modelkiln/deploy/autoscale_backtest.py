@@ -1,17 +1,24 @@
 """Backtest of predictive vs reactive autoscaling on a replayed request-rate trace.
 
 The trace is declared synthetic (no production traffic exists here): a daily sine
-pattern, a smaller weekly-free afternoon bump, random bursts and Gaussian noise, all
-from one seed. Both policies see only the past; a replica asked for at step t serves
-from step t + ``startup_steps`` (image pull + model load), and is removed at once.
+pattern, an afternoon bump, random bursts and Gaussian noise, all from one seed. Every
+policy sees only the past. A replica asked for at step t serves from step
+t + 1 + ``startup_steps`` (image pull + model load) and costs replica-seconds from the
+moment it is asked for; a removed replica stops at once (starting ones are cancelled
+first, as a Deployment scaling down does).
 
 - reactive: the Kubernetes HPA rule on utilization (desired = ceil(current x
-  utilization / target)), scale-down stabilized over ``stabilization_steps``;
-- predictive: :func:`~modelkiln.deploy.autoscale.holt_winters_peak` over the horizon,
-  sized by :class:`~modelkiln.deploy.autoscale.QueueModel`, with a reactive floor.
+  utilization / target), 10 % tolerance, scale-up / scale-down stabilization windows:
+  the min / max of the recent recommendations);
+- predictive: the Holt-Winters forecast (:func:`~modelkiln.deploy.autoscale.rolling_forecasts`)
+  peak over the steps a decision covers (until a replica asked now could serve), plus
+  ``z`` times the forecast's own error, sized by
+  :class:`~modelkiln.deploy.autoscale.QueueModel`, optionally never below what the
+  rate seen now needs;
+- oracle: knows each step's rate and has no startup delay (a lower bound on cost).
 
 Scores: the share of requests answered within the p95 target (M/M/c per step) and the
-replica-seconds used.
+replica-seconds used. Tuning and held-out evaluation: :mod:`.autoscale_tune`.
 """
 
 from __future__ import annotations
@@ -19,12 +26,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
-from modelkiln.deploy.autoscale import QueueModel, holt_winters_peak
+from modelkiln.deploy.autoscale import QueueModel, rolling_forecasts
 
 
-def synthetic_trace(days: int, step_s: int, seed: int = 0, peak: float = 40.0) -> list[float]:
-    """Requests/s per step: diurnal pattern + afternoon bump + bursts + noise (seeded)."""
+def synthetic_trace(
+    days: int, step_s: int, seed: int = 0, peak: float = 40.0, burst_scale: float = 1.0
+) -> list[float]:
+    """Requests/s per step: diurnal pattern + afternoon bump + bursts + noise (seeded);
+    ``burst_scale`` multiplies the bursts' height (0: none, for the what-if row)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -35,14 +47,15 @@ def synthetic_trace(days: int, step_s: int, seed: int = 0, peak: float = 40.0) -
     rate = peak * (base + bump) / 1.25
     bursts = np.zeros(steps)
     for start in rng.choice(steps, size=max(1, days * 3), replace=False):
-        bursts[start : start + int(rng.integers(2, 6))] += peak * rng.uniform(0.15, 0.35)
+        height = burst_scale * peak * rng.uniform(0.15, 0.35)
+        bursts[start : start + int(rng.integers(2, 6))] += height
     noise = rng.normal(0.0, 0.04 * peak, steps)
     return [float(x) for x in np.clip(rate + bursts + noise, 0.0, None)]
 
 
 @dataclass(frozen=True)
 class BacktestResult:
-    """Outcome of one policy over the test part of the trace."""
+    """Outcome of one policy over the replayed part of the trace."""
 
     policy: str
     within_target: float  # share of requests within the p95 target
@@ -50,38 +63,85 @@ class BacktestResult:
     max_replicas: int
 
 
+#: ``(history up to and including now, replicas serving now) -> replicas wanted``.
 Policy = Callable[[list[float], int], int]
 
 
+@lru_cache(maxsize=200_000)
+def _within(model: QueueModel, rate: float, replicas: int) -> float:
+    # Cached: a tuning grid scores the same (rate, replicas) pairs many times.
+    return model.within_target(rate, replicas)
+
+
+@lru_cache(maxsize=200_000)
+def _size(model: QueueModel, rate: float) -> int:
+    return model.replicas(rate)
+
+
 def reactive_policy(
-    model: QueueModel, target_util: float = 0.7, stabilization_steps: int = 5
+    model: QueueModel,
+    target_util: float = 0.7,
+    stabilization_steps: int = 1,
+    *,
+    upscale_steps: int = 1,
+    tolerance: float = 0.1,
 ) -> Policy:
-    """HPA-like: utilization of the replicas now -> desired, slow scale-down."""
+    """HPA-like: utilization of the serving replicas -> desired replicas.
+
+    Utilization is the offered load over the serving capacity (not capped at 100 % as a
+    CPU metric is, which favours this baseline in overload). Scale-up takes the lowest
+    recommendation of the last ``upscale_steps``, scale-down the highest of the last
+    ``stabilization_steps`` (the HPA's ``behavior`` windows; its defaults are 0 s and
+    300 s).
+    """
     recent: list[int] = []
 
     def decide(history: list[float], current: int) -> int:
-        busy = history[-1] * model.service_time_s / (current * model.slots_per_replica)
-        desired = math.ceil(current * busy / target_util) if busy > 0 else model.min_replicas
-        desired = max(model.min_replicas, min(model.max_replicas, desired))
-        recent.append(desired)
-        del recent[:-stabilization_steps]
-        return desired if desired > current else max(recent)
+        busy = history[-1] * model.service_time_s / (max(current, 1) * model.slots_per_replica)
+        ratio = busy / target_util
+        raw = current if abs(ratio - 1.0) <= tolerance else math.ceil(max(current, 1) * ratio)
+        raw = max(model.min_replicas, min(model.max_replicas, raw))
+        recent.append(raw)
+        del recent[: -max(stabilization_steps, upscale_steps)]
+        if raw > current:
+            return max(current, min(recent[-upscale_steps:]))
+        return min(current, max(recent[-stabilization_steps:]))
 
     return decide
 
 
-def predictive_policy(model: QueueModel, season: int, horizon: int, refit_every: int = 6) -> Policy:
-    """Holt-Winters peak over the horizon (refitted every ``refit_every`` steps), sized by
-    the queueing model; never below what the rate seen now needs."""
-    cache: dict[str, float] = {}
-    params: dict[str, float] = {}  # smoothing parameters, fitted on the first call
+def predictive_policy(
+    model: QueueModel,
+    forecasts: Any,
+    *,
+    lead: int,
+    sigma: float = 0.0,
+    z: float = 0.0,
+    floor: bool = False,
+) -> Policy:
+    """Forecast peak over the next ``lead`` steps + ``z`` x ``sigma``, sized by ``model``.
+
+    ``forecasts`` comes from :func:`rolling_forecasts` for the same trace (row ``t`` only
+    uses the trace up to ``t``). ``lead`` should be ``startup_steps + 1``: a replica asked
+    for now serves that many steps later, and one removed now cannot be back sooner.
+    ``floor``: never below what the rate seen now needs.
+    """
 
     def decide(history: list[float], current: int) -> int:
-        if "peak" not in cache or len(history) % refit_every == 0:
-            cache["peak"] = holt_winters_peak(history, season, horizon + refit_every, params)
-        return max(model.replicas(cache["peak"]), model.replicas(history[-1]))
+        t = len(history) - 1
+        peak = float(max(forecasts[t][:lead])) + z * sigma
+        want = _size(model, round(max(peak, 0.0), 3))
+        if floor:
+            want = max(want, _size(model, round(history[-1], 3)))
+        return want
 
     return decide
+
+
+def forecast_sigma(trace: list[float], forecasts: Any, start: int, end: int, lead: int) -> float:
+    """RMS error of the ``lead``-step forecast over ``trace[start:end]`` (the tuning part)."""
+    errors = [trace[t + lead] - forecasts[t][lead - 1] for t in range(start, end - lead)]
+    return math.sqrt(sum(e * e for e in errors) / len(errors)) if errors else 0.0
 
 
 def backtest(
@@ -89,49 +149,51 @@ def backtest(
     name: str, startup_steps: int = 1,
 ) -> BacktestResult:  # fmt: skip
     """Replay ``trace[train_steps:]`` under ``policy``; score it."""
-    serving = model.replicas(trace[train_steps - 1])
-    pending: list[tuple[int, int]] = []  # (ready at step, replicas)
+    ready: list[int] = [train_steps] * _size(model, round(trace[train_steps - 1], 3))
     total = ok = replica_s = 0.0
-    peak = serving
+    peak = len(ready)
     for t in range(train_steps, len(trace)):
-        for ready_at, target in [p for p in pending if p[0] <= t]:
-            serving = max(serving, target)
-            pending.remove((ready_at, target))
+        serving = sum(1 for r in ready if r <= t)
         rate = trace[t]
         total += rate * step_s
-        ok += rate * step_s * model.within_target(rate, serving)
-        replica_s += serving * step_s
-        peak = max(peak, serving)
+        ok += rate * step_s * _within(model, rate, serving)
+        replica_s += len(ready) * step_s  # starting replicas cost too
+        peak = max(peak, len(ready))
         desired = policy(trace[: t + 1], serving)
-        if desired < serving:
-            serving = desired  # removal is immediate (after its drain)
-        elif desired > serving:
-            pending.append((t + 1 + startup_steps, desired))
+        if desired > len(ready):
+            ready += [t + 1 + startup_steps] * (desired - len(ready))
+        elif desired < len(ready):
+            ready = sorted(ready)[:desired]  # cancel the latest-ready (starting) ones first
     return BacktestResult(name, ok / total if total else 1.0, replica_s, peak)
+
+
+def oracle(trace: list[float], train_steps: int, step_s: int, model: QueueModel) -> BacktestResult:
+    """Knows every step's rate and starts replicas instantly: the least replica-seconds any
+    policy needs at this queue model's sizing."""
+    total = ok = replica_s = 0.0
+    peak = 0
+    for rate in trace[train_steps:]:
+        n = _size(model, round(rate, 3))
+        total += rate * step_s
+        ok += rate * step_s * _within(model, rate, n)
+        replica_s += n * step_s
+        peak = max(peak, n)
+    return BacktestResult("oracle", ok / total if total else 1.0, replica_s, peak)
 
 
 def compare(
     days: int = 5, train_days: int = 3, step_s: int = 300, seed: int = 0
 ) -> list[BacktestResult]:
-    """Run both policies on the same seeded trace (defaults: 5-minute steps, 3 days of
-    history, 2 days replayed, 30-minute horizon, 5-minute replica start)."""
+    """Both policies at their untuned defaults on one seeded trace (5-minute steps, 3 days
+    of history, 2 replayed, 5-minute replica start). :mod:`.autoscale_tune` tunes them."""
     trace = synthetic_trace(days, step_s, seed)
     model = QueueModel(service_time_s=1.0, slots_per_replica=8, p95_target_s=2.0,
                        min_replicas=1, max_replicas=20)  # fmt: skip
     season = 86_400 // step_s
-    horizon = 1800 // step_s
     train = train_days * season
+    forecasts = rolling_forecasts(trace, train, season, horizon=1800 // step_s)
+    predict = predictive_policy(model, forecasts, lead=1800 // step_s, floor=True)
     return [
-        # The HPA's default scale-down stabilization window is 300 s.
-        backtest(
-            trace,
-            train,
-            step_s,
-            model,
-            reactive_policy(model, stabilization_steps=max(1, 300 // step_s)),
-            "reactive",
-        ),
-        backtest(
-            trace, train, step_s, model, predictive_policy(model, season, horizon), "predictive"
-        ),
+        backtest(trace, train, step_s, model, reactive_policy(model), "reactive"),
+        backtest(trace, train, step_s, model, predict, "predictive"),
     ]

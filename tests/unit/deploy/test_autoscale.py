@@ -12,12 +12,17 @@ from modelkiln.deploy.autoscale import (
     holt_winters_peak,
     parse_range_query,
     recommendation_gauge,
+    rolling_forecasts,
 )
-from modelkiln.deploy.autoscale_backtest import (
-    backtest,
-    predictive_policy,
-    reactive_policy,
-    synthetic_trace,
+from modelkiln.deploy.autoscale_backtest import backtest, reactive_policy, synthetic_trace
+from modelkiln.deploy.autoscale_tune import (
+    Scenario,
+    _prepare,
+    _settings,
+    render_markdown,
+    run_predictive,
+    run_reactive,
+    run_study,
 )
 from modelkiln.errors import ConfigError
 
@@ -62,17 +67,77 @@ def test_holt_winters_forecasts_the_coming_daily_peak() -> None:
     assert holt_winters_peak(history[:40], season, 6) == max(history[:40])  # too short to fit
 
 
-def test_backtest_is_seeded_and_predictive_beats_reactive_on_target() -> None:
-    step_s, season = 1800, 48
-    trace = synthetic_trace(days=3, step_s=step_s, seed=3)
-    assert trace == synthetic_trace(days=3, step_s=step_s, seed=3)
-    model = QueueModel(1.0, 8, 2.0, max_replicas=20)
+def test_rolling_forecasts_equal_statsmodels_forecast_from_the_same_history() -> None:
+    from statsmodels.tsa.holtwinters import ExponentialSmoothing
+
+    season, step_s = 48, 1800
+    trace = synthetic_trace(days=4, step_s=step_s, seed=5)
     train = 2 * season
-    reactive = backtest(trace, train, step_s, model, reactive_policy(model, 0.7, 1), "reactive")
-    predictive = backtest(trace, train, step_s, model, predictive_policy(model, season, 1), "pred")
-    for result in (reactive, predictive):
-        assert 0.0 < result.within_target <= 1.0 and result.replica_seconds > 0
-    assert predictive.within_target >= reactive.within_target
+    rows = rolling_forecasts(trace, train, season, horizon=3)
+    fit = ExponentialSmoothing(
+        trace[:train],
+        trend="add",
+        damped_trend=True,
+        seasonal="add",
+        seasonal_periods=season,
+        initialization_method="estimated",
+    ).fit()
+    p = fit.params
+    t = train + 20  # a forecast made after the fit, from the history up to t only
+    again = ExponentialSmoothing(
+        trace[: t + 1], trend="add", damped_trend=True, seasonal="add", seasonal_periods=season,
+        initialization_method="known", initial_level=p["initial_level"],
+        initial_trend=p["initial_trend"], initial_seasonal=p["initial_seasons"],
+    ).fit(smoothing_level=p["smoothing_level"], smoothing_trend=p["smoothing_trend"],
+          smoothing_seasonal=p["smoothing_seasonal"], damping_trend=p["damping_trend"],
+          optimized=False)  # fmt: skip
+    assert list(rows[t]) == pytest.approx([max(0.0, v) for v in again.forecast(3)])
+
+
+def test_backtest_starts_replicas_after_the_delay_and_charges_them() -> None:
+    model = QueueModel(1.0, 8, 2.0, buffer=1.0, max_replicas=20)
+    trace = [4.0] * 10 + [60.0] * 10  # a step the policy cannot see coming
+    asked: list[int] = []
+
+    def policy(history: list[float], serving: int) -> int:
+        asked.append(serving)
+        return model.replicas(history[-1])
+
+    result = backtest(trace, 10, 60, model, policy, "p", startup_steps=2)
+    need = model.replicas(60.0)
+    # Asked at step 10 (the first at 60 req/s), serving from step 13; the 3 steps between
+    # are overloaded, and the starting replicas are paid for from step 11.
+    assert asked[:4] == [1, 1, 1, need]
+    assert result.within_target == pytest.approx(7 / 10, abs=0.01)
+    assert result.replica_seconds == 60 * (1 + 9 * need)
+
+
+def test_hpa_stabilization_holds_the_highest_recent_recommendation() -> None:
+    model = QueueModel(1.0, 10, 2.0, buffer=1.0, max_replicas=20)
+    decide = reactive_policy(model, target_util=0.5, stabilization_steps=3, tolerance=0.0)
+    # 50 req/s on 5 replicas = 100 % busy -> 10 replicas at once (no up window).
+    assert decide([50.0], 5) == 10
+    # The load halves: the recommendation (5) waits out the 3-step window.
+    assert [decide([25.0], 10), decide([25.0], 10), decide([25.0], 10)] == [10, 10, 5]
+
+
+def test_study_tunes_each_policy_to_its_cheapest_setting_meeting_the_goal() -> None:
+    scenario = Scenario(days=4, train_days=2, step_s=1800)
+    grids = ({"target_util": [0.5, 0.7, 0.9], "stabilization_steps": [1], "upscale_steps": [1]},
+             {"z": [0.0, 2.0], "share": [0.95], "buffer": [1.0, 1.2], "floor": [True]})  # fmt: skip
+    study = run_study([7], [8], goal=0.9, scenario=scenario, grids=grids)
+    data = _prepare(scenario, 7)
+    for runner, grid, chosen in ((run_reactive, grids[0], study.reactive_setting),
+                                 (run_predictive, grids[1], study.predictive_setting)):  # fmt: skip
+        scored = [(s, runner(scenario, data, s)) for s in _settings(grid)]
+        meeting = [(s, r) for s, r in scored if r.within_target >= 0.9]
+        best = (min(meeting, key=lambda sr: sr[1].replica_seconds) if meeting
+                else max(scored, key=lambda sr: sr[1].within_target))  # fmt: skip
+        assert chosen == best[0]
+    assert [row[0] for row in study.rows] == [7, 8]
+    assert all(row[3].within_target >= 0.99 for row in study.rows)  # the oracle sizes per step
+    text = render_markdown(study)
+    assert "| 7 (tuning) |" in text and "| 8 |" in text and "Held-out mean" in text
 
 
 def test_prometheus_range_query_and_gauge() -> None:
