@@ -171,6 +171,10 @@ def serve(
     port: Annotated[int, typer.Option("--port")] = 8000,
     admin_key: Annotated[list[str] | None, typer.Option("--admin-key", help="Admin key.")] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="torch or onnx.")] = None,
+    audit_log: Annotated[
+        Path | None,
+        typer.Option("--audit-log", help="Hash-chained audit log of every rollout decision."),
+    ] = None,
 ) -> None:
     """Serve several registry versions of NAME side by side behind the rollout gateway.
 
@@ -188,7 +192,7 @@ def serve(
         ]
         gw = build_gateway(
             name, folders, serving=serving, state_dir=state_dir or reg.root / "rollouts",
-            admin_keys=keys, registry=reg,
+            admin_keys=keys, registry=reg, audit_log=audit_log, plugins=True,
             model_options={"backend": backend} if backend else None,
         )  # fmt: skip
         console.print(f"serving {name} versions {list(folders)} (all traffic on {serving})")

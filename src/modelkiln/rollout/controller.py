@@ -16,11 +16,13 @@ Example (tests drive it like the generation scheduler, with a fake clock):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from modelkiln.contract.audit import AuditWriter
 from modelkiln.errors import ConfigError
 from modelkiln.rollout import analysis
 from modelkiln.rollout.figures import Interval, decisive, evidence, figures, numbers_of
@@ -71,6 +73,7 @@ class Controller:
         apply: ApplyFn | None = None,
         on_finish: FinishFn | None = None,
         drift: DriftProbe | None = None,
+        audit: AuditWriter | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -78,10 +81,23 @@ class Controller:
         self.apply = apply or (lambda _m, _p: None)
         self.on_finish = on_finish or (lambda _s: None)
         self.drift = drift
+        self.audit = audit
+        self._actor: str | None = None  # who runs the current command (None: the controller)
         self._lock = threading.RLock()
         self._interval: dict[str, Interval] = {}  # this check interval's figures, per model
 
     # -- commands ------------------------------------------------------------
+    @contextlib.contextmanager
+    def acting(self, actor: str) -> Iterator[None]:
+        """Commands run inside are audited as ``rollout.action`` by ``actor`` (an operator),
+        not as the controller's own ``rollout.decision``."""
+        with self._lock:
+            before, self._actor = self._actor, actor
+            try:
+                yield
+            finally:
+                self._actor = before
+
     @_locked
     def start(self, spec: RolloutSpec) -> RolloutState:
         """Start a rollout; refuse while another rollout of the same model is active.
@@ -341,3 +357,11 @@ class Controller:
                 action=action, reason=reason, numbers=numbers or {},
             )
         )  # fmt: skip
+        if self.audit is not None:
+            event = "rollout.action" if self._actor else "rollout.decision"
+            self.audit.write(
+                event, actor=self._actor or "controller", rollout=spec.model,
+                baseline=spec.baseline, version=spec.candidate, strategy=spec.strategy,
+                action=action, stage=state.stage, weight=candidate_weight(state),
+                status=state.status, reason=reason, numbers=numbers or {},
+            )  # fmt: skip

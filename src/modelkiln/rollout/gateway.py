@@ -71,6 +71,7 @@ class RolloutGateway:
         admin_keys: list[str],
         faults: dict[tuple[str, str], FaultInjector] | None = None,
         tick_s: float = 1.0,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.app = app
         self.versions = versions
@@ -81,6 +82,8 @@ class RolloutGateway:
         self.admin_keys = admin_keys
         self.faults = faults or {}
         self.started = time.monotonic()
+        self.base_url: str | None = None  # learned from the first request (the drift probe)
+        self._on_close = on_close
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = threading.Event()
         self.controller.resume()
@@ -116,8 +119,13 @@ class RolloutGateway:
                 log.exception("rollout check failed")
 
     def close(self) -> None:
-        """Stop the controller's thread."""
+        """Stop the controller's thread (and close what ``on_close`` closes)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
+        self._ticker.join(5)
+        if self._on_close is not None:
+            self._on_close()
 
     # -- ASGI ------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -130,6 +138,9 @@ class RolloutGateway:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.base_url is None and scope.get("server"):
+            host, port = scope["server"][:2]
+            self.base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         path, method = scope["path"], scope["method"]
         if path == "/admin/rollout" or path.startswith("/admin/rollout/"):
             from modelkiln.rollout.gateway_admin import handle_admin

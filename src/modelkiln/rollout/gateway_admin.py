@@ -35,6 +35,13 @@ def _authorized(keys: list[str], headers: list[tuple[bytes, bytes]]) -> bool:
     return ok
 
 
+def _actor(headers: list[tuple[bytes, bytes]]) -> str:
+    """Who acts, for the audit log: the admin key's id (first 12 hex of its sha256, as
+    ``kiln keys`` names keys), never the key."""
+    token = dict(headers).get(b"authorization", b"").decode("latin-1").partition(" ")[2]
+    return "admin-key:" + hashlib.sha256(token.strip().encode()).hexdigest()[:12]
+
+
 def _error(message: str, code: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": "invalid_request_error", "code": code}}
 
@@ -88,7 +95,8 @@ async def handle_admin(gw: RolloutGateway, scope: dict[str, Any], receive: Any, 
         return
     body = await read_body(receive)
     try:
-        await _act(gw, model, action, json.loads(body or b"{}"))
+        with gw.controller.acting(_actor(scope["headers"])):
+            await _act(gw, model, action, json.loads(body or b"{}"))
     except (KilnError, ValidationError, ValueError) as exc:
         conflict = "already" in str(exc) or "no active rollout" in str(exc)
         await json_response(send, 409 if conflict else 400, _error(str(exc), "rollout_refused"))

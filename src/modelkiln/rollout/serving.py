@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from modelkiln.contract.audit import AuditLog
 from modelkiln.errors import ArtifactError, ConfigError
 from modelkiln.rollout.controller import Controller
+from modelkiln.rollout.drift import HttpDriftProbe
 from modelkiln.rollout.faults import FaultInjector
 from modelkiln.rollout.gateway import RolloutGateway, served_name
 from modelkiln.rollout.policy import TrafficPolicy
@@ -80,6 +82,10 @@ def build_gateway(
     registry: Registry | None = None,
     faults: dict[str, FaultInjector] | None = None,
     tick_s: float = 1.0,
+    audit_log: Path | None = None,
+    monitor_url: str | None = None,
+    hooks: Any = None,
+    plugins: bool = False,
 ) -> RolloutGateway:
     """A :class:`RolloutGateway` over a fresh model server serving every version in ``folders``.
 
@@ -93,7 +99,14 @@ def build_gateway(
         model_options: ``ModelSpec`` fields for every version (backend, precision, kind).
         registry: when given, a promoted rollout makes the candidate the production version.
         faults: version -> fault injector (tests and benchmarks only).
-        tick_s: seconds between the controller's due-check polls.
+        tick_s: seconds between the controller's polls (test updates and due checks).
+        audit_log: hash-chained audit log (``modelkiln.contract.audit``) every decision and
+            operator action is written to.
+        monitor_url: where ``GET /v1/monitor`` answers for the drift gate (default: this
+            gateway's own address, which passes the route to the server it wraps).
+        hooks: the server's plug-in hooks (``ServeHooks``: monitor, security, ...).
+        plugins: when ``hooks`` is None, plug in what ``kiln serve`` does by default
+            (:func:`plugin_hooks`).
     """
     from modelkiln.serve import ModelSpec, ServeConfig, create_app
 
@@ -112,7 +125,12 @@ def build_gateway(
             "admin_keys": admin_keys,
         }
     )
+    if hooks is None and plugins:
+        hooks = plugin_hooks(cfg)
     recorder = Recorder()
+    audit = AuditLog(audit_log) if audit_log is not None else None
+    box: list[RolloutGateway] = []  # the probe needs the gateway's address, known once it serves
+    probe = HttpDriftProbe(monitor_url or (lambda: box[0].base_url if box else None), served_name)
 
     def on_finish(state: RolloutState) -> None:
         if registry is not None and state.status == "promoted":
@@ -120,11 +138,12 @@ def build_gateway(
 
     def factory(apply: Any) -> Controller:
         return Controller(
-            StateStore(state_dir), MonotonicClock(), recorder, apply=apply, on_finish=on_finish
-        )
+            StateStore(state_dir), MonotonicClock(), recorder, apply=apply, on_finish=on_finish,
+            drift=probe, audit=audit,
+        )  # fmt: skip
 
-    return RolloutGateway(
-        create_app(cfg),
+    gateway = RolloutGateway(
+        create_app(cfg, hooks=hooks),
         versions={model: list(folders)},
         serving={model: serving},
         controller_factory=factory,
@@ -132,7 +151,26 @@ def build_gateway(
         admin_keys=admin_keys,
         faults={(model, v): f for v, f in (faults or {}).items()},
         tick_s=tick_s,
+        on_close=audit.close if audit is not None else None,
     )
+    box.append(gateway)
+    return gateway
+
+
+def plugin_hooks(cfg: Any, argv: list[str] | None = None) -> Any:
+    """The hooks ``kiln serve ARGV`` would plug in (monitor, security, ...), built from the
+    contract's extension list, so the versions behind the gateway are monitored like any
+    served model (``GET /v1/monitor`` feeds the drift gate). Default: no flags."""
+    import argparse
+
+    from modelkiln.contract.serving import SERVE_EXTENSIONS, load_extensions, merge_hooks
+
+    extensions = load_extensions(SERVE_EXTENSIONS)
+    parser = argparse.ArgumentParser(add_help=False)
+    for ext in extensions:
+        ext.add_arguments(parser)
+    args = parser.parse_args(argv or [])
+    return merge_hooks(*(ext.hooks(args, cfg) for ext in extensions))
 
 
 def run_gateway(gateway: RolloutGateway, host: str, port: int, log_level: str = "info") -> None:
@@ -145,4 +183,7 @@ def run_gateway(gateway: RolloutGateway, host: str, port: int, log_level: str = 
     )  # fmt: skip
 
 
-__all__ = ["MonotonicClock", "TrafficPolicy", "build_gateway", "registry_versions", "run_gateway"]
+__all__ = [
+    "MonotonicClock", "TrafficPolicy", "build_gateway", "plugin_hooks", "registry_versions",
+    "run_gateway",
+]  # fmt: skip

@@ -20,7 +20,7 @@ from modelkiln.rollout.gateway import served_name
 def entry(version: str, drifted: bool, checked: bool = True, profile: str = "ok") -> dict[str, Any]:
     """One ``models[]`` entry of ``/v1/monitor`` (the monitor helper's documented schema)."""
     feature = {"model": f"m.v{version}", "version": version, "feature": "input_tokens",
-               "group": "request", "test": "ks", "drifted": drifted, "score": 3.0 if drifted else 0.2}  # fmt: skip
+               "group": "request", "test": "ks", "drifted": drifted}  # fmt: skip
     return {"model": f"m.v{version}", "version": version, "profile": {"status": profile},
             "drift_checked": checked, "drift_detected": drifted, "features": [feature]}  # fmt: skip
 
@@ -31,7 +31,7 @@ def monitor() -> Iterator[tuple[str, dict[str, Any]]]:
     snap: dict[str, Any] = {"time": 0, "checks": 1, "models": []}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             body = json.dumps(snap).encode() if self.path == "/v1/monitor" else b"{}"
             self.send_response(200 if self.path == "/v1/monitor" else 404)
             self.send_header("content-length", str(len(body)))
