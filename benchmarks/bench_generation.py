@@ -14,6 +14,9 @@ from the standard library's sources. Compared side by side in one run:
   greedy outputs must equal the engine's token for token.
 
 EOS is ignored everywhere so every request makes exactly its new tokens.
+In-process on purpose: ``kiln bench serve`` measures the same engine over HTTP
+(``bench_serve_completions.py``); ``generate`` has no server, so this comparison
+keeps its own timing of both sides (percentiles from :mod:`modelkiln.stats`).
 Results go to the ``generation-engine`` section of docs/BENCHMARKS.md.
 
     python benchmarks/bench_generation.py
@@ -41,6 +44,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from _record import machine_line, update_section
 
+from modelkiln.stats import percentile
+
 
 def build(args: argparse.Namespace) -> tuple[Any, Any, list[list[int]]]:
     """(model, tokenizer, prompts): random-init GPT-2, BPE tokenizer, stdlib prompts."""
@@ -67,12 +72,6 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, list[list[int]]]:
         prompts.append(ids[start : start + n])
         start += n * 13
     return model, tok, prompts
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) by nearest rank."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def run_engine(
@@ -247,10 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *table,
             "",
-            f"Engine latency: TTFT p50 {percentile(ttft, 0.5) * 1e3:.0f} ms, p95"
-            f" {percentile(ttft, 0.95) * 1e3:.0f} ms (all {len(prompts)} arrive at once and"
+            f"Engine latency: TTFT p50 {percentile(ttft, 50) * 1e3:.0f} ms, p95"
+            f" {percentile(ttft, 95) * 1e3:.0f} ms (all {len(prompts)} arrive at once and"
             f" are prefilled in the first step); inter-token latency p50"
-            f" {percentile(itl, 0.5) * 1e3:.1f} ms, p95 {percentile(itl, 0.95) * 1e3:.1f} ms,"
+            f" {percentile(itl, 50) * 1e3:.1f} ms, p95 {percentile(itl, 95) * 1e3:.1f} ms,"
             f" mean {statistics.fmean(itl) * 1e3:.1f} ms; {engine['steps']:.0f} engine steps.",
             f"Mixed lengths: the same {len(prompts)} prompts with budgets {min(budgets)}-{max(budgets)}"
             f" new tokens (mean {statistics.fmean(budgets):.0f}); a static batch must run to the"

@@ -28,14 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MOCK = ROOT / "tests" / "integration" / "bench_mock_server.py"
 
 
-def _fifo(scheduled: list[float], service: list[float]) -> list[float]:
-    free, out = float("-inf"), []
-    for t, s in sorted(zip(scheduled, service, strict=True)):
-        free = max(t, free) + s
-        out.append(free - t)
-    return out
-
-
 def _p(values: list[float], q: float) -> float:
     from modelkiln.bench import percentile
 
@@ -68,7 +60,9 @@ def run(url: str, rate: float, n: int, out: Path) -> dict[str, float]:
     res = json.loads(out.read_text())
     runs, s = res["run"]["results"], res["summary"]
     service = [r["latency"] for r in runs]
-    sim = _fifo([r["scheduled"] for r in runs], service)
+    from modelkiln.bench.stats import fifo_response_times
+
+    sim = fifo_response_times([r["scheduled"] for r in runs], service)
     d = statistics.fmean(service)
     rho = rate * d
     return {

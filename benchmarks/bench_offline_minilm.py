@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.seq),
                 "--budget",
                 str(args.budget),
+                "--threads",
+                str(args.threads),
                 "-o",
                 str(off),
             ],

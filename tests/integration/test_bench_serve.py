@@ -21,6 +21,7 @@ import pytest
 from serve_support import free_port, wait_ready
 
 from modelkiln.bench import percentile
+from modelkiln.bench.stats import fifo_response_times
 
 MOCK = Path(__file__).with_name("bench_mock_server.py")
 SERVICE_MS = 20.0
@@ -50,16 +51,6 @@ def kiln(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
-def simulate_fifo(scheduled: list[float], service: list[float]) -> list[float]:
-    """Response times of a single-server FIFO queue (Lindley's recursion)."""
-    free_at = float("-inf")
-    out = []
-    for t, s in sorted(zip(scheduled, service, strict=True)):
-        free_at = max(t, free_at) + s
-        out.append(free_at - t)
-    return out
-
-
 def test_poisson_response_time_matches_the_queue_and_service_time_the_mock(
     mock: str, tmp_path: Path
 ) -> None:
@@ -78,7 +69,7 @@ def test_poisson_response_time_matches_the_queue_and_service_time_the_mock(
     assert SERVICE_MS <= s["latency_p50_ms"] <= SERVICE_MS * 1.25
     assert SERVICE_MS <= s["latency_p99_ms"] <= SERVICE_MS * 2  # 2 shared cores: jitter
     # The same queue, fed the same scheduled times and the service times the mock gave.
-    simulated = percentile(simulate_fifo([r["scheduled"] for r in runs], service), 99)
+    simulated = percentile(fifo_response_times([r["scheduled"] for r in runs], service), 99)
     assert simulated is not None
     assert s["response_p99_ms"] == pytest.approx(simulated * 1000, rel=0.05)
     # Queueing shows: the response time's tail is several service times.

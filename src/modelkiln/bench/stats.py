@@ -1,4 +1,5 @@
-"""Bootstrap confidence intervals (numpy; seeded so a report is reproducible).
+"""Bootstrap confidence intervals (numpy; seeded so a report is reproducible), and the
+single-server FIFO queue that open-loop response times are checked against.
 
 Hand-written rather than ``scipy.stats.bootstrap``: scipy is an optional extra
 and the two statistics needed here (a percentile, a ratio of medians) take a
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["bootstrap_percentile_ci", "bootstrap_ratio_ci"]
+__all__ = ["bootstrap_percentile_ci", "bootstrap_ratio_ci", "fifo_response_times"]
 
 
 def bootstrap_percentile_ci(
@@ -46,3 +47,18 @@ def bootstrap_ratio_ci(
     mb = np.median(xb[rng.integers(0, xb.size, size=(n, xb.size))], axis=1)
     lo, hi = np.percentile(mb / ma, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return ratio, float(lo), float(hi)
+
+
+def fifo_response_times(scheduled: Sequence[float], service: Sequence[float]) -> list[float]:
+    """Response times of a one-server FIFO queue fed these arrivals (Lindley's recursion).
+
+    ``scheduled[i]`` is when request i arrives, ``service[i]`` how long it holds the
+    server; the result is in arrival order. What an open-loop run against a
+    one-worker server must report as its response time (coordinated-omission check).
+    """
+    free_at = float("-inf")
+    out = []
+    for t, s in sorted(zip(scheduled, service, strict=True)):
+        free_at = max(t, free_at) + s
+        out.append(free_at - t)
+    return out

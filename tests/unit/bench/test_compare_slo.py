@@ -155,3 +155,11 @@ def test_history_appends_and_plots(tmp_path: Path) -> None:
     h.write_text("{bad\n")
     with pytest.raises(ArtifactError, match="is not JSON"):
         read_history(h)
+
+
+def test_fifo_queue_waits_behind_earlier_requests() -> None:
+    from modelkiln.bench.stats import fifo_response_times
+
+    # 200 ms each: the second arrives at 100 ms and waits 100 ms, the third waits 250 ms.
+    got = fifo_response_times([0.0, 0.1, 0.15, 2.0], [0.2, 0.2, 0.2, 0.2])
+    assert got == pytest.approx([0.2, 0.3, 0.45, 0.2])
