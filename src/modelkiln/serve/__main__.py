@@ -59,11 +59,17 @@ def build_parser(
     p.add_argument("--cache-url", metavar="URL", help="redis://host:port/db response cache")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="weights precision of every model (default auto)")  # fmt: skip
-    p.add_argument("--backend", choices=["torch", "onnx"], help="backend of every model")
+    p.add_argument("--backend", choices=["torch", "onnx"],
+                   help="backend of every model (default: an encoder's HF directory runs on the "
+                        "fastest engine that passes the parity gate here)")  # fmt: skip
     p.add_argument("--threads", type=int, help="intra-op threads of torch and ONNX Runtime")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="server processes sharing the port (default 1; the response cache and "
+                        "key limits then need Redis)")  # fmt: skip
     p.add_argument("--drain-timeout", type=float, help="seconds to drain on SIGTERM")
     p.add_argument("--auto-truncate", action="store_true", default=None,
-                   help="cut embedding inputs past the model's limit instead of 400")  # fmt: skip
+                   help="cut inputs past the model's limit instead of 400 (embeddings: to the "
+                        "limit; prompts: their last tokens that fit)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-file", type=Path, metavar="PATH",
                    help="where third-party warnings, log lines and bars go "
@@ -92,7 +98,8 @@ def config_from_args(
         raise ConfigError("no model to serve", hint="pass --model-path DIR (or --config YAML)")
     named: dict[str, object] = {"host": args.host, "port": args.port, "threads": args.threads,
                                 "drain_timeout_s": args.drain_timeout,
-                                "auto_truncate": args.auto_truncate}  # fmt: skip
+                                "auto_truncate": args.auto_truncate,
+                                "workers": args.workers}  # fmt: skip
     if args.model_path:
         if args.name and len(args.name) != len(args.model_path):
             raise ConfigError("give one --name per --model-path", hint="or leave --name out")
@@ -157,9 +164,15 @@ def main(
             cfg = config_from_args(args, extensions)
             hooks = _hooks(extensions, args, cfg)
             started = True
+            from modelkiln.serve import workers
             from modelkiln.serve.server import serve
 
-            serve(cfg, log_level=args.log_level, hooks=hooks)
+            if (sock := workers.worker_socket()) is not None:  # a worker of --workers N
+                workers.serve_worker(cfg, sock, log_level=args.log_level, hooks=hooks)
+            elif cfg.workers > 1:
+                workers.supervise(cfg, args, sys.argv[1:] if argv is None else list(argv))
+            else:
+                serve(cfg, log_level=args.log_level, hooks=hooks)
     except KilnError as exc:
         if debug:
             raise

@@ -1,11 +1,11 @@
 """The FastAPI application: OpenAI-compatible routes, probes, metrics, docs.
 
-Layers (outermost first): metrics (counts every model request and its
-status) -> hooks (request records for the observers, the guards' headers; only
-when plugged) -> auth (401) -> early 429 (serve/early.py) -> body limit (413)
--> FastAPI with OpenAI-shaped error handlers -> routes. Models load in the
-background after startup, so ``/health`` answers at once and ``/ready`` turns
-200 when every engine is warm.
+Layers (outermost first): request (metrics by status, records for the
+observers, the guards' headers: one wrapper times each request once) -> auth
+(401) -> early 429 (serve/early.py) -> body limit (413) -> FastAPI with
+OpenAI-shaped error handlers -> routes. Models load in the background after
+startup, so ``/health`` answers at once and ``/ready`` turns 200 when every
+engine is warm.
 
 Example:
     >>> app = create_app(ServeConfig(models=[ModelSpec(path=minilm_dir)]))
@@ -29,10 +29,10 @@ from modelkiln.serve import admin, completions, embedding_routes
 from modelkiln.serve.access import APIKeyAuthenticator, AuthMiddleware
 from modelkiln.serve.config import ServeConfig
 from modelkiln.serve.early import EarlyAdmissionMiddleware
-from modelkiln.serve.hooks import HooksMiddleware
+from modelkiln.serve.hooks import RequestMiddleware
 from modelkiln.serve.http_errors import install_error_handlers
 from modelkiln.serve.limits import BodyLimitMiddleware
-from modelkiln.serve.metrics import CONTENT_TYPE, MetricsMiddleware
+from modelkiln.serve.metrics import CONTENT_TYPE
 from modelkiln.serve.schemas import ModelCard, ModelList
 from modelkiln.serve.state import ServerState
 
@@ -103,7 +103,7 @@ def create_app(
 
 
 def _add_middleware(app: FastAPI, state: ServerState) -> None:
-    """Metrics -> hooks -> auth -> early 429 -> body limit (the last added runs first)."""
+    """Request (metrics + hooks) -> auth -> early 429 -> body limit (the last added runs first)."""
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=state.cfg.max_body_bytes,
@@ -124,9 +124,7 @@ def _add_middleware(app: FastAPI, state: ServerState) -> None:
             skip_admin=plugged is None,  # the admin router checks the admin keys itself
             on_reject=lambda reason: state.metrics.rejections.labels(reason).inc(),
         )
-    if state.observers.active or state.hooks.guards:
-        app.add_middleware(HooksMiddleware, hub=state.observers)
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(RequestMiddleware, metrics=state.metrics, hub=state.observers)
 
 
 def _add_probes(app: FastAPI, state: ServerState) -> None:

@@ -50,6 +50,7 @@ from modelkiln.serve.schemas import (
     Usage,
 )
 from modelkiln.serve.state import ServedModel, ServerState
+from modelkiln.serve.truncation import fit_prompt
 
 router = APIRouter(tags=["generation"])
 
@@ -253,6 +254,12 @@ async def _generate(
 ) -> tuple[Run | None, bytes | None, str | None, Ticket | None]:
     """Validate lengths, guard, try the cache, admit, and build the run (shared by both routes)."""
     cfg = state.cfg
+    truncate = cfg.auto_truncate if body.truncate is None else body.truncate
+    prompts = [
+        fit_prompt(p, context=served.max_model_len, max_tokens=max_tokens, truncate=truncate,
+                   max_input_tokens=cfg.max_input_tokens, model=served.name)
+        for p in prompts
+    ]  # fmt: skip
     limits = [check_prompt(served, p, max_tokens, cfg.max_input_tokens) for p in prompts]
     tokens = sum(len(p) + m for p, m in zip(prompts, limits, strict=True)) * body.n
     guard(request, state, served, tokens)

@@ -179,9 +179,10 @@ class ServeConfig(KilnModel):
     )
     auto_truncate: bool = Field(
         False,
-        description="Cut embedding inputs longer than the model's limit (sentence-transformers "
-        "max_seq_length, else model_max_length) instead of answering 400; a request's "
-        "'truncate' overrides it.",
+        description="Cut inputs longer than the model's limit instead of answering 400: "
+        "embedding inputs to sentence-transformers max_seq_length (else model_max_length), "
+        "completion prompts to their last tokens that fit the context minus max_tokens; a "
+        "request's 'truncate' overrides it.",
     )
     request_timeout_s: float = Field(
         120.0, gt=0, description="Deadline of one request; past it the answer is 504."
@@ -191,6 +192,9 @@ class ServeConfig(KilnModel):
     )
     threads: int | None = Field(
         None, ge=1, description="Intra-op threads of torch and ONNX Runtime (None: their defaults)."
+    )
+    workers: int = Field(
+        1, ge=1, le=64, description="Server processes sharing the port (see serve/workers.py)."
     )
     embedding: EmbeddingBatchConfig = Field(default_factory=EmbeddingBatchConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)

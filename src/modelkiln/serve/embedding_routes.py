@@ -2,16 +2,18 @@
 
 ``dimensions`` keeps the first N components and renormalizes them (the
 Matryoshka convention OpenAI uses); ``encoding_format="base64"`` packs
-little-endian float32, which is what the official client decodes.
+little-endian float32, which is what the official client decodes. Floats are
+written by orjson straight from the float32 array: ``json.dumps`` of
+``tolist()`` was the largest Python cost of a 64-client load after the model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -68,7 +70,7 @@ def _format(vectors: np.ndarray, dimensions: int | None, encoding: str) -> list[
     vectors = np.ascontiguousarray(vectors, dtype="<f4")
     if encoding == "base64":
         return [base64.b64encode(row.tobytes()).decode("ascii") for row in vectors]
-    return [row.tolist() for row in vectors]
+    return list(vectors)  # rows of float32: orjson writes each float's shortest repr
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
@@ -114,6 +116,6 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
     ]
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     payload = {"object": "list", "data": data, "model": served.name, "usage": usage}
-    encoded = json.dumps(payload, separators=(",", ":")).encode()
+    encoded = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
     await state.cache.set(key, encoded)
     return Response(encoded, media_type=JSON)

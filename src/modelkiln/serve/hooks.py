@@ -4,9 +4,10 @@
   the observers on one background thread: the request path only appends to a
   bounded queue.
 - Routes describe their request with :func:`note` (tokens, outputs, cache
-  hit) in the ASGI scope's state; :class:`HooksMiddleware` adds status and
+  hit) in the ASGI scope's state; :class:`RequestMiddleware` adds status and
   latency when the last body byte has gone out (a stream's end), emits the
-  record, and adds the headers the request guards returned.
+  record, adds the headers the request guards returned, and keeps the
+  request metrics (one wrapper times each request once).
 
 Example:
     >>> hub = ObserverHub([collector]); hub.emit(record); hub.flush(5.0)
@@ -24,6 +25,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelkiln.contract.serving import RequestObserver, RequestRecord
+from modelkiln.serve.metrics import MODEL_ROUTES, ServeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -179,15 +181,27 @@ def _record(scope: Scope, status: int, started: float) -> RequestRecord:
     )
 
 
-class HooksMiddleware:
-    """Emits a record per finished model / admin request and adds the guards' headers."""
+class RequestMiddleware:
+    """Times each model / admin request once, for the metrics and the observers.
 
-    def __init__(self, app: ASGIApp, hub: ObserverHub) -> None:
+    One ASGI wrapper (it was two, each timing the request and capturing its status,
+    on the hot path): counts every model request by status in ``ml_requests_total``
+    (even on errors; requests that never named a model, 401 or 404, under model "")
+    and observes the successful ones' latency; emits a :class:`RequestRecord` per
+    finished model / admin request when observers listen; adds the request guards'
+    headers to the response.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics, hub: ObserverHub) -> None:
         self.app = app
+        self.metrics = metrics
         self.hub = hub
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(RECORDED_PREFIXES):
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        counted = path in MODEL_ROUTES
+        listed = path.startswith(RECORDED_PREFIXES)  # records and the guards' headers
+        if not counted and not listed:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -206,11 +220,20 @@ class HooksMiddleware:
                     message = {**message, "headers": headers}
             await send(message)
 
+        metrics = self.metrics
+        if counted:
+            metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            if self.hub.active:
+            if counted:
+                metrics.in_flight.dec()
+                name, version = state.get("model", ("", ""))
+                metrics.requests.labels(name, version, str(status)).inc()
+                if status < 400:
+                    metrics.duration.labels(name, version).observe(time.perf_counter() - started)
+            if listed and self.hub.active:
                 try:
                     self.hub.emit(_record(scope, status, started))
                 except Exception:  # boundary: a malformed note must not fail the request
-                    log.exception("cannot build the request record of %s", scope["path"])
+                    log.exception("cannot build the request record of %s", path)

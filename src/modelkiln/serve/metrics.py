@@ -17,9 +17,7 @@ Example:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -31,7 +29,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 #: Buckets of ``ml_request_duration_seconds`` (the handbook's, seconds).
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -118,39 +115,3 @@ class ServeMetrics:
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""
         return generate_latest(self.registry)
-
-
-class MetricsMiddleware:
-    """Counts every model request by status (even on errors) and times the successful ones.
-
-    The route handler names the model in ``scope["state"]["model"]`` (name, version);
-    requests that never got that far (401, 404 route) are counted under model "".
-    """
-
-    def __init__(self, app: ASGIApp, metrics: ServeMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in MODEL_ROUTES:
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-        state: dict[str, Any] = scope.setdefault("state", {})
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            self.metrics.in_flight.dec()
-            name, version = state.get("model", ("", ""))
-            self.metrics.requests.labels(name, version, str(status)).inc()
-            if status < 400:
-                self.metrics.duration.labels(name, version).observe(time.perf_counter() - started)

@@ -42,6 +42,12 @@ class _Sampling(_Request):
     presence_penalty: float = Field(0.0, description="Only 0 is supported.")
     frequency_penalty: float = Field(0.0, description="Only 0 is supported.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported (null only).")
+    truncate: bool | None = Field(
+        None,
+        description="Keep the prompt's last tokens when it does not fit the model's context "
+        "minus max_tokens, instead of refusing it (400); None: the server's auto_truncate "
+        "(TEI's name). usage.prompt_tokens counts the tokens kept.",
+    )
 
     @field_validator("stop")
     @classmethod

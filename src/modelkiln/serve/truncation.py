@@ -9,6 +9,12 @@ Truncation keeps the tokenizer's closing special tokens (BERT's ``[SEP]``):
 sentence-transformers' ``truncation=True`` gives. Token ids sent by the
 client are cut plainly (the client chose them).
 
+A causal LM's prompt is cut from the left (:func:`fit_prompt`): its last tokens,
+the ones the continuation follows, are kept, as TGI's ``truncate`` does. The
+limit is the model's context minus ``max_tokens`` (minus one when
+``max_tokens`` is not given: at least one token must be generated), capped by
+``max_input_tokens``.
+
 Example:
     >>> cut(list(range(10)), limit=4, suffix=1)
     [0, 1, 2, 9]
@@ -42,8 +48,8 @@ def special_suffix(tokenizer: Any) -> int:
 
 def cut(ids: list[int], limit: int, suffix: int) -> list[int]:
     """``ids`` shortened to ``limit`` tokens, keeping the last ``suffix`` ones (special tokens)."""
-    if len(ids) <= limit:
-        return ids
+    if len(ids) <= limit or limit < 1:
+        return ids  # limit < 1: max_tokens alone fills the context (check_prompt's 400)
     keep = min(suffix, max(limit - 1, 0))
     head = ids[: limit - keep]
     return head + (ids[len(ids) - keep :] if keep else [])
@@ -82,3 +88,42 @@ def fit(
             seq = cut(seq, limit, suffix)
         out.append(seq)
     return out
+
+
+def fit_prompt(
+    ids: list[int],
+    *,
+    context: int | None,
+    max_tokens: int | None,
+    max_input_tokens: int,
+    truncate: bool,
+    model: str,
+) -> list[int]:
+    """A causal LM's prompt cut to ``context - max_tokens`` (its last tokens), or the 400.
+
+    Unchanged when it fits. Without ``truncate`` a prompt over the limit is refused.
+
+    When ``max_tokens`` alone fills the context nothing can be kept: the prompt is
+    returned as it is, for ``check_prompt``'s 400 (lower max_tokens).
+
+    Raises:
+        APIError: 400 ``context_length_exceeded`` naming the limit, the length and the flag.
+    """
+    room = (context - (max_tokens or 1)) if context else max_input_tokens
+    limit = min(room, max_input_tokens)
+    if len(ids) <= limit or limit < 1:
+        return ids  # limit < 1: max_tokens alone fills the context (check_prompt's 400)
+    why = f"this model's maximum context length is {context} tokens" if context else ""
+    if max_tokens and context:
+        why += f" and max_tokens is {max_tokens}"
+    if not context or room > max_input_tokens:
+        why = f"max_input_tokens of the server is {max_input_tokens}"
+    if not truncate:
+        raise bad_request(
+            f"{model!r}: the prompt has {len(ids)} tokens; the limit is {limit} ({why}). Pass "
+            '"truncate": true to keep its last tokens (or start the server with '
+            "--auto-truncate), or lower max_tokens",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    return ids[len(ids) - limit :]
