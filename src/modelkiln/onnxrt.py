@@ -6,6 +6,7 @@ must not pay for them (cold start).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,8 +14,16 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 
-def cpu_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
+def cpu_session(
+    path: str | Path | bytes,
+    threads: int | None = None,
+    external_data: Mapping[str, bytes] | None = None,
+) -> ort.InferenceSession:
     """A CPU session: every graph optimization, sequential operators, non-spinning threads.
+
+    ``path`` may be the serialized graph itself (bytes, e.g. decrypted in memory), with
+    ``external_data`` holding its external-data files by the names the graph references:
+    nothing is read from or written to disk then.
 
     ``threads`` sets the intra-op pool (None: ONNX Runtime's default, one per core).
     ORT's pool spins after each run by default; on a 2-core CPU the spinning
@@ -34,4 +43,10 @@ def cpu_session(path: str | Path, threads: int | None = None) -> ort.InferenceSe
     if threads:
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if external_data:
+        names = list(external_data)
+        options.add_external_initializers_from_files_in_memory(
+            names, [external_data[n] for n in names], [len(external_data[n]) for n in names]
+        )
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

@@ -229,6 +229,11 @@ class ServeHooks:
     # loader cannot read (e.g. encrypted weights, decrypted in memory); returns None to
     # leave the directory to the default loader. Torch backends only.
     model_loader: Callable[[Path], Any] | None = None
+    # Opens the ONNX Runtime session of a model directory the default reader cannot read
+    # (e.g. an encrypted graph, decrypted in memory), called with the directory and the
+    # intra-op thread count; returns an ``onnxruntime.InferenceSession``, or None to leave
+    # the directory to the default reader. Not asked when the model's backend is torch.
+    onnx_loader: Callable[[Path, int | None], Any] | None = None
 
     @property
     def wants_logprobs(self) -> bool:
@@ -280,6 +285,13 @@ def merge_hooks(*parts: ServeHooks | None) -> ServeHooks:
                     hint="enable one extension that loads weights",
                 )
             merged.model_loader = part.model_loader
+        if part.onnx_loader is not None:
+            if merged.onnx_loader is not None:
+                raise ServingError(
+                    "two extensions each plug in an ONNX session loader",
+                    hint="enable one extension that loads weights",
+                )
+            merged.onnx_loader = part.onnx_loader
         merged.observers += part.observers
         merged.guards += part.guards
         merged.routers += part.routers

@@ -8,7 +8,8 @@ tampering. The key file (32 random bytes, hex) must not live inside the
 encrypted directory.
 
 Loading decrypts into ``bytes`` and hands them to ``safetensors.torch.load`` or
-``onnxruntime.InferenceSession`` directly: plaintext never touches the disk. A
+``onnxruntime.InferenceSession`` directly (an ONNX graph's external-data files
+as in-memory files): plaintext never touches the disk. A
 wrong key or a changed byte fails the GCM tag check: a clear error, never
 garbage weights.
 
@@ -140,6 +141,61 @@ def onnx_session_encrypted(path: str | Path, key_file: str | Path, **kwargs: Any
     import onnxruntime as ort
 
     return ort.InferenceSession(decrypt_file(path, key_file), **kwargs)
+
+
+#: Encrypted graphs an ONNX variant directory may hold, served in this order: a causal LM's
+#: KV-cache graph before its plain graph (an encoder variant has only ``model.onnx``).
+GRAPH_ORDER = ("model_kv.onnx", "model.onnx")
+
+
+def find_encrypted_graph(model_dir: str | Path) -> Path | None:
+    """The ``*.onnx.enc`` graph of a directory to serve (see :data:`GRAPH_ORDER`), else its
+    only ``*.onnx.enc``, else None."""
+    model_dir = Path(model_dir)
+    for name in GRAPH_ORDER:
+        if (model_dir / (name + SUFFIX)).is_file():
+            return model_dir / (name + SUFFIX)
+    found = sorted(model_dir.glob("*.onnx" + SUFFIX))
+    return found[0] if len(found) == 1 else None
+
+
+def onnx_session_from_dir(
+    model_dir: str | Path, key_file: str | Path, threads: int | None = None
+) -> Any:
+    """The CPU session of an encrypted ONNX variant directory, decrypted in memory only; None
+    when the directory holds no encrypted graph.
+
+    The graph's external-data files (``*.onnx.data.enc``) are decrypted into memory too and
+    handed to ONNX Runtime by name (``add_external_initializers_from_files_in_memory``).
+
+    Raises:
+        SecurityError: a wrong key or a tampered file.
+        ServingError: the decrypted graph does not load.
+    """
+    from modelkiln.errors import ServingError
+    from modelkiln.onnxrt import cpu_session
+
+    graph_file = find_encrypted_graph(model_dir)
+    if graph_file is None:
+        return None
+    key = read_key_file(key_file)
+    graph = decrypt_bytes(graph_file.read_bytes(), key, _plain_name(graph_file))
+    external: dict[str, bytes] = {}
+    for f in sorted(Path(model_dir).glob("*" + SUFFIX)):
+        name = _plain_name(f)
+        # A file the graph references has its name in the graph's bytes (protobuf keeps the
+        # external-data location as plain UTF-8): checked without parsing the graph, so
+        # serving needs no `onnx` package; a false match only costs memory.
+        referenced = name.encode() in graph and not name.endswith((".onnx", ".safetensors"))
+        if f != graph_file and referenced:
+            external[name] = decrypt_bytes(f.read_bytes(), key, name)
+    try:
+        return cpu_session(graph, threads, external)
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ServingError(
+            f"cannot load the decrypted graph {graph_file}: {exc}",
+            hint="encrypt the variant directory with kiln encrypt (graph and *.onnx.data)",
+        ) from exc
 
 
 def load_hf_model_encrypted(model_dir: str | Path, key_file: str | Path) -> Any:

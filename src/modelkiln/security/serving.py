@@ -11,8 +11,8 @@
   (principal, route, model, status, tokens — never the prompt).
 - :func:`model_check`: the trust policy and the pickle guard, run on every model
   and runtime adapter directory before it loads.
-- :func:`encrypted_model_loader`: ``--decrypt-key-file``: AES-GCM weights decrypted in
-  memory, never written in plaintext.
+- :func:`encrypted_model_loader` / :func:`encrypted_onnx_loader`: ``--decrypt-key-file``:
+  AES-GCM torch weights or ONNX graphs decrypted in memory, never written in plaintext.
 
 Example:
     >>> policy = SecurityPolicy(keys=KeyStore("keys.json"), audit=AuditLog("audit.jsonl"))
@@ -84,6 +84,9 @@ class SecurityPolicy:
         if self.decrypt_key_file is not None:
             key_file = self.decrypt_key_file
             extra["model_loader"] = lambda path: encrypted_model_loader(path, key_file)
+            extra["onnx_loader"] = lambda path, threads: encrypted_onnx_loader(
+                path, key_file, threads
+            )
         return ServeHooks(
             **extra,
             authenticator=authenticator,
@@ -305,3 +308,11 @@ def encrypted_model_loader(path: Path, key_file: Path) -> Any:
     if not any(Path(path).glob("*.safetensors" + SUFFIX)):
         return None
     return load_hf_model_encrypted(path, key_file)
+
+
+def encrypted_onnx_loader(path: Path, key_file: Path, threads: int | None) -> Any:
+    """The ONNX Runtime session of a directory with an encrypted graph (``*.onnx.enc``),
+    decrypted in memory (None for any other directory)."""
+    from modelkiln.security.encryption import onnx_session_from_dir
+
+    return onnx_session_from_dir(path, key_file, threads)

@@ -334,6 +334,13 @@ class OnnxEncoderBackend:
             session = cpu_session(onnx_file, threads)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ServingError(f"cannot load '{onnx_file}': {exc}") from exc
+        return cls.from_session(path, session)
+
+    @classmethod
+    def from_session(cls, model_dir: str | Path, session: Any) -> OnnxEncoderBackend:
+        """Wrap an open ONNX Runtime session (e.g. a graph a plug-in decrypted in memory);
+        the tokenizer, pooling and length limit come from ``model_dir``."""
+        path = Path(model_dir)
         limit = None
         config = path / "config.json"
         if config.is_file():

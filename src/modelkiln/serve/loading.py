@@ -68,16 +68,20 @@ def load_engine(
     cfg: ServeConfig,
     on_batch: Callable[[BatchStats], None],
     loader: Callable[[Path], Any] | None = None,
+    onnx_loader: Callable[[Path, int | None], Any] | None = None,
 ) -> Any:
     """Build the engine of one model (blocking: call it on a worker thread).
 
     ``loader``: a plug-in's torch model loader (``ServeHooks.model_loader``), tried first.
+    ``onnx_loader``: a plug-in's ONNX session opener (``ServeHooks.onnx_loader``, e.g. an
+    encrypted graph decrypted in memory): a session it returns makes the backend onnx.
 
     Raises:
         ServingError: the model cannot be loaded or its backend is unsupported.
     """
     kind = detect_kind(spec)
-    backend_name = resolve_backend(spec)
+    session = _plugged_session(spec, cfg, onnx_loader)
+    backend_name = "onnx" if session is not None else resolve_backend(spec)
     if cfg.threads is not None and backend_name == "torch":
         import torch  # only here: an ONNX Runtime model must not pay torch's import (cold start)
 
@@ -92,7 +96,11 @@ def load_engine(
                     f"compile: true needs the torch backend; '{spec.path}' runs on onnx",
                     hint="set backend: torch, or drop compile",
                 )
-            backend = OnnxEncoderBackend.from_path(spec.path, threads=cfg.threads)
+            backend = (
+                OnnxEncoderBackend.from_session(spec.path, session)
+                if session is not None
+                else OnnxEncoderBackend.from_path(spec.path, threads=cfg.threads)
+            )
         else:
             backend = TorchEncoderBackend.from_path(
                 spec.path, spec.precision, compile=spec.compile, loader=loader
@@ -123,4 +131,14 @@ def load_engine(
         model_name=spec.served_name,
         backend=backend_name,
         loader=loader,
+        onnx_session=session,
     )
+
+
+def _plugged_session(
+    spec: ModelSpec, cfg: ServeConfig, onnx_loader: Callable[[Path, int | None], Any] | None
+) -> Any:
+    """The ONNX Runtime session a plug-in opens for ``spec`` (None: the default reader's)."""
+    if onnx_loader is None or spec.backend == "torch":
+        return None
+    return onnx_loader(Path(spec.path), cfg.threads)

@@ -139,6 +139,7 @@ class ServerState:
                     self.cfg,
                     self._on_batch_for(spec.served_name),
                     self.hooks.model_loader,
+                    self.hooks.onnx_loader,
                 )
                 await self._adopt(spec.served_name, spec.version, engine)
                 log.info(

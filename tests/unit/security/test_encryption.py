@@ -85,3 +85,57 @@ def test_onnx_session_from_encrypted_graph(tmp_path: Path) -> None:
     session = onnx_session_encrypted(enc, key, providers=["CPUExecutionProvider"])
     out = session.run(None, {"x": np.array([1.0, -2.0], dtype=np.float32)})[0]
     assert out.tolist() == [-1.0, 2.0]
+
+
+def _add_graph_with_external_data(root: Path) -> Path:
+    """``model.onnx`` computing ``y = x + w`` with ``w`` in ``model.onnx.data``."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.arange(256, dtype=np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [256])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [256])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    root.mkdir()
+    onnx.save_model(model, str(root / "model.onnx"), save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=0)  # fmt: skip
+    return root
+
+
+def test_onnx_variant_dir_with_external_data_decrypts_in_memory(tmp_path: Path) -> None:
+    import numpy as np
+
+    from modelkiln.security.encryption import onnx_session_from_dir
+
+    pytest.importorskip("onnx")
+    variant = _add_graph_with_external_data(tmp_path / "variant")
+    key = generate_key_file(tmp_path / "k.key")
+    assert onnx_session_from_dir(variant, key) is None  # plaintext: the server's own reader
+    encrypt_path(variant, key, remove_plaintext=True)
+    assert sorted(p.name for p in variant.iterdir()) == ["model.onnx.data.enc", "model.onnx.enc"]
+    session = onnx_session_from_dir(variant, key, threads=1)
+    out = session.run(None, {"x": np.ones(256, dtype=np.float32)})[0]
+    assert out.tolist() == [i + 1.0 for i in range(256)]
+    assert sorted(p.name for p in variant.iterdir()) == ["model.onnx.data.enc", "model.onnx.enc"]
+    data = variant / "model.onnx.data.enc"
+    blob = bytearray(data.read_bytes())
+    blob[-3] ^= 0x01
+    data.write_bytes(bytes(blob))
+    with pytest.raises(SecurityError, match=r"cannot decrypt model.onnx.data: wrong key, or"):
+        onnx_session_from_dir(variant, key)
+
+
+def test_decrypt_key_file_plugs_an_onnx_loader_and_only_one_is_allowed(tmp_path: Path) -> None:
+    from modelkiln.contract.serving import ServeHooks, merge_hooks
+    from modelkiln.errors import ServingError
+    from modelkiln.security.serving import SecurityPolicy
+
+    hooks = SecurityPolicy(decrypt_key_file=generate_key_file(tmp_path / "k.key")).hooks()
+    assert hooks.onnx_loader is not None and hooks.model_loader is not None
+    assert hooks.onnx_loader(tmp_path, None) is None  # no encrypted graph: not ours
+    assert merge_hooks(hooks, ServeHooks()).onnx_loader is hooks.onnx_loader
+    with pytest.raises(ServingError, match="two extensions each plug in an ONNX session loader"):
+        merge_hooks(hooks, ServeHooks(onnx_loader=lambda p, t: None))

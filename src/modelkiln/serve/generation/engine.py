@@ -161,12 +161,14 @@ class ContinuousBatchingEngine:
         model_name: str | None = None,
         backend: Literal["torch", "onnx"] = "torch",
         loader: Callable[[Path], Any] | None = None,
+        onnx_session: Any = None,
     ) -> ContinuousBatchingEngine:
         """Load a saved causal LM (+ optional PEFT adapter, merged) and its tokenizer.
 
         ``precision="auto"`` resolves with :func:`~modelkiln.hardware.resolve_precision`
         (fp32 on CPUs without fast bf16). ``backend="onnx"`` runs the directory's
-        ``model_kv.onnx`` (exported at load time when absent) in ONNX Runtime.
+        ``model_kv.onnx`` (exported at load time when absent) in ONNX Runtime, or
+        ``onnx_session`` when a plug-in opened it (e.g. decrypted in memory).
 
         Raises:
             ServingError: the model, adapter or tokenizer cannot be loaded, or the onnx
@@ -182,7 +184,7 @@ class ContinuousBatchingEngine:
                     f"adapter={adapter} / precision={precision!r} need backend: torch",
                     hint="drop adapter/precision, or set backend: torch",
                 )
-            runner = OrtCausalLMBackend.from_path(model_dir, threads=threads)
+            runner = OrtCausalLMBackend.from_path(model_dir, threads=threads, session=onnx_session)
         else:
             runner = TorchCausalLMBackend.from_path(
                 model_dir, adapter=adapter, precision=precision, loader=loader

@@ -74,13 +74,15 @@ class OrtCausalLMBackend:
         threads: int | None = None,
         generation_config: Any = None,
         max_model_len: int | None = None,
+        session: Any = None,
     ) -> None:
         import numpy as np
 
         from modelkiln.onnxrt import cpu_session
 
         try:
-            self.session = cpu_session(onnx_path, threads)
+            # session: opened by a plug-in (e.g. decrypted in memory), else read here
+            self.session = session if session is not None else cpu_session(onnx_path, threads)
         except Exception as exc:  # boundary: onnxruntime raises its own exception types
             raise ServingError(
                 f"cannot load the KV-cache graph '{onnx_path}': {exc}",
@@ -115,8 +117,12 @@ class OrtCausalLMBackend:
         self._tmp: Path | None = None
 
     @classmethod
-    def from_path(cls, model_dir: str | Path, *, threads: int | None = None) -> OrtCausalLMBackend:
+    def from_path(
+        cls, model_dir: str | Path, *, threads: int | None = None, session: Any = None
+    ) -> OrtCausalLMBackend:
         """Load ``model_dir/model_kv.onnx``, or export one from a Hugging Face directory.
+
+        ``session``: the KV-cache graph already open (a plug-in's, e.g. decrypted in memory).
 
         Raises:
             ServingError: no config.json, or neither a KV graph nor torch weights to export.
@@ -137,7 +143,7 @@ class OrtCausalLMBackend:
             gen_config = None
         tmp: Path | None = None
         graph = path / KV_ONNX
-        if not graph.is_file():
+        if session is None and not graph.is_file():
             if not has_torch_weights(path):
                 raise ServingError(
                     f"'{path}' has no {KV_ONNX} and no torch weights to export one from",
@@ -151,7 +157,7 @@ class OrtCausalLMBackend:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        backend = cls(graph, config, threads=threads, generation_config=gen_config)
+        backend = cls(graph, config, threads=threads, generation_config=gen_config, session=session)
         if tmp is not None:
             backend._tmp = tmp
             weakref.finalize(backend, shutil.rmtree, tmp, True)
