@@ -214,10 +214,14 @@ def export(
     interval: Annotated[float, typer.Option("--interval", help="Seconds between checks.")] = 30.0,
     max_error_rate: Annotated[float, typer.Option("--max-error-rate")] = 0.05,
     max_latency_ms: Annotated[float, typer.Option("--max-latency-ms")] = 2000.0,
+    flagger: Annotated[
+        bool, typer.Option("--flagger", help="Write a Flagger Canary + MetricTemplates instead.")
+    ] = False,
 ) -> None:
-    """Write the canary policy as an Argo Rollouts Rollout + AnalysisTemplate (validated).
+    """Write the canary policy as an Argo Rollouts Rollout + AnalysisTemplate, or with
+    --flagger a Flagger Canary + MetricTemplates (validated against the published CRDs).
 
-    Example: kiln rollout export tiny@2 --k8s deploy/rollout
+    Example: kiln rollout export tiny@2 --k8s deploy/rollout [--flagger]
     """
     from modelkiln.rollout.k8s import write_manifests
     from modelkiln.rollout.policy import CanaryConfig
@@ -228,9 +232,12 @@ def export(
             steps=[int(s) for s in steps.split(",")], dwell_s=dwell, check_interval_s=interval,
             max_error_rate=max_error_rate, max_latency_ms=max_latency_ms,
         )  # fmt: skip
-        files = write_manifests(k8s, name, version, cfg, image=image, prometheus=prometheus)
+        files = write_manifests(
+            k8s, name, version, cfg, image=image, prometheus=prometheus, flagger=flagger
+        )
+    project = "Flagger" if flagger else "Argo Rollouts"
     for f in files:
-        console.print(f"wrote {f} (validated against the Argo Rollouts schema)")
+        console.print(f"wrote {f} (validated against the published {project} CRD schema)")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,8 +1,8 @@
 """``kiln rollout export --k8s``: the same canary as an Argo Rollouts ``Rollout`` with an
 ``AnalysisTemplate`` on Prometheus queries of this server's metrics.
 
-Built from typed models (:mod:`.k8s_models`), validated against the CRD schema
-subset shipped in ``rollout/schemas`` (see its ``$comment`` for its source).
+Built from typed models (:mod:`.k8s_models`), validated against the published CRD
+schemas shipped in ``rollout/schemas`` (:mod:`.crd`; sources in ``schemas/SOURCES.md``).
 The queries compare the canary's pods with the stable pods *at the same time*
 (Argo's ``podTemplateHashValue`` args and the ``rollouts_pod_template_hash``
 label Prometheus keeps from the pod). Argo judges each measurement by threshold;
@@ -12,8 +12,6 @@ the handbook's: the mean over the last 5 checks (the query range).
 
 from __future__ import annotations
 
-import json
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import yaml
 
 from modelkiln.errors import ConfigError
 from modelkiln.rollout import k8s_models as m
+from modelkiln.rollout.crd import validate
 from modelkiln.rollout.policy import CanaryConfig
 
 HASH = "rollouts_pod_template_hash"
@@ -124,47 +123,36 @@ def rollout(name: str, version: str, cfg: CanaryConfig, image: str) -> m.Rollout
     )  # fmt: skip
 
 
-def schema(kind: str) -> dict[str, Any]:
-    """The shipped schema subset of ``Rollout`` or ``AnalysisTemplate``."""
-    name = {"Rollout": "argo-rollout", "AnalysisTemplate": "argo-analysistemplate"}[kind]
-    text = resources.files("modelkiln.rollout").joinpath(f"schemas/{name}.schema.json").read_text()
-    data: dict[str, Any] = json.loads(text)
-    return data
-
-
-def validate(doc: dict[str, Any]) -> None:
-    """Check one manifest against its schema.
-
-    Raises:
-        ConfigError: the manifest does not match (names the path and the problem).
-    """
-    import jsonschema
-
-    kind = str(doc.get("kind"))
-    try:
-        jsonschema.validate(doc, schema(kind))
-    except (jsonschema.ValidationError, KeyError) as exc:
-        where = "/".join(map(str, getattr(exc, "absolute_path", []))) or kind
-        raise ConfigError(
-            f"{kind} manifest invalid at {where}: {getattr(exc, 'message', exc)}",
-            hint="this is a bug in kiln rollout export; report it with the config used",
-        ) from None
-
-
 def write_manifests(
-    out: Path, name: str, version: str, cfg: CanaryConfig, *, image: str, prometheus: str
-) -> list[Path]:
-    """Write ``rollout.yaml`` and ``analysis-template.yaml`` (validated first) into ``out``."""
-    docs = {
-        "rollout.yaml": rollout(name, version, cfg, image),
-        "analysis-template.yaml": analysis_template(name, cfg, prometheus),
-    }
+    out: Path, name: str, version: str, cfg: CanaryConfig, *, image: str, prometheus: str,
+    flagger: bool = False,
+) -> list[Path]:  # fmt: skip
+    """Write ``rollout.yaml`` and ``analysis-template.yaml`` (validated first) into ``out``;
+    with ``flagger``, ``canary.yaml`` and ``metric-templates.yaml`` instead (Flagger)."""
+    docs: dict[str, list[dict[str, Any]]]
+    if flagger:
+        from modelkiln.rollout import flagger as fl
+
+        docs = {
+            "canary.yaml": [fl.canary(_dns(name), cfg)],
+            "metric-templates.yaml": fl.metric_templates(_dns(name), name, prometheus),
+        }
+    else:
+        docs = {
+            "rollout.yaml": [_dump(rollout(name, version, cfg, image))],
+            "analysis-template.yaml": [_dump(analysis_template(name, cfg, prometheus))],
+        }
     out.mkdir(parents=True, exist_ok=True)
     files = []
-    for fname, model in docs.items():
-        doc = model.model_dump(by_alias=True, exclude_none=True, mode="json")
-        validate(doc)
+    for fname, objs in docs.items():
+        for doc in objs:
+            validate(doc)
         path = out / fname
-        path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        path.write_text(yaml.safe_dump_all(objs, sort_keys=False), encoding="utf-8")
         files.append(path)
     return files
+
+
+def _dump(model: Any) -> dict[str, Any]:
+    out: dict[str, Any] = model.model_dump(by_alias=True, exclude_none=True, mode="json")
+    return out
