@@ -3,7 +3,8 @@ behind the rollout gateway, real HTTP load, the controller on the real clock.
 
 - a canary of v2 that passes ends with 100 % on v2 (and v2 in production);
 - a faulty v3 (50 % injected errors) rolls back by itself, and the log says why;
-- a blue-green switch under streaming load drops nothing.
+- a blue-green switch under streaming load drops nothing;
+- an automatic rollback of a slow v4 under streaming load drops nothing either.
 """
 
 from __future__ import annotations
@@ -40,15 +41,16 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Reg
     tmp = tmp_path_factory.mktemp("rollout")
     src = save_tiny_gpt2(tmp / "src")
     reg = Registry(tmp / "reg")
-    for _ in range(3):  # the same weights: only the injected faults tell v3 apart
+    for _ in range(4):  # the same weights: only the injected faults tell v3 / v4 apart
         reg.add("tiny", src)
     shutil.rmtree(src)
     reg.promote("tiny", 1, "production")
-    folders, serving = registry_versions(reg, "tiny", ["1", "2", "3"])
+    folders, serving = registry_versions(reg, "tiny", ["1", "2", "3", "4"])
     gw = build_gateway(
         "tiny", folders, serving=serving, state_dir=tmp / "state", admin_keys=["adm"],
         registry=reg, model_options={"backend": "torch", "precision": "fp32"},
-        faults={"3": FaultInjector(FaultSpec(error_rate=0.5), seed=0)}, tick_s=0.2,
+        faults={"3": FaultInjector(FaultSpec(error_rate=0.5), seed=0),
+                "4": FaultInjector(FaultSpec(extra_latency_ms=300), seed=0)}, tick_s=0.2,
     )  # fmt: skip
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(gw, host="127.0.0.1", port=port, log_level="warning"))
@@ -125,17 +127,21 @@ def test_faulty_v3_rolls_back_and_logs_why(gateway: tuple[str, Registry, Path]) 
     assert again.exit_code == 2 and "no active rollout" in again.stderr
 
 
-def _stream(url: str, results: list[str], stop: threading.Event) -> None:
+def _stream(
+    url: str, results: list[str], stop: threading.Event, spans: list[tuple[str, float, float]]
+) -> None:
+    """Stream completions until ``stop``; note each stream's version, outcome and span."""
     with httpx.Client(base_url=url, timeout=60) as client:
         while not stop.is_set():
             body = BODY | {"stream": True, "max_tokens": 16}
+            t0 = time.monotonic()
             try:
                 with client.stream("POST", "/v1/completions", json=body) as r:
                     lines = [ln for ln in r.iter_lines() if ln]
                 ok = r.status_code == 200 and lines[-1] == "data: [DONE]"
-                results.append(
-                    f"{r.headers.get('x-model-version')}:{'ok' if ok else r.status_code}"
-                )
+                version = r.headers.get("x-model-version") or "?"
+                results.append(f"{version}:{'ok' if ok else r.status_code}")
+                spans.append((version, t0, time.monotonic()))
             except httpx.HTTPError as exc:
                 results.append(f"error:{exc!r}")
 
@@ -146,7 +152,8 @@ def test_blue_green_switch_under_streaming_load_drops_nothing(
     url, _, _ = gateway
     results: list[str] = []
     stop = threading.Event()
-    clients = [threading.Thread(target=_stream, args=(url, results, stop)) for _ in range(4)]
+    spans: list[tuple[str, float, float]] = []
+    clients = [threading.Thread(target=_stream, args=(url, results, stop, spans)) for _ in range(4)]
     for t in clients:
         t.start()
     try:
@@ -164,3 +171,35 @@ def test_blue_green_switch_under_streaming_load_drops_nothing(
     assert view["rollout"]["status"] == "promoted", view["decisions"][-3:]
     assert results and all(r.endswith(":ok") for r in results), results
     assert {r.split(":")[0] for r in results} == {"1", "2"}  # streams on both sides of the switch
+
+
+def test_automatic_rollback_under_streaming_load_drops_nothing(
+    gateway: tuple[str, Registry, Path],
+) -> None:
+    """A v4 that answers 300 ms late rolls back by itself while 4 clients stream; every
+    stream, the ones on v4 in flight at the rollback included, ends with [DONE]."""
+    url, reg, state = gateway
+    baseline = str(reg.show("tiny", "production").version)
+    results: list[str] = []
+    spans: list[tuple[str, float, float]] = []
+    stop = threading.Event()
+    clients = [threading.Thread(target=_stream, args=(url, results, stop, spans)) for _ in range(4)]
+    for t in clients:
+        t.start()
+    try:
+        _start(url, {"candidate": "4", "strategy": "canary", "canary": FAST | {"dwell_s": 600}})
+        end = time.monotonic() + 120
+        while time.monotonic() < end and _status(url)["rollout"]["status"] == "running":
+            time.sleep(0.3)
+        time.sleep(1.0)  # streams started before the rollback finish on v4
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(60)
+    view = _status(url)
+    assert view["rollout"]["status"] == "rolled-back", view["decisions"][-3:]
+    assert view["policy"]["weights"] == {baseline: 100}
+    last = json.loads((state / "tiny.decisions.jsonl").read_text().splitlines()[-1])
+    assert last["action"] == "rollback" and "latency" in last["reason"]
+    assert results and all(r.endswith(":ok") for r in results), results
+    assert "4" in {r.split(":")[0] for r in results}  # streams ran on v4 before the rollback
