@@ -1,0 +1,177 @@
+"""The markdown section of ``bench_peers.py``: tables of medians and the issue's goals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+CLASS_B = "class B: AMD EPYC Zen 4, AVX-512 + AVX512-BF16 + VNNI, no AMX"
+DEFAULT, INT8 = "modelkiln default", "modelkiln onnx-int8"
+
+
+def _f(value: Any, digits: int = 0) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _rounds(figs: list[dict[str, Any]], key: str, digits: int) -> str:
+    return " / ".join(_f(f.get(key), digits) for f in figs)
+
+
+def _goal(label: str, num: float | None, den: float | None, goal: float) -> str:
+    if not num or not den:
+        return f"- {label}: not measured (a side is missing)"
+    r = num / den
+    return f"- {label}: **{r:.2f}x** (goal >= {goal:g}x): **{'met' if r >= goal else 'missed'}**"
+
+
+def _emb_table(part: dict[str, Any]) -> str:
+    med, rows = part["median"], []
+    for name, figs in part["served"].items():
+        m = med[name]
+        rows.append(
+            f"| {name} | **{_f(m.get('throughput_rps'), 1)}** | {_rounds(figs, 'throughput_rps', 1)} "
+            f"| {_f(m.get('latency_p50_ms'))} / {_f(m.get('latency_p99_ms'))} "
+            f"| {sum(f.get('errors') or 0 for f in figs)} "
+            f"| {_f(m.get('client_cpu_s'), 1)} ({_f(100 * (m.get('client_cpu_util') or 0))} %) "
+            f"| {_f(part['start_s'].get(name), 1)} |"
+        )
+    for name, figs in part["offline"].items():
+        m = med[name]
+        rows.append(
+            f"| {name}, batch 32 (forward only; with tokenization {_f(m.get('with_tokenize_sps'), 1)}) "
+            f"| **{_f(m.get('forward_sps'), 1)}** | {_rounds(figs, 'forward_sps', 1)} | – | – | – | – |"
+        )
+    head = ("| setup | req/s (sentences/s offline), median | per round | latency p50 / p99 ms "
+            "| errors | client CPU s (share of wall) | cold start s |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    return head + "\n" + "\n".join(rows)
+
+
+def _lm_table(part: dict[str, Any]) -> str:
+    med, rows = part["median"], []
+    for name, figs in part["served"].items():
+        m = med[name]
+        made = sorted({t for f in figs for t in f.get("tokens_per_request", [])})
+        rows.append(
+            f"| {name} | **{_f(m.get('output_tokens_per_s'))}** "
+            f"| {_rounds(figs, 'output_tokens_per_s', 0)} "
+            f"| {_f(m.get('ttft_p50_ms'))} / {_f(m.get('ttft_p95_ms'))} "
+            f"| {_f(m.get('tpot_p50_ms'), 1)} | {_f(m.get('itl_p95_ms'), 1)} "
+            f"| {sum(f.get('errors') or 0 for f in figs)} | {made} "
+            f"| {_f(m.get('client_cpu_s'), 1)} ({_f(100 * (m.get('client_cpu_util') or 0))} %) |"
+        )
+    for name, figs in part["offline"].items():
+        rows.append(f"| {name}, static batch | **{_f(med[name].get('output_tokens_per_s'))}** "
+                    f"| {_rounds(figs, 'output_tokens_per_s', 0)} | – | – | – | – | – | – |")  # fmt: skip
+    head = ("| setup | output tok/s, median | per round | TTFT p50 / p95 ms | TPOT p50 ms "
+            "| ITL p95 ms | errors | tokens / request | client CPU s (share of wall) |\n"
+            "|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    return head + "\n" + "\n".join(rows)
+
+
+def _emb_goals(part: dict[str, Any]) -> list[str]:
+    med = part["median"]
+
+    def get(name: str, key: str = "throughput_rps") -> float | None:
+        return med.get(name, {}).get(key)
+
+    off = {k: v.get("forward_sps") for k, v in med.items() if k.startswith("offline")}
+    torch_off = next((v for k, v in off.items() if "torch" in k), None)
+    ort_off = next((v for k, v in off.items() if "ONNX" in k), None)
+    best_served = max((v for v in (get(DEFAULT), get(INT8)) if v), default=None)
+    best_off = max((v for v in off.values() if v), default=None)
+    inf = get("infinity-emb bf16 torch")
+    return [
+        _goal("served embeddings, best modelkiln server vs best offline engine (any)",
+              best_served, best_off, 0.9),
+        _goal("served embeddings, default server vs its own engine offline (torch, auto)",
+              get(DEFAULT), torch_off, 0.9),
+        _goal("served embeddings, int8 server vs its own engine offline (ORT int8)",
+              get(INT8), ort_off, 0.9),
+        _goal("served embeddings, best modelkiln server vs infinity-emb bf16", best_served, inf, 1.5),
+        _goal("served embeddings, default server vs infinity-emb bf16", get(DEFAULT), inf, 1.5),
+    ]  # fmt: skip
+
+
+def _lm_goals(part: dict[str, Any], precision: str) -> list[str]:
+    med = part["median"]
+
+    def get(name: str) -> float | None:
+        return med.get(name, {}).get("output_tokens_per_s")
+
+    best_served = max((v for v in (get(DEFAULT), get(INT8)) if v), default=None)
+    offline = {k: v.get("output_tokens_per_s") for k, v in med.items() if k.startswith("offline")}
+    best_off = max((v for v in offline.values() if v), default=None)
+    q8 = get("llama-server Q8_0")
+    return [
+        _goal(f"served completions, default server ({precision}) vs HF generate static batch "
+              f"({precision})", get(DEFAULT), get(f"offline HF generate {precision}"), 0.9),
+        _goal("served completions, int8 server vs the same int8 KV graph as a static batch (ORT)",
+              get(INT8), get("offline ORT int8 KV graph"), 0.9),
+        _goal("served completions, best modelkiln server vs best offline static batch (any engine)",
+              best_served, best_off, 0.9),
+        _goal("served completions, best modelkiln server vs llama-server Q8_0", best_served, q8, 1.0),
+        _goal("served completions, default server vs llama-server Q8_0", get(DEFAULT), q8, 1.0),
+        _goal("CTranslate2 int8 offline vs best modelkiln server (recorded beside, no goal)",
+              get("offline CTranslate2 int8"), best_served, 0.0),
+    ]  # fmt: skip
+
+
+def render(result: dict[str, Any], args: Any) -> str:
+    """The whole ``peers`` section of docs/BENCHMARKS.md."""
+    load = result.get("load_avg_1m") or {}
+    peers = "; ".join(
+        f"{k}: {v['state']} ({v['detail'][:120]})" for k, v in result["peers"].items()
+    )
+    skipped = "; ".join(f"{k}: {v[:300]}" for k, v in result["skipped"].items()) or "none"
+    parts = [
+        f"""## Peers: `kiln serve` vs infinity-emb, llama.cpp `llama-server`, CTranslate2
+
+{result["machine"]} CPU {CLASS_B}. modelkiln at commit `{result["modelkiln_commit"]}`.
+
+Command: `.venv/bin/python benchmarks/bench_peers.py{" " if result["command"].split("bench_peers.py")[1].strip() else ""}{result["command"].split("bench_peers.py")[1].strip()}`
+(peers installed first by `bash benchmarks/peers/setup_peers.sh`, into `/work/peers`). Run took {result.get("minutes")} min.
+
+**Machine loaded by parallel work**: 2 cores shared with 6 other helpers' builds, tests and
+benchmarks; the 1-minute load average sampled before each phase was {_f(load.get("min"), 1)}-{_f(load.get("max"), 1)}
+(mean {_f(load.get("mean"), 1)}; this run itself adds ~2). Absolute figures are low and noisy; the ratios
+come from {args.rounds} interleaved rounds (server order rotated each round), medians.
+The load generator is modelkiln's own (`modelkiln.bench`, closed loop, keep-alive raw HTTP on
+httptools) in the benchmark process, sharing the cores with the server under test; its CPU is shown.
+
+Peers: {peers}. Skipped: {skipped}.
+"""
+    ]
+    if "embeddings" in result:
+        e = result["embeddings"]
+        parts.append(f"""### Embeddings: all-MiniLM-L6-v2, {args.emb_clients} clients, ~128-token stdlib slices
+
+Each phase sends {args.emb_requests} fresh slices (never repeated in the run, so no response cache
+answers), `encoding_format: {args.encoding}`. Servers: `kiln serve --model-path <MiniLM dir>` (defaults),
+`kiln serve` on the `onnx-int8-dynamic` variant built by the optimize library, and
+`infinity_emb v2 --engine torch --dtype bfloat16` (its other defaults). Offline: modelkiln's
+encoder backends on batches of 32 of the same kind of inputs, no HTTP.
+
+{_emb_table(e)}
+""")
+    if "completions" in result:
+        c = result["completions"]
+        prec = result.get("modelkiln_default_lm_precision", "?")
+        parts.append(f"""### Completions: GPT-2 {result.get("gpt2_parameters", 0) / 1e6:.1f} M, {args.streams} streams x {args.tokens} new tokens
+
+GPT-2 with 6 layers x 512, vocabulary 16,384 (byte-level BPE trained on the stdlib), random
+init, EOS never the greedy choice (so every request makes {args.tokens} tokens; the
+"tokens / request" column checks it). Each phase: {args.waves} x {args.streams} requests with fresh
+32-token stdlib prompts, greedy, streamed. `kiln serve` runs {prec} by default here (precision
+auto). llama-server: `-t 2 -np {args.streams} -c {args.streams * 320} -cb`, `ignore_eos: true`
+per request. Offline static batches of {args.streams}: HF `generate` at {prec}, the int8
+variant's KV graph in ONNX Runtime, CTranslate2 int8 (`compute_type=int8`, 2 threads,
+`min_length`=`max_length`={args.tokens}).
+
+{_lm_table(c)}
+""")
+    goals = []
+    if "embeddings" in result:
+        goals += _emb_goals(result["embeddings"])
+    if "completions" in result:
+        goals += _lm_goals(result["completions"], result.get("modelkiln_default_lm_precision", "?"))
+    parts.append("### Goals (issue 18, issue 14 part 6)\n\n" + "\n".join(goals) + "\n")
+    return "\n".join(parts)
