@@ -205,6 +205,9 @@ def offline(
     threads: Annotated[int | None, typer.Option(help="Intra-op threads.")] = None,
     memory_cap_mb: Annotated[float | None, typer.Option(help="Optimal batch: memory cap.")] = None,
     history: Annotated[Path | None, typer.Option(help="Append the headline to this JSONL.")] = None,
+    compile: Annotated[
+        bool, typer.Option(help="Also time torch.compile(dynamic=True), interleaved with eager.")
+    ] = False,
 ) -> None:
     """Sweep batch x sequence length on torch and ONNX Runtime; JSON + PNG + HTML.
 
@@ -233,6 +236,7 @@ def offline(
             budget_s=budget,
             threads=threads,
             memory_cap_mb=memory_cap_mb,
+            compile=compile,
         )
         console.print(f"[dim]sweeping {model} ...[/dim]")
         result = run_offline(cfg)
@@ -267,6 +271,11 @@ def offline(
         console.print(
             f"optimal batch {o['backend']} seq {o['seq']}: {o['batch']} "
             f"({_fmt(o['items_per_s'])} samples/s)"
+        )
+    for c in result["compile_checks"]:
+        console.print(
+            f"{c['backend']}: first compile {c['first_compile_s']:.1f} s, "
+            f"max |compiled - eager| {c['max_abs_diff']:.1e}"
         )
     console.print("  ".join(f"{k}: {v}" for k, v in paths.items()))
 

@@ -88,7 +88,10 @@ class LoadedVariant:
 
     def main_output(self, feed: dict[str, Any]) -> Any:
         """The main output (``last_hidden_state`` / ``logits``) as an fp32 numpy array."""
-        out = self.forward(feed)
+        return self.main_of(self.forward(feed))
+
+    def main_of(self, out: Any) -> Any:
+        """The main output of what :attr:`forward` returned, as an fp32 numpy array."""
         if isinstance(out, list | tuple):
             out = out[0]
         elif not hasattr(out, "shape"):

@@ -101,3 +101,20 @@ def test_cells_stop_on_stability_runs_or_time() -> None:
     stable = [Cell(runner, 1, 1)]
     time_cells(stable, min_runs=3, max_runs=10**9, cv_target=10.0, budget_s=30)
     assert stable[0].stop == "stable" and len(stable[0].times_ms) == 3
+
+
+def test_compile_adds_an_interleaved_compiled_twin(tmp_path: Path) -> None:
+    # backend "eager": dynamo traces and guards for real, without inductor's minutes of codegen
+    cfg = OfflineConfig(model=str(tiny_encoder_dir()), batches=[1, 2], seqs=[8], warmup=1,
+                        min_runs=2, max_runs=3, budget_s=5, threads=1, compile=True,
+                        compile_backend="eager")  # fmt: skip
+    result = run_offline(cfg)
+    assert [r["backend"] for r in result["rows"]] == ["torch"] * 2 + ["torch-compile"] * 2
+    assert all(r["first_call_ms"] > 0 and r["runs"] >= 2 for r in result["rows"])
+    (check,) = result["compile_checks"]
+    assert check["backend"] == "torch-compile" and check["max_abs_diff"] < 1e-5
+    assert "torch.compile" in result["variants"][1]["compile"]
+    with pytest.raises(ConfigError, match="--compile needs a torch module; format 'onnx'"):
+        from modelkiln.bench.offline.runners import compiled_runner, load_runners
+
+        compiled_runner(load_runners(tiny_onnx_dir(tmp_path / "v"), None, 1)[0])

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from modelkiln.contract.variants import LoadedVariant, available_backends, load_variant
+from modelkiln.errors import ConfigError
 
 BACKENDS: tuple[str, ...] = ("torch", "onnx")
-__all__ = ["BACKENDS", "Runner", "available_backends", "load_runners"]
+__all__ = ["BACKENDS", "Runner", "available_backends", "compiled_runner", "load_runners"]
 
 
 @dataclass
@@ -53,3 +54,31 @@ def load_runners(
     have = available_backends(model)
     wanted = backends or have
     return [_runner(load_variant(model, backend=b, threads=threads)) for b in wanted]  # type: ignore[arg-type]
+
+
+def compiled_runner(runner: Runner, backend: str = "inductor") -> Runner:
+    """``runner``'s module through ``torch.compile(dynamic=True)`` (the server's ``compile``).
+
+    The first call at each shape compiles (seen in the cell's ``first_call_ms``).
+
+    Raises:
+        ConfigError: the runner has no torch module (ONNX, TorchScript, torch.export).
+    """
+    import torch
+
+    if runner.module is None:
+        raise ConfigError(
+            f"--compile needs a torch module; format {runner.meta.get('format')!r} has none",
+            hint="compile applies to Hugging Face weights (torch fp32 / bf16 / pruned / distilled)",
+        )
+    compiled = torch.compile(runner.module, dynamic=True, backend=backend)
+    extra = {"use_cache": False} if runner.meta.get("task") == "causal-lm" else {}
+
+    def run(feed: dict[str, Any]) -> Any:
+        with torch.inference_mode():
+            return compiled(**feed, **extra)
+
+    meta = runner.meta | {"compile": f"torch.compile(dynamic=True, backend={backend!r})"}
+    r = runner
+    return Runner(f"{r.name}-compile", r.make, run, r.vocab_size, r.max_positions, r.sync,
+                  r.module, r.loaded, meta)  # fmt: skip

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field
 
-from modelkiln.bench.offline.runners import load_runners
+from modelkiln.bench.offline.runners import Runner, compiled_runner, load_runners
 from modelkiln.bench.offline.timing import Cell, time_cells, warm_up
 from modelkiln.configbase import KilnModel
 
@@ -39,6 +39,10 @@ class OfflineConfig(KilnModel):
     threads: int | None = Field(None, ge=1, description="Intra-op threads (default: library's).")
     memory_cap_mb: float | None = Field(None, gt=0, description="Optimal batch memory cap.")
     min_gain: float = Field(0.05, ge=0, description="Optimal batch: least throughput gain.")
+    compile: bool = Field(
+        False, description="Also time torch.compile(dynamic=True) of each torch model, interleaved."
+    )
+    compile_backend: str = Field("inductor", description="torch.compile backend (with compile).")
 
 
 def optimal_batch(
@@ -93,6 +97,31 @@ def _environment() -> dict[str, Any]:
     }
 
 
+def _with_compiled(
+    runners: list[Runner], cfg: OfflineConfig
+) -> tuple[list[Runner], list[dict[str, Any]]]:
+    """Each torch runner followed by its compiled twin; the twins' largest output difference.
+
+    The difference is measured on one small batch (the first compile happens here, so
+    the first timed shape's ``first_call_ms`` shows only a guard check or a recompile).
+    """
+    out: list[Runner] = []
+    checks = []
+    for runner in runners:
+        out.append(runner)
+        if not runner.name.startswith("torch") or runner.loaded is None:
+            continue
+        twin = compiled_runner(runner, cfg.compile_backend)
+        feed = runner.make(1, min(cfg.seqs))
+        t0 = time.perf_counter()
+        got = runner.loaded.main_of(twin.run(feed))
+        first_s = time.perf_counter() - t0
+        diff = float(abs(got - runner.loaded.main_of(runner.run(feed))).max())
+        checks.append({"backend": twin.name, "max_abs_diff": diff, "first_compile_s": first_s})
+        out.append(twin)
+    return out, checks
+
+
 def run_offline(cfg: OfflineConfig) -> dict[str, Any]:
     """Sweep every backend × batch × seq; return rows, optimal batches and the environment.
 
@@ -100,6 +129,9 @@ def run_offline(cfg: OfflineConfig) -> dict[str, Any]:
         ArtifactError / ConfigError: the model or a backend cannot be loaded.
     """
     runners = load_runners(cfg.model, cfg.backends, cfg.threads)
+    compiled: list[dict[str, Any]] = []
+    if cfg.compile:
+        runners, compiled = _with_compiled(runners, cfg)
     cells = []
     for runner in runners:
         for seq in sorted(set(cfg.seqs)):
@@ -131,6 +163,7 @@ def run_offline(cfg: OfflineConfig) -> dict[str, Any]:
         "config": cfg.model_dump(),
         "environment": _environment(),
         "variants": [r.meta for r in runners],
+        "compile_checks": compiled,
         "seconds": time.perf_counter() - started,
         "rows": rows,
         "optimal": optimal,

@@ -37,6 +37,7 @@ class Cell:
     rss_mb: float = 0.0
     rss_delta_mb: float = 0.0
     cuda_peak_mb: float | None = None
+    first_call_ms: float | None = None
     stop: str = ""
 
     def sem_ratio(self) -> float:
@@ -68,6 +69,7 @@ class Cell:
             "rss_mb": self.rss_mb,
             "rss_delta_mb": self.rss_delta_mb,
             "cuda_peak_mb": self.cuda_peak_mb,
+            "first_call_ms": self.first_call_ms,
             "items_per_s_per_mb": items / mem if items and mem else None,
             "stop": self.stop,
             "times_ms": [round(x, 4) for x in t],
@@ -108,7 +110,9 @@ def warm_up(cells: list[Cell], warmup: int) -> None:
         base.setdefault(cell.runner.name, _rss_mb())
         cell.inputs = cell.runner.make(cell.batch, cell.seq)
         _cuda_peak_mb(reset=True)
-        for _ in range(max(warmup, 1)):
+        # The first call pays one-off costs (allocations, torch.compile): reported apart.
+        cell.first_call_ms = _time_one(cell)
+        for _ in range(max(warmup, 1) - 1):
             _time_one(cell)
         cell.rss_mb = _rss_mb()
         cell.rss_delta_mb = cell.rss_mb - base[cell.runner.name]

@@ -47,6 +47,7 @@ def offline_html(result: dict[str, Any], png: Path | None, path: Path) -> Path:
         "rss_mb",
         "cuda_peak_mb",
         "items_per_s_per_mb",
+        "first_call_ms",
         "stop",
     ]
     env = result.get("environment", {})
