@@ -29,6 +29,13 @@ from modelkiln.errors import KilnError
 from modelkiln.rollout.agreement import response_agreement
 from modelkiln.rollout.controller import Controller
 from modelkiln.rollout.faults import FaultInjector
+from modelkiln.rollout.gateway_adapters import (
+    RuntimeAdapters,
+    is_startup_complete,
+    load_adapters,
+    ready_body,
+    ready_error,
+)
 from modelkiln.rollout.gateway_http import json_response, read_body, replay
 from modelkiln.rollout.metrics import RolloutMetrics
 from modelkiln.rollout.policy import (
@@ -72,8 +79,10 @@ class RolloutGateway:
         faults: dict[tuple[str, str], FaultInjector] | None = None,
         tick_s: float = 1.0,
         on_close: Callable[[], None] | None = None,
+        adapters: RuntimeAdapters | None = None,
     ) -> None:
         self.app = app
+        self.adapters = adapters
         self.versions = versions
         self.recorder = recorder
         self.metrics = RolloutMetrics()
@@ -131,7 +140,7 @@ class RolloutGateway:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             try:
-                await self.app(scope, receive, send)
+                await self.app(scope, receive, self._lifespan_send(send))
             finally:
                 self.close()
             return
@@ -150,6 +159,12 @@ class RolloutGateway:
             await self._route(scope, receive, send)
         elif method == "GET" and path in ("/v1/models", "/metrics"):
             await self._decorate(scope, receive, send)
+        elif path == "/ready" and ready_error(self.adapters):
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+            await send(
+                {"type": "http.response.body", "body": ready_body(ready_error(self.adapters))}
+            )
         else:
             await self.app(scope, receive, send)
 
@@ -191,12 +206,30 @@ class RolloutGateway:
             # The twin starts now, not after the answer: both versions run the same request
             # at the same time, so their figures compare on the same load.
             mirror = self._spawn(self._mirror(scope, payload, model, a.shadow))
-        keep = mirror is not None and _deterministic(scope["path"], payload)
+        # Answers are compared for a shadow only: a canary's new version is *meant* to
+        # answer differently, its analysis mirror measures errors and latency.
+        keep = policy.shadow is not None and mirror is not None
+        keep = keep and _deterministic(scope["path"], payload)
         status, answer = await self._serve_one(
             scope, receive, send, payload, model, a.version, keep
         )
         if mirror is not None and keep:
             self._spawn(self._compare(model, mirror, status, answer))
+
+    def _lifespan_send(self, send: Any) -> Any:
+        """``send`` of the lifespan: once the app has started, load the runtime adapters."""
+
+        async def wrapped(msg: dict[str, Any]) -> None:
+            await send(msg)
+            if self.adapters is not None and is_startup_complete(msg):
+                self._spawn(load_adapters(self, self.adapters))
+
+        return wrapped
+
+    def target(self, model: str, version: str) -> str:
+        """The served name one version's requests go to (``<base>:v<N>`` for an adapter)."""
+        adapter = self.adapters.target(model, version) if self.adapters else None
+        return adapter or served_name(model, version)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -227,7 +260,7 @@ class RolloutGateway:
             )
             self._record(model, version, 500, t0, None, 0, t0)
             return 500, b""
-        body = json.dumps({**payload, "model": served_name(model, version)}).encode()
+        body = json.dumps({**payload, "model": self.target(model, version)}).encode()
         state: dict[str, Any] = {"status": 500, "first": None, "chunks": 0, "body": []}
 
         async def send2(msg: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -52,3 +53,37 @@ async def json_response(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def call_app(
+    app: Callable[..., Awaitable[None]],
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> tuple[int, bytes]:
+    """One in-process HTTP request to an ASGI app (no socket): ``(status, body)``."""
+    data = json.dumps(body).encode() if body is not None else b""
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "headers": hdrs + (headers or []),
+        "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+    }  # fmt: skip
+    status, chunks, sent = [500], [], [False]
+
+    async def receive() -> dict[str, Any]:
+        if sent[0]:  # the body went; nobody disconnects until the answer is complete
+            await asyncio.Event().wait()
+        sent[0] = True
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    async def send(msg: dict[str, Any]) -> None:
+        if msg["type"] == "http.response.start":
+            status[0] = msg["status"]
+        elif msg["type"] == "http.response.body":
+            chunks.append(msg.get("body", b""))
+
+    await app(scope, receive, send)
+    return status[0], b"".join(chunks)

@@ -8,7 +8,6 @@ Uses only the serve stage's public API (``modelkiln.serve.create_app``,
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from modelkiln.rollout.controller import Controller
 from modelkiln.rollout.drift import HttpDriftProbe
 from modelkiln.rollout.faults import FaultInjector
 from modelkiln.rollout.gateway import RolloutGateway, served_name
+from modelkiln.rollout.plan import AdapterMode, plan_models
 from modelkiln.rollout.policy import TrafficPolicy
 from modelkiln.rollout.recorder import Recorder
 from modelkiln.rollout.registry import Registry
@@ -51,25 +51,6 @@ def registry_versions(
     return folders, serving
 
 
-def version_fields(folder: Path) -> dict[str, Any]:
-    """``ModelSpec`` path fields of one version: a PEFT adapter version is served as its base
-    model with the adapter merged at load (its own served model, so it can be a canary unit).
-
-    Raises:
-        ConfigError: an adapter whose base model is not a local folder.
-    """
-    cfg_file = folder / "adapter_config.json"
-    if not cfg_file.is_file():
-        return {"path": folder}
-    base = json.loads(cfg_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if not base or not Path(base).is_dir():
-        raise ConfigError(
-            f"{folder}: adapter base model {base!r} is not a local folder",
-            hint="register adapters trained on a local base model (nothing is downloaded)",
-        )
-    return {"path": Path(base), "adapter": folder}
-
-
 def build_gateway(
     model: str,
     folders: dict[str, Path],
@@ -86,6 +67,7 @@ def build_gateway(
     monitor_url: str | None = None,
     hooks: Any = None,
     plugins: bool = False,
+    adapters: AdapterMode = "runtime",
 ) -> RolloutGateway:
     """A :class:`RolloutGateway` over a fresh model server serving every version in ``folders``.
 
@@ -107,22 +89,21 @@ def build_gateway(
         hooks: the server's plug-in hooks (``ServeHooks``: monitor, security, ...).
         plugins: when ``hooks`` is None, plug in what ``kiln serve`` does by default
             (:func:`plugin_hooks`).
+        adapters: PEFT adapter versions as runtime adapters on one shared base model, or
+            each merged into its own copy (:mod:`.plan`).
     """
     from modelkiln.serve import ModelSpec, ServeConfig, create_app
 
     if serving not in folders:
         raise ConfigError(f"serving version {serving!r} is not among {sorted(folders)}")
-    specs = [
-        ModelSpec(
-            **version_fields(p), name=served_name(model, v), version=v, **(model_options or {})
-        )
-        for v, p in folders.items()
-    ]
+    fields, runtime = plan_models(model, folders, model_options or {}, adapters)
+    specs = [ModelSpec(**f) for f in fields]
+    internal = [runtime.admin_key] if runtime else []  # the gateway loads the adapters
     cfg = ServeConfig.model_validate(
         {
             **(serve_config or {}),
             "models": [s.model_dump() for s in specs],
-            "admin_keys": admin_keys,
+            "admin_keys": admin_keys + internal,
         }
     )
     if hooks is None and plugins:
@@ -130,7 +111,10 @@ def build_gateway(
     recorder = Recorder()
     audit = AuditLog(audit_log) if audit_log is not None else None
     box: list[RolloutGateway] = []  # the probe needs the gateway's address, known once it serves
-    probe = HttpDriftProbe(monitor_url or (lambda: box[0].base_url if box else None), served_name)
+    probe = HttpDriftProbe(
+        monitor_url or (lambda: box[0].base_url if box else None),
+        lambda m, v: box[0].target(m, v) if box else served_name(m, v),
+    )
 
     def on_finish(state: RolloutState) -> None:
         if registry is not None and state.status == "promoted":
@@ -152,6 +136,7 @@ def build_gateway(
         faults={(model, v): f for v, f in (faults or {}).items()},
         tick_s=tick_s,
         on_close=audit.close if audit is not None else None,
+        adapters=runtime,
     )
     box.append(gateway)
     return gateway

@@ -115,7 +115,8 @@ def _one_request(
     served = _serve(spec, a.version, rec, rng, injector, traffic, now)
     if a.shadow is not None:
         mirrored = _serve(spec, a.shadow, rec, rng, injector, traffic, now)
-        if served is not None and mirrored is not None:
+        # Answers are compared for a shadow only (a canary's mirror: errors and latency).
+        if served is not None and mirrored is not None and policy.shadow is not None:
             rec.record_pair(spec.model, 0.0 if served != mirrored else 1.0)
 
 

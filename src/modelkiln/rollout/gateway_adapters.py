@@ -1,0 +1,87 @@
+"""LoRA adapters as canary units: adapter versions of one model run as *runtime* adapters
+on one shared base model (no merged copy per version), and the gateway rewrites the
+request's ``model`` to ``<base>:<adapter>``.
+
+Once the server's lifespan has started, :func:`load_adapters` waits for the inner app's
+``/ready`` and loads each adapter through the server's own ``POST /admin/adapters`` (in
+process, with an internal admin key), so the server's checks (signatures, trust policy)
+and audit apply as for any runtime adapter. Until every adapter is loaded the gateway's
+``/ready`` answers 503 (:func:`ready_error`), so no request reaches a missing adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from modelkiln.rollout.gateway_http import call_app
+
+if TYPE_CHECKING:
+    from modelkiln.rollout.gateway import RolloutGateway
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RuntimeAdapters:
+    """What to load: ``(model, version) -> (base served name, adapter folder)``."""
+
+    adapters: dict[tuple[str, str], tuple[str, str]]
+    admin_key: str
+    """An admin key of the inner server (internal: generated per gateway)."""
+    timeout_s: float = 600.0
+    pending: bool = True
+    error: str = ""
+    loaded: list[str] = field(default_factory=list)
+
+    def target(self, model: str, version: str) -> str | None:
+        """``<base>:v<version>`` for an adapter version, else None."""
+        found = self.adapters.get((model, version))
+        return f"{found[0]}:v{version}" if found else None
+
+
+async def load_adapters(gw: RolloutGateway, plan: RuntimeAdapters) -> None:
+    """Wait for the server's models, then load every adapter version (once)."""
+    auth = [(b"authorization", f"Bearer {plan.admin_key}".encode())]
+    try:
+        end = time.monotonic() + plan.timeout_s
+        while (await call_app(gw.app, "GET", "/ready"))[0] != 200:
+            if time.monotonic() > end:
+                raise TimeoutError(f"the models were not ready within {plan.timeout_s:g} s")
+            await asyncio.sleep(0.2)
+        for (_model, version), (base, path) in plan.adapters.items():
+            body = {"name": f"v{version}", "path": path, "model": base}
+            status, answer = await call_app(gw.app, "POST", "/admin/adapters", body, auth)
+            if status != 201:
+                raise RuntimeError(f"loading {path} as {base}:v{version}: {status} {answer!r}")
+            plan.loaded.append(f"{base}:v{version}")
+    except Exception as exc:  # the reason goes to /ready, where a deployment looks
+        plan.error = f"runtime adapters not loaded: {exc}"
+        log.error("%s", plan.error)
+    finally:
+        plan.pending = False
+
+
+def ready_error(plan: RuntimeAdapters | None) -> str:
+    """Why the gateway is not ready because of its adapters ('' when it is)."""
+    if plan is None:
+        return ""
+    if plan.pending:
+        return "loading the runtime adapters"
+    return plan.error
+
+
+def ready_body(message: str) -> bytes:
+    """The 503 body of ``/ready`` while adapters are missing."""
+    return json.dumps(
+        {"error": {"message": message, "type": "service_unavailable", "code": "not_ready"}}
+    ).encode()
+
+
+def is_startup_complete(msg: dict[str, Any]) -> bool:
+    """Whether a lifespan message says the app has started."""
+    return msg.get("type") == "lifespan.startup.complete"
