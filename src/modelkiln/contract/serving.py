@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,8 +98,8 @@ class OutputRecord:
     tokens: int = 0  # completion tokens of this choice (0 for an embedding)
     finish_reason: str | None = None
     # Mean log-probability of the generated tokens under the model's untempered
-    # distribution, and mean entropy (nats) of those distributions: set only while an
-    # observer ``wants_logprobs`` (they cost a log-softmax per step).
+    # distribution, and mean entropy (nats) of those distributions: set only for the
+    # requests ``ServeHooks.sample_logprobs`` picked (they cost a log-softmax per step).
     mean_logprob: float | None = None
     mean_entropy: float | None = None
     embedding: Any = None  # float32 numpy vector, L2-normalized, full width (encoders)
@@ -130,8 +131,9 @@ class RequestObserver(Protocol):
     """Gets every finished request, on the server's observer thread.
 
     Optional members, looked up with ``getattr``: ``wants_logprobs: bool`` (the
-    engine then computes :attr:`OutputRecord.mean_logprob` / ``mean_entropy``)
-    and ``close()`` (called once when the server shuts down).
+    engine then computes :attr:`OutputRecord.mean_logprob` / ``mean_entropy``),
+    ``logprob_sample_rate: float`` (only for that share of the requests, drawn per
+    request; default 1.0) and ``close()`` (called once when the server shuts down).
     """
 
     def observe(self, record: RequestRecord) -> None:
@@ -239,6 +241,22 @@ class ServeHooks:
     def wants_logprobs(self) -> bool:
         """Whether an observer wants token log-probabilities computed."""
         return any(getattr(o, "wants_logprobs", False) for o in self.observers)
+
+    @property
+    def logprob_rate(self) -> float:
+        """The share of generation requests to score (the largest share an observer asks)."""
+        rates = [float(getattr(o, "logprob_sample_rate", 1.0))
+                 for o in self.observers if getattr(o, "wants_logprobs", False)]  # fmt: skip
+        return max(rates, default=0.0)
+
+    def sample_logprobs(self) -> bool:
+        """Whether the engine scores this request's tokens (drawn per request).
+
+        Scoring costs a log-softmax per generated token on the engine thread, so
+        observers that can work from a sample ask for a share of the requests only.
+        """
+        rate = self.logprob_rate
+        return rate >= 1.0 or (rate > 0.0 and random.random() < rate)
 
 
 class ServeExtension(Protocol):

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,44 @@ class RequestFeaturizer:
             "unknown_token_share": unk,
             "rare_token_share": float(1.0 - common.mean()),
         }
+
+
+def featurizer_for(extras: dict[str, np.ndarray]) -> RequestFeaturizer:
+    """The featurizer of a profile, from its ``common_token_ids`` and ``tokenizer_info``."""
+    common = extras.get("common_token_ids", np.empty(0, dtype=np.int64))
+    info = extras.get("tokenizer_info", np.array([0, -1]))
+    unk = int(info[1]) if len(info) > 1 and int(info[1]) >= 0 else None
+    return RequestFeaturizer(common, int(info[0]), unk)
+
+
+def record_features(fz: RequestFeaturizer, record: Any) -> list[dict[str, Any]]:
+    """One feature row per prompt / input of a ``RequestRecord`` (read duck-typed)."""
+    prompts = list(getattr(record, "prompt_ids", ()) or ())
+    n_bytes = int(getattr(record, "input_bytes", 0) or 0)
+    rows: list[dict[str, Any]] = []
+    for ids in prompts:  # bytes of a batch are split evenly: the record has one total
+        f: dict[str, Any] = fz.features(ids, n_bytes // max(len(prompts), 1))
+        if not n_bytes:
+            f.pop("byte_length")
+        rows.append(f)
+    for i, out in enumerate(getattr(record, "outputs", ()) or ()):
+        if i >= len(rows):  # more choices than prompts (n > 1): output features only
+            rows.append({})
+        _output_features(out, rows[i])
+    return rows
+
+
+def _output_features(out: Any, row: dict[str, Any]) -> None:
+    tokens = getattr(out, "tokens", 0)
+    if tokens:
+        row["output_tokens"] = float(tokens)
+    for name in ("mean_logprob", "mean_entropy"):  # None when the request was not scored
+        v = getattr(out, name, None)
+        if v is not None:
+            row[name] = float(v)
+    emb = getattr(out, "embedding", None)
+    if emb is not None:
+        row["embedding"] = np.asarray(emb, dtype=np.float32).ravel()
 
 
 def common_ids_leave_one_out(

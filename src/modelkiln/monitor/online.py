@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,17 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelkiln.monitor.calibration import calibrate_distance, per_test_alpha
-from modelkiln.monitor.features import RequestFeaturizer
+from modelkiln.monitor.features import featurizer_for, record_features
 from modelkiln.monitor.profile import Profile
+from modelkiln.monitor.rolling import (
+    ROLLING_FEATURE,
+    ROLLING_TEST,
+    RollingConfidence,
+    confidence_source,
+)
 from modelkiln.monitor.stattests import StatTest, get_stattest
 from modelkiln.monitor.stattests.mmd import mmd_pvalue
-from modelkiln.monitor.tracks import ModelTrack
+from modelkiln.monitor.tracks import FeatureState, ModelTrack
 
 log = logging.getLogger("modelkiln.monitor")
 
@@ -64,25 +70,19 @@ class MonitorConfig(BaseModel):
     log_prompt_ids: bool = Field(
         False, description="also log prompt token ids (off: prompts are never logged)"
     )
-
-
-@dataclass
-class FeatureState:
-    """The last judgement of one feature of one model version."""
-
-    model: str
-    version: str
-    feature: str
-    group: str
-    test: str
-    statistic: float
-    p_value: float | None
-    threshold: float
-    threshold_kind: str
-    score: float  # 1.0 at the calibrated threshold, above it means drift
-    drifted: bool
-    n_current: int
-    checked_at: float
+    logprob_sample_rate: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="share of generation requests whose tokens are scored for the log-prob "
+        "features (drawn per request; scoring costs a log-softmax per token on the engine)",
+    )
+    confidence_window: int = Field(
+        500,
+        ge=20,
+        description="rolling confidence check: the last N confidences vs the N before "
+        "(the handbook's 500)",
+    )
 
 
 Listener = Callable[[list[FeatureState]], None]
@@ -106,7 +106,7 @@ class DriftMonitor:
         for name in profiles:
             self.profile_status.setdefault(name, ("ok", str(profiles[name].path)))
         self.clock = clock
-        self._featurizers = {n: _featurizer(p) for n, p in profiles.items()}
+        self._featurizers = {n: featurizer_for(p.extras) for n, p in profiles.items()}
         self._tracks: dict[tuple[str, str], ModelTrack] = {}
         self._lock = threading.Lock()
         self._thresholds: dict[tuple[str, str, str], float] = {}
@@ -127,6 +127,11 @@ class DriftMonitor:
         """Whether a profile has log-prob features (the server computes them only then)."""
         return any("mean_logprob" in p.features for p in self.profiles.values())
 
+    @property
+    def logprob_sample_rate(self) -> float:
+        """The share of requests the server scores for :attr:`wants_logprobs` (config)."""
+        return self.config.logprob_sample_rate
+
     def add_listener(self, fn: Listener) -> None:
         """Call ``fn(states)`` after every check (on the monitor's thread)."""
         self._listeners.append(fn)
@@ -145,6 +150,7 @@ class DriftMonitor:
         track.count(record, self.clock())
         if int(getattr(record, "status", 200)) >= 400:
             return
+        track.observed += 1
         rows = self._features(model, record)
         for feats in rows:
             track.add(feats)
@@ -176,6 +182,7 @@ class DriftMonitor:
         """
         track = self._track(model, version)
         track.requests += 1
+        track.observed += 1
         track.since_check += 1
         track.add(features)
         if track.since_check >= self.config.check_every_requests:
@@ -187,26 +194,19 @@ class DriftMonitor:
             if key not in self._tracks:
                 p = self.profiles.get(model)
                 kinds: dict[str, str] = {n: f.kind for n, f in p.features.items()} if p else {}
-                self._tracks[key] = ModelTrack(model, version, kinds, self.config)
+                source = confidence_source(p.features) if p else None
+                rolling = None
+                if p is not None and source is not None:
+                    rolling = RollingConfidence(
+                        p.features[source].values, source, self.config.confidence_window,
+                        self.config.seed,
+                    )  # fmt: skip
+                self._tracks[key] = ModelTrack(model, version, kinds, self.config, rolling)
             return self._tracks[key]
 
     def _features(self, model: str, record: Any) -> list[dict[str, Any]]:
         fz = self._featurizers.get(model)
-        if fz is None:
-            return []
-        prompts = list(getattr(record, "prompt_ids", ()) or ())
-        n_bytes = int(getattr(record, "input_bytes", 0) or 0)
-        rows: list[dict[str, Any]] = []
-        for ids in prompts:  # bytes of a batch are split evenly: the record has one total
-            f: dict[str, Any] = fz.features(ids, n_bytes // max(len(prompts), 1))
-            if not n_bytes:
-                f.pop("byte_length")
-            rows.append(f)
-        for i, out in enumerate(getattr(record, "outputs", ()) or ()):
-            if i >= len(rows):  # more choices than prompts (n > 1): output features only
-                rows.append({})
-            _output_features(out, rows[i])
-        return rows
+        return [] if fz is None else record_features(fz, record)
 
     # -- the checking side (the monitor's own thread) ---------------------------------
     def check(self, *, force: bool = False) -> list[FeatureState]:
@@ -231,19 +231,40 @@ class DriftMonitor:
     def _check_track(self, track: ModelTrack, now: float) -> list[FeatureState]:
         profile = self.profiles[track.model]
         full = {f: w for f, w in track.windows.items() if len(w) >= w.capacity}
-        if not full:
+        rolling = track.rolling.current() if track.rolling is not None else None
+        if not full and rolling is None:
             return []
         new_requests = track.take_since_check(now)
         every = min(max(new_requests, 1), self.config.check_every_requests)
-        alpha = per_test_alpha(self.config.false_alarm_rate, every=every, n_tests=len(full))
-        states = []
+        n_tests = len(full) + (rolling is not None)
+        alpha = per_test_alpha(self.config.false_alarm_rate, every=every, n_tests=n_tests)
+        states = [self._judge_rolling(track, *rolling)] if rolling is not None else []
         for feat, window in full.items():
             ref = profile.features[feat]
             test = get_stattest(self.config.tests.get(feat, ref.test))
             state = self._judge(track, feat, ref.group, ref.kind, test, ref.values, window, alpha)
-            self._states[(track.model, track.version, feat)] = state
             states.append(state)
+        for state in states:
+            self._states[(track.model, track.version, state.feature)] = state
         return states
+
+    def _judge_rolling(self, track: ModelTrack, stat: float, n: int) -> FeatureState:
+        """The handbook's last-N vs previous-N confidence drop, at a calibrated threshold."""
+        assert track.rolling is not None
+        threshold = track.rolling.threshold(self._floor_alpha(track.model))
+        score = stat / threshold if np.isfinite(threshold) else 0.0
+        return FeatureState(
+            track.model, track.version, ROLLING_FEATURE, "output", ROLLING_TEST, stat, None,
+            threshold, "distance", float(score), bool(stat > threshold), n, self.clock(),
+        )  # fmt: skip
+
+    def _floor_alpha(self, model: str) -> float:
+        """The smallest alpha a check can spend (a time-triggered check after few requests):
+        distance thresholds are calibrated once, at it."""
+        profile = self.profiles[model]
+        n_tests = max(len(profile.features) + (confidence_source(profile.features) is not None), 1)
+        floor = max(1, self.config.check_every_requests // 10)
+        return per_test_alpha(self.config.false_alarm_rate, every=floor, n_tests=n_tests)
 
     def _judge(
         self, track: ModelTrack, feat: str, group: str, kind: str, test: StatTest,
@@ -277,10 +298,7 @@ class DriftMonitor:
     ) -> float:
         key = (model, feat, test.name)
         if key not in self._thresholds:
-            # the smallest alpha a check can spend: a time-triggered check after few requests
-            n_tests = max(len(self.profiles[model].features), 1)
-            floor = max(1, self.config.check_every_requests // 10)
-            alpha = per_test_alpha(self.config.false_alarm_rate, every=floor, n_tests=n_tests)
+            alpha = self._floor_alpha(model)
             self._thresholds[key] = max(
                 calibrate_distance(test, ref, kind, window=n, alpha=alpha, seed=self.config.seed),
                 1e-12,
@@ -340,33 +358,21 @@ class DriftMonitor:
             models.append({
                 "model": t.model, "version": t.version, **t.service_stats(now),
                 "profile": {"status": status, "message": message},
-                "drift_detected": any(f["drifted"] for f in feats), "features": feats,
-                "windows": {f: len(w) for f, w in t.windows.items()},
+                "drift_detected": any(f["drifted"] for f in feats), "drift_checked": bool(feats),
+                "features": feats, "windows": _window_sizes(t), "window_fill": t.window_fill(),
             })  # fmt: skip
         known = {m["model"] for m in models}
         for name, (status, message) in self.profile_status.items():
             if name not in known:
                 models.append({"model": name, "version": "", "profile":
-                               {"status": status, "message": message}, "features": []})  # fmt: skip
+                               {"status": status, "message": message}, "drift_detected": False,
+                               "drift_checked": False, "features": []})  # fmt: skip
         return {"time": now, "config": self.config.model_dump(), "checks": self.checks,
                 "models": models}  # fmt: skip
 
 
-def _featurizer(p: Profile) -> RequestFeaturizer:
-    common = p.extras.get("common_token_ids", np.empty(0, dtype=np.int64))
-    info = p.extras.get("tokenizer_info", np.array([0, -1]))
-    unk = int(info[1]) if len(info) > 1 and int(info[1]) >= 0 else None
-    return RequestFeaturizer(common, int(info[0]), unk)
-
-
-def _output_features(out: Any, row: dict[str, Any]) -> None:
-    tokens = getattr(out, "tokens", 0)
-    if tokens:
-        row["output_tokens"] = float(tokens)
-    for name in ("mean_logprob", "mean_entropy"):
-        v = getattr(out, name, None)
-        if v is not None:
-            row[name] = float(v)
-    emb = getattr(out, "embedding", None)
-    if emb is not None:
-        row["embedding"] = np.asarray(emb, dtype=np.float32).ravel()
+def _window_sizes(track: ModelTrack) -> dict[str, int]:
+    sizes = {f: len(w) for f, w in track.windows.items()}
+    if track.rolling is not None:
+        sizes[ROLLING_FEATURE] = len(track.rolling.values)
+    return sizes

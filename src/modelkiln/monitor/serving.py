@@ -19,7 +19,9 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkiln.errors import ArtifactError
+from pydantic import ValidationError
+
+from modelkiln.errors import ArtifactError, ConfigError
 from modelkiln.monitor.online import DriftMonitor, MonitorConfig
 from modelkiln.monitor.profile import PROFILE_DIR, Profile, load_profile, model_hash
 from modelkiln.monitor.prometheus import DriftCollector
@@ -107,7 +109,7 @@ class MonitorExtension:
     """``kiln serve`` flags of the monitor and the hooks they give."""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """--no-monitor, --monitor-window, --monitor-check-every, --alert-rules."""
+        """--no-monitor, --monitor-window, --monitor-check-every, --monitor-logprob-rate ..."""
         g = parser.add_argument_group("monitoring")
         g.add_argument("--no-monitor", action="store_true",
                        help="turn drift monitoring, /v1/monitor and /dashboard off")  # fmt: skip
@@ -117,6 +119,9 @@ class MonitorExtension:
                        help="test the windows every N requests (default 250)")  # fmt: skip
         g.add_argument("--alert-rules", type=Path, metavar="YAML",
                        help="alert rules and channels (see kiln monitor --help)")  # fmt: skip
+        g.add_argument("--monitor-logprob-rate", type=float, metavar="SHARE",
+                       help="share of generation requests scored for the log-prob features "
+                            "(default 0.1; scoring costs engine time)")  # fmt: skip
         g.add_argument(
             "--monitor-log",
             type=Path,
@@ -133,8 +138,17 @@ class MonitorExtension:
             fields["window"] = args.monitor_window
         if getattr(args, "monitor_check_every", None):
             fields["check_every_requests"] = args.monitor_check_every
+        if getattr(args, "monitor_logprob_rate", None) is not None:
+            fields["logprob_sample_rate"] = args.monitor_logprob_rate
         if getattr(args, "monitor_log", None):
             fields["feature_log"] = args.monitor_log
-        return monitor_hooks(
-            cfg, MonitorConfig(**fields), alert_rules=getattr(args, "alert_rules", None)
-        )
+        try:
+            config = MonitorConfig(**fields)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ConfigError(
+                f"invalid monitor flag value {err.get('input')!r} for {err['loc'][0]}: "
+                f"{err['msg']}",
+                hint="--monitor-logprob-rate takes a share in (0, 1]; windows are >= 20",
+            ) from None
+        return monitor_hooks(cfg, config, alert_rules=getattr(args, "alert_rules", None))

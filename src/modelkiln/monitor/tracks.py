@@ -2,25 +2,55 @@
 
 Request rate, error rate and latency percentiles come from small fixed windows
 of the last ``SERVICE_WINDOW`` requests, for the dashboard and alert rules.
+Every check's verdict per feature is a :class:`FeatureState`.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from modelkiln.monitor.rolling import ROLLING_FEATURE, RollingConfidence
 from modelkiln.monitor.windows import Window
 
 SERVICE_WINDOW = 1000
 
 
+@dataclass
+class FeatureState:
+    """The last judgement of one feature of one model version."""
+
+    model: str
+    version: str
+    feature: str
+    group: str
+    test: str
+    statistic: float
+    p_value: float | None
+    threshold: float
+    threshold_kind: str
+    score: float  # 1.0 at the calibrated threshold, above it means drift
+    drifted: bool
+    n_current: int
+    checked_at: float
+
+
 class ModelTrack:
     """Windows of one (model, version)."""
 
-    def __init__(self, model: str, version: str, kinds: dict[str, str], config: Any) -> None:
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        kinds: dict[str, str],
+        config: Any,
+        rolling: RollingConfidence | None = None,
+    ) -> None:
         self.model, self.version = model, version
+        self.rolling = rolling  # the live-vs-live confidence track (None: no confidences)
         self.config = config
         self.kinds = kinds
         self.windows: dict[str, Window] = {
@@ -28,6 +58,7 @@ class ModelTrack:
             for f, k in kinds.items()
         }
         self.requests = 0
+        self.observed = 0  # requests whose features were read (no failures)
         self.errors = 0
         self.since_check = 0
         self.last_check = 0.0
@@ -53,6 +84,16 @@ class ModelTrack:
             w = self.windows.get(name)
             if w is not None:
                 w.append(value)
+        if self.rolling is not None:
+            self.rolling.add(features)
+
+    def window_fill(self) -> dict[str, float]:
+        """Values each window received per observed request (log-probs: the sample rate)."""
+        n = max(self.observed, 1)
+        fill = {f: round(w.total / n, 4) for f, w in self.windows.items()}
+        if self.rolling is not None:
+            fill[ROLLING_FEATURE] = round(self.rolling.values.total / n, 4)
+        return fill
 
     def due(self, now: float) -> bool:
         """Whether enough requests or time passed since the last check."""

@@ -273,7 +273,7 @@ async def _generate(
             return None, hit, key, None
     ticket = admit(state, served, tokens)
     params = [_params(body, m) for m in limits]
-    wants = state.hooks.wants_logprobs
+    wants = state.hooks.sample_logprobs()  # a sampled share: scoring costs engine time
     run = build_run(served, prompts, params, body.n, cfg.request_timeout_s, logprobs=wants)
     note(request, run=run)
     return run, None, key, ticket
@@ -381,7 +381,7 @@ async def inference(body: InferenceRequest, request: Request) -> Response:
             return Response(hit, media_type=JSON)
     ticket = admit(state, served, tokens)
     params = SamplingParams(max_tokens, body.temperature, body.top_p)
-    wants = state.hooks.wants_logprobs
+    wants = state.hooks.sample_logprobs()  # a sampled share: scoring costs engine time
     run = build_run(served, [ids], [params], n, state.cfg.request_timeout_s, logprobs=wants)
     note(request, run=run)
     t0 = time.perf_counter()
