@@ -1,6 +1,7 @@
 """LoRA adapters as canary units on a real server: three adapter versions of one tiny GPT-2
 run as *runtime* adapters on one shared base model behind the rollout gateway (the gateway
-rewrites ``model`` to ``<base>:v<N>``); a canary of v2 promotes, a faulty v3 rolls back."""
+rewrites ``model`` to ``<base>:v<N>``); a canary of v2 promotes, a faulty v3 rolls back; a
+v4 registered later is added to the running gateway through the admin API and rolls out."""
 
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ def save_adapter(base: Path, out: Path, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lora_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Registry, Any]]:
+def lora_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, Registry, Any, Path]]:
     import uvicorn
 
     pytest.importorskip("peft")
@@ -62,7 +65,7 @@ def lora_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     thread.start()
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, 120)  # 503 until the adapters are loaded
-    yield url, reg, gw
+    yield url, reg, gw, tmp
     server.should_exit = True
     thread.join(30)
 
@@ -85,8 +88,10 @@ def _run_rollout(url: str, candidate: str) -> tuple[dict[str, Any], dict[str, in
     raise AssertionError(f"rollout of v{candidate} still running after 120 s")
 
 
-def test_adapter_versions_share_one_base_model(lora_gateway: tuple[str, Registry, Any]) -> None:
-    url, _, gw = lora_gateway
+def test_adapter_versions_share_one_base_model(
+    lora_gateway: tuple[str, Registry, Any, Path],
+) -> None:
+    url, _, gw, _ = lora_gateway
     assert gw.adapters.loaded == ["tiny.base:v1", "tiny.base:v2", "tiny.base:v3"]
     ids = [m["id"] for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]]
     assert "tiny.base" in ids and not any(i.startswith("tiny.v") for i in ids)  # no merged copy
@@ -97,9 +102,9 @@ def test_adapter_versions_share_one_base_model(lora_gateway: tuple[str, Registry
 
 
 def test_adapter_canary_promotes_then_faulty_adapter_rolls_back(
-    lora_gateway: tuple[str, Registry, Any],
+    lora_gateway: tuple[str, Registry, Any, Path],
 ) -> None:
-    url, reg, _ = lora_gateway
+    url, reg, _, _ = lora_gateway
     view, seen = _run_rollout(url, "2")
     assert view["rollout"]["status"] == "promoted", view["decisions"][-3:]
     assert view["policy"]["weights"] == {"2": 100} and seen.get("2:200", 0) > 0
@@ -111,3 +116,30 @@ def test_adapter_canary_promotes_then_faulty_adapter_rolls_back(
     assert last["action"] == "rollback" and "errors" in last["reason"]
     answer = httpx.post(url + "/v1/completions", json=BODY, timeout=30).json()
     assert answer["model"] == "tiny.base:v2", json.dumps(answer)[:200]
+
+
+def test_add_an_adapter_version_to_the_running_gateway(
+    lora_gateway: tuple[str, Registry, Any, Path],
+) -> None:
+    url, reg, gw, tmp = lora_gateway
+    baseline = str(reg.show("tiny", "production").version)
+    v4 = reg.add("tiny", save_adapter(tmp / "base", tmp / "adapter4", seed=20)).version
+    full = reg.add("tiny", tmp / "base").version  # a full model: cannot be added live
+
+    def add(version: int, key: dict[str, str] = ADMIN) -> httpx.Response:
+        return httpx.post(url + "/admin/rollout/tiny/versions", json={"version": str(version)},
+                          headers=key, timeout=60)  # fmt: skip
+
+    assert add(v4, {"Authorization": "Bearer nope"}).status_code == 401
+    bad = add(full)
+    assert bad.status_code == 400 and "not a PEFT adapter" in bad.text
+    assert add(99).status_code == 400  # no such registry version
+    r = add(v4)
+    assert r.status_code == 200, r.text
+    assert str(v4) in r.json()["versions"] and f"tiny.base:v{v4}" in gw.adapters.loaded
+    assert add(v4).status_code == 409  # already loaded
+    view, seen = _run_rollout(url, str(v4))
+    assert view["rollout"]["status"] == "promoted", view["decisions"][-3:]
+    assert seen.get(f"{v4}:200", 0) > 0 and baseline != str(v4)
+    answer = httpx.post(url + "/v1/completions", json=BODY, timeout=30).json()
+    assert answer["model"] == f"tiny.base:v{v4}"

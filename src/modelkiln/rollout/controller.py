@@ -87,6 +87,11 @@ class Controller:
         self._interval: dict[str, Interval] = {}  # this check interval's figures, per model
 
     # -- commands ------------------------------------------------------------
+    @property
+    def actor(self) -> str:
+        """Who runs the current command ("controller" outside :meth:`acting`)."""
+        return self._actor or "controller"
+
     @contextlib.contextmanager
     def acting(self, actor: str) -> Iterator[None]:
         """Commands run inside are audited as ``rollout.action`` by ``actor`` (an operator),

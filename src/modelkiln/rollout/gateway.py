@@ -80,9 +80,11 @@ class RolloutGateway:
         tick_s: float = 1.0,
         on_close: Callable[[], None] | None = None,
         adapters: RuntimeAdapters | None = None,
+        resolve: Callable[[str, str], Any] | None = None,
     ) -> None:
         self.app = app
         self.adapters = adapters
+        self.resolve = resolve  # (model, version) -> verified folder: versions added live
         self.versions = versions
         self.recorder = recorder
         self.metrics = RolloutMetrics()

@@ -16,8 +16,10 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelkiln.errors import ConfigError, ServingError
 from modelkiln.rollout.gateway_http import call_app
 
 if TYPE_CHECKING:
@@ -33,6 +35,8 @@ class RuntimeAdapters:
     adapters: dict[tuple[str, str], tuple[str, str]]
     admin_key: str
     """An admin key of the inner server (internal: generated per gateway)."""
+    bases: dict[str, str] = field(default_factory=dict)
+    """Base model folder (resolved) -> its served name."""
     timeout_s: float = 600.0
     pending: bool = True
     error: str = ""
@@ -44,21 +48,68 @@ class RuntimeAdapters:
         return f"{found[0]}:v{version}" if found else None
 
 
+async def _load_one(gw: RolloutGateway, plan: RuntimeAdapters, version: str, base: str,
+                    path: str) -> None:  # fmt: skip
+    auth = [(b"authorization", f"Bearer {plan.admin_key}".encode())]
+    body = {"name": f"v{version}", "path": path, "model": base}
+    status, answer = await call_app(gw.app, "POST", "/admin/adapters", body, auth)
+    if status != 201:
+        raise ServingError(
+            f"the server refused {path} as {base}:v{version}: {status} {answer[:300]!r}",
+            hint="check that the adapter was trained on the loaded base model",
+        )
+    plan.loaded.append(f"{base}:v{version}")
+
+
+async def add_version(gw: RolloutGateway, model: str, version: str) -> None:
+    """Add a registry version to the running gateway (admin API): an adapter version is
+    loaded as a runtime adapter on its base model, which must be loaded already.
+
+    Raises:
+        ConfigError: no registry, version already loaded, not an adapter, base not loaded.
+        ArtifactError: the registry has no such version, or its files changed.
+        ServingError: the server refused the adapter.
+    """
+    from modelkiln.rollout.plan import version_fields
+
+    if not version:
+        raise ConfigError('name the version to add: {"version": "4"}')
+    if version in gw.versions[model]:
+        raise ConfigError(f"{model}: version {version!r} is already loaded")
+    if gw.resolve is None or gw.adapters is None:
+        raise ConfigError(
+            "this gateway cannot add versions: it has no registry or no runtime base model",
+            hint="restart it with the version in --versions",
+        )
+    folder = await asyncio.to_thread(gw.resolve, model, version)  # re-hashes the files
+    fields = version_fields(folder)
+    base = gw.adapters.bases.get(str(Path(fields["path"]).resolve()))
+    if "adapter" not in fields or base is None:
+        what = "not a PEFT adapter" if "adapter" not in fields else "on a base not loaded"
+        raise ConfigError(
+            f"{model}@{version} is {what}: only adapters of a loaded base model can be added",
+            hint="the server loads full models at start: restart with the version in --versions",
+        )
+    await _load_one(gw, gw.adapters, version, base, str(fields["adapter"]))
+    gw.adapters.adapters[(model, version)] = (base, str(fields["adapter"]))
+    gw.versions[model] = [*gw.versions[model], version]
+    if gw.controller.audit is not None:
+        gw.controller.audit.write(
+            "rollout.action", actor=gw.controller.actor, rollout=model, action="add-version",
+            version=version, target=f"{base}:v{version}",
+        )  # fmt: skip
+
+
 async def load_adapters(gw: RolloutGateway, plan: RuntimeAdapters) -> None:
     """Wait for the server's models, then load every adapter version (once)."""
-    auth = [(b"authorization", f"Bearer {plan.admin_key}".encode())]
     try:
         end = time.monotonic() + plan.timeout_s
         while (await call_app(gw.app, "GET", "/ready"))[0] != 200:
             if time.monotonic() > end:
                 raise TimeoutError(f"the models were not ready within {plan.timeout_s:g} s")
             await asyncio.sleep(0.2)
-        for (_model, version), (base, path) in plan.adapters.items():
-            body = {"name": f"v{version}", "path": path, "model": base}
-            status, answer = await call_app(gw.app, "POST", "/admin/adapters", body, auth)
-            if status != 201:
-                raise RuntimeError(f"loading {path} as {base}:v{version}: {status} {answer!r}")
-            plan.loaded.append(f"{base}:v{version}")
+        for (_model, version), (base, path) in list(plan.adapters.items()):
+            await _load_one(gw, plan, version, base, path)
     except Exception as exc:  # the reason goes to /ready, where a deployment looks
         plan.error = f"runtime adapters not loaded: {exc}"
         log.error("%s", plan.error)

@@ -4,6 +4,8 @@
 - ``GET  /admin/rollout/{model}``             one model, with its last decisions
 - ``POST /admin/rollout/{model}/start``       ``{"candidate": "2", "strategy": "canary", ...}``
 - ``POST /admin/rollout/{model}/promote|rollback|abort``
+- ``POST /admin/rollout/{model}/versions``       ``{"version": "4"}``: add a registry version
+  to the running gateway (an adapter version on a base model already loaded)
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ async def handle_admin(gw: RolloutGateway, scope: dict[str, Any], receive: Any, 
     if method == "GET" and not action:
         await json_response(send, 200, model_view(gw, model, decisions=20))
         return
-    if method != "POST" or action not in ("start", "promote", "rollback", "abort"):
+    if method != "POST" or action not in ("start", "promote", "rollback", "abort", "versions"):
         await json_response(send, 404, _error(f"no route {method} {scope['path']}", "not_found"))
         return
     body = await read_body(receive)
@@ -98,7 +100,7 @@ async def handle_admin(gw: RolloutGateway, scope: dict[str, Any], receive: Any, 
         with gw.controller.acting(_actor(scope["headers"])):
             await _act(gw, model, action, json.loads(body or b"{}"))
     except (KilnError, ValidationError, ValueError) as exc:
-        conflict = "already" in str(exc) or "no active rollout" in str(exc)
+        conflict = any(w in str(exc) for w in ("already", "no active rollout"))
         await json_response(send, 409 if conflict else 400, _error(str(exc), "rollout_refused"))
         return
     await json_response(send, 200, model_view(gw, model, decisions=5))
@@ -116,6 +118,10 @@ async def _act(gw: RolloutGateway, model: str, action: str, body: dict[str, Any]
                 hint="restart the gateway with that version in --versions",
             )
         ctl.start(spec)
+    elif action == "versions":
+        from modelkiln.rollout.gateway_adapters import add_version
+
+        await add_version(gw, model, str(body.get("version") or ""))
     elif action == "promote":
         ctl.promote(model, reason)
     elif action == "rollback":

@@ -63,4 +63,5 @@ def plan_models(
         runtime[(model, v)] = (bases[base], str(fields["adapter"]))
     if not runtime:
         return specs, None
-    return specs, RuntimeAdapters(runtime, admin_key=secrets.token_urlsafe(24))
+    named = {str(path): name for path, name in bases.items()}
+    return specs, RuntimeAdapters(runtime, admin_key=secrets.token_urlsafe(24), bases=named)

@@ -137,6 +137,7 @@ def build_gateway(
         tick_s=tick_s,
         on_close=audit.close if audit is not None else None,
         adapters=runtime,
+        resolve=(lambda m, v: registry.resolve(m, v)) if registry is not None else None,
     )
     box.append(gateway)
     return gateway
