@@ -91,10 +91,12 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
     raw = [body.input] if isinstance(body.input, str) else body.input
     text_bytes = sum(len(x.encode("utf-8")) for x in raw if isinstance(x, str))
     note(request, input_tokens=tokens, input_bytes=text_bytes, prompt_ids=tuple(ids))
-    key = cache_key(
-        served.name, served.version, "embeddings",
-        {"ids": ids, "format": body.encoding_format, "dimensions": body.dimensions},
-    )  # fmt: skip
+    key = None  # the key is the JSON of every token id: not built when nothing is cached
+    if state.cfg.cache.enabled:
+        key = cache_key(
+            served.name, served.version, "embeddings",
+            {"ids": ids, "format": body.encoding_format, "dimensions": body.dimensions},
+        )  # fmt: skip
     hit = await cached(state, served, key)
     if hit is not None:
         note(request, cached=True)
@@ -117,5 +119,6 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     payload = {"object": "list", "data": data, "model": served.name, "usage": usage}
     encoded = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
-    await state.cache.set(key, encoded)
+    if key is not None:
+        await state.cache.set(key, encoded)
     return Response(encoded, media_type=JSON)

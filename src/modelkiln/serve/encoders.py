@@ -253,7 +253,10 @@ class TorchEncoderBackend:
             decision = confirm_bf16_output(decision, model, _probe_inputs(model))
         log.info("encoder %s runs in %s: %s", path.name, decision.value, decision.reason)
         model = model.to(device=device, dtype=torch_dtype(decision.value))
-        return cls(model, _load_tokenizer(path), Pooling.from_dir(path), compile=compile)
+        # The light tokenizer on torch too: same ids, and transformers' Python wrapper
+        # around the Rust tokenizer was ~1/6 of the event loop's CPU under load.
+        tokenizer = _load_tokenizer(path, light=True)
+        return cls(model, tokenizer, Pooling.from_dir(path), compile=compile)
 
     def encode(self, batch: list[list[int]]) -> np.ndarray:
         """Embed a batch of token-id sequences (right-padded here)."""
@@ -311,8 +314,13 @@ class OnnxEncoderBackend:
         self.pad_id = int(tokenizer.pad_token_id or 0)
 
     @classmethod
-    def from_path(cls, model_dir: str | Path, threads: int | None = None) -> OnnxEncoderBackend:
+    def from_path(
+        cls, model_dir: str | Path, threads: int | None = None, onnx_file: Path | None = None
+    ) -> OnnxEncoderBackend:
         """Load ``model.onnx`` (or the only ``*.onnx``) of ``model_dir`` and its tokenizer.
+
+        ``onnx_file``: a graph stored elsewhere (the engine cache of :mod:`.autoengine`);
+        the tokenizer, pooling and limits still come from ``model_dir``.
 
         Raises:
             DependencyMissingError: onnxruntime is not installed.
@@ -325,7 +333,7 @@ class OnnxEncoderBackend:
         from modelkiln.onnxrt import cpu_session
 
         path = Path(model_dir)
-        onnx_file = find_onnx(path)
+        onnx_file = onnx_file or find_onnx(path)
         if onnx_file is None:
             raise ServingError(
                 f"no .onnx file in '{path}'", hint="export the encoder (kiln optimize) first"

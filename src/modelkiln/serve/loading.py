@@ -4,7 +4,9 @@ The kind of a directory is read from its ``config.json``: an architecture
 named ``*ForCausalLM`` / ``*LMHeadModel`` is served by the generation engine,
 anything else (or a directory holding only an ONNX graph) by the embedding
 engine. The backend is ONNX Runtime for a directory with an ONNX graph and no
-torch weights (an export from the optimization stage), else torch.
+torch weights (an export from the optimization stage); an encoder's Hugging Face
+directory runs on the fastest engine that passes the parity gate on this machine
+(:mod:`.autoengine`); a causal LM's on torch, with a one-line hint.
 
 Example:
     >>> engine = load_engine(ModelSpec(path="runs/x/train/model"), ServeConfig(), print)
@@ -19,6 +21,7 @@ from typing import Any, Literal
 
 from modelkiln.errors import ServingError
 from modelkiln.serve.advice import log_faster_engine_hint
+from modelkiln.serve.autoengine import pick_encoder_engine
 from modelkiln.serve.config import ModelSpec, ServeConfig, has_torch_weights
 from modelkiln.serve.embeddings import BatchPolicy, BatchStats, EmbeddingEngine
 
@@ -90,6 +93,10 @@ def load_engine(
         from modelkiln.serve.encoders import OnnxEncoderBackend, TorchEncoderBackend
 
         backend: Any
+        onnx_file = None
+        if backend_name == "torch":  # an HF directory: the fastest engine that passes here
+            pick = pick_encoder_engine(spec, cfg, hooked_loader=loader is not None)
+            backend_name, onnx_file = pick.backend, pick.onnx_file
         if backend_name == "onnx":
             if spec.compile:
                 raise ServingError(
@@ -99,7 +106,7 @@ def load_engine(
             backend = (
                 OnnxEncoderBackend.from_session(spec.path, session)
                 if session is not None
-                else OnnxEncoderBackend.from_path(spec.path, threads=cfg.threads)
+                else OnnxEncoderBackend.from_path(spec.path, cfg.threads, onnx_file)
             )
         else:
             backend = TorchEncoderBackend.from_path(
