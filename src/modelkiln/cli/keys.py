@@ -210,15 +210,23 @@ def mint_jwt(
 @keys_app.command("signing-key")
 def signing_key(
     out: Annotated[Path, typer.Argument(help="Private key path (public key: OUT.pub).")],
+    kind: Annotated[
+        str,
+        typer.Option(
+            "--type",
+            help="ec (P-256, verifiable by model_signing's own CLI too) or ed25519 (kiln "
+            "verify only: model_signing 1.1 takes EC keys only).",
+        ),
+    ] = "ec",
 ) -> None:
-    """Generate a P-256 signing key pair for kiln sign / kiln verify.
+    """Generate a signing key pair for kiln sign / kiln verify.
 
-    Example: kiln keys signing-key ~/.kiln/signer.pem
+    Example: kiln keys signing-key ~/.kiln/signer.pem --type ed25519
     """
     from modelkiln.security.signing import generate_signing_key
 
     with guard():
-        pub = generate_signing_key(out)
+        pub = generate_signing_key(out, kind)
     console.print(f"private key: {out} (mode 0600)\npublic key:  {pub}")
 
 

@@ -12,7 +12,12 @@ from modelkiln.cli._common import console, guard
 
 def sign(
     path: Annotated[Path, typer.Argument(help="Model / variant / adapter directory or file.")],
-    key: Annotated[Path, typer.Option("--key", help="PEM EC private key (kiln keys signing-key).")],
+    key: Annotated[
+        Path,
+        typer.Option(
+            "--key", help="PEM private key: EC P-256/384/521 or Ed25519 (kiln keys signing-key)."
+        ),
+    ],
     password: Annotated[
         str | None,
         typer.Option(

@@ -6,9 +6,11 @@ Modules (heavy dependencies are imported inside functions):
 - :mod:`~modelkiln.security.keys` — key store (HMAC-hashed, re-read on change), principals.
 - :mod:`~modelkiln.security.ratelimit` — rpm / tpm token buckets, in-process or Redis.
 - :mod:`~modelkiln.security.jwt_auth` — HS256 / RS256 / ES256 bearer JWTs, JWKS cache.
-- :mod:`~modelkiln.security.audit` — hash-chained JSONL audit log and its verifier.
-- :mod:`~modelkiln.security.signing` — OpenSSF ``model_signing`` sign / verify, trust policy.
-- :mod:`~modelkiln.security.encryption` — AES-GCM weights, decrypted in memory.
+- :mod:`~modelkiln.security.audit` — the hash-chained audit log (re-exported from
+  :mod:`modelkiln.contract.audit`, where the server and rollout reach it too).
+- :mod:`~modelkiln.security.signing` — OpenSSF ``model_signing`` sign / verify, trust policy
+  (:mod:`~modelkiln.security.signing_ed25519`: Ed25519 keys, which the library lacks).
+- :mod:`~modelkiln.security.encryption` — AES-GCM weights and ONNX graphs, decrypted in memory.
 - :mod:`~modelkiln.security.pickles` — pickle checkpoints refused or allowlist-scanned.
 - :mod:`~modelkiln.security.serving` — the server plug-in (authenticator, guard, observer).
 - :mod:`~modelkiln.security.extension` — the `kiln serve` flags of the plug-in.

@@ -2,8 +2,10 @@
 
 A directory (run artifact, optimize variant, registry version, PEFT adapter) is
 signed into ``DIR/model.sig``, which the signature itself does not cover; a
-single file ``F`` into ``F.sig``. Keys are elliptic-curve PEM keys (P-256 /
-P-384 / P-521: the curves ``model_signing`` accepts for local keys). Keyless
+single file ``F`` into ``F.sig``. Keys are PEM keys: elliptic-curve (P-256 / P-384 /
+P-521: the curves ``model_signing`` accepts for local keys) or Ed25519 (same OMS
+bundle, signed through :mod:`.signing_ed25519`: ``model_signing`` 1.1 itself takes no
+Ed25519 key, so its own CLI cannot verify those; ``kiln verify`` can). Keyless
 Sigstore signing needs the network: ``model_signing``'s own CLI does it, and
 its bundles verify with the certificate verifier; it is not tested here.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
@@ -43,15 +46,22 @@ def _hashing_config():  # type: ignore[no-untyped-def]
     return hashing.Config().set_ignored_paths(paths=[SIGNATURE_NAME], ignore_git_paths=True)
 
 
-def generate_signing_key(path: str | Path) -> Path:
-    """Write a new P-256 private key to ``path`` (0600) and its public key to ``path.pub``."""
+def generate_signing_key(path: str | Path, kind: str = "ec") -> Path:
+    """Write a new private key (``kind``: ``ec`` = P-256, or ``ed25519``) to ``path`` (0600)
+    and its public key to ``path.pub``."""
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
     path = Path(path)
     if path.exists():
         raise ConfigError(f"{path} already exists", hint="pick another path or delete it first")
-    key = ec.generate_private_key(ec.SECP256R1())
+    if kind not in ("ec", "ed25519"):
+        raise ConfigError(f"unknown key type {kind!r}", hint="use ec (P-256) or ed25519")
+    key: Any = (
+        ec.generate_private_key(ec.SECP256R1())
+        if kind == "ec"
+        else (ed25519.Ed25519PrivateKey.generate())
+    )
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -74,18 +84,54 @@ def sign_model(model: str | Path, private_key: str | Path, password: str | None 
         raise ConfigError(f"nothing to sign at {model}", hint="pass a model directory or file")
     sig = signature_path(model)
     try:
-        (
-            model_signing.signing.Config()
-            .use_elliptic_key_signer(private_key=private_key, password=password)
-            .set_hashing_config(_hashing_config())
-            .sign(model, sig)
-        )
+        config = model_signing.signing.Config()
+        if key_type(private_key, private=True, password=password) == "ed25519":
+            from modelkiln.security.signing_ed25519 import ed25519_signer
+
+            config._signer = ed25519_signer(Path(private_key), password)  # no public setter
+        else:
+            config.use_elliptic_key_signer(private_key=private_key, password=password)
+        config.set_hashing_config(_hashing_config()).sign(model, sig)
     except (ValueError, TypeError, OSError) as exc:
         raise SecurityError(
             f"cannot sign {model} with {private_key}: {exc}",
-            hint="use a PEM EC private key (kiln keys signing-key)",
+            hint="use a PEM EC (P-256/384/521) or Ed25519 private key (kiln keys signing-key)",
         ) from None
     return sig
+
+
+def key_type(path: str | Path, *, private: bool, password: str | None = None) -> str:
+    """``"ec"`` or ``"ed25519"``: the kind of a PEM key file.
+
+    Raises:
+        SecurityError: unreadable, or another kind of key (RSA, Ed448, an unsupported curve).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    try:
+        data = Path(path).read_bytes()
+        key: object = (
+            serialization.load_pem_private_key(data, password.encode() if password else None)
+            if private
+            else serialization.load_pem_public_key(data)
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        raise SecurityError(
+            f"cannot read the {'private' if private else 'public'} key {path}: {exc}",
+            hint="pass a PEM key file (kiln keys signing-key writes KEY and KEY.pub)",
+        ) from None
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+        return "ed25519"
+    curve = getattr(key, "curve", None)
+    if curve is not None and curve.name in ("secp256r1", "secp384r1", "secp521r1"):
+        return "ec"
+    kind = type(key).__name__.lstrip("_")
+    raise SecurityError(
+        f"{path} is a {kind} key{f' on {curve.name}' if curve else ''}: model signing takes "
+        "EC keys on P-256 / P-384 / P-521 or Ed25519 keys",
+        hint="make one with: kiln keys signing-key KEY [--type ed25519]",
+    )
 
 
 def verify_model(model: str | Path, public_key: str | Path) -> None:
@@ -104,12 +150,16 @@ def verify_model(model: str | Path, public_key: str | Path) -> None:
             f"{model} is not signed (no {sig.name})", hint=f"sign it: kiln sign {model} --key KEY"
         )
     try:
-        (
-            model_signing.verifying.Config()
-            .use_elliptic_key_verifier(public_key=public_key)
-            .set_hashing_config(_hashing_config())
-            .verify(model, sig)
-        )
+        config = model_signing.verifying.Config()
+        if key_type(public_key, private=False) == "ed25519":
+            from modelkiln.security.signing_ed25519 import ed25519_verifier
+
+            config._verifier = ed25519_verifier(Path(public_key))  # no public setter
+        else:
+            config.use_elliptic_key_verifier(public_key=public_key)
+        config.set_hashing_config(_hashing_config()).verify(model, sig)
+    except SecurityError:
+        raise
     except Exception as exc:  # model_signing raises ValueError and crypto errors alike
         raise SecurityError(
             f"signature check of {model} against {public_key} failed: {exc}",

@@ -94,3 +94,17 @@ def test_sign_verify_encrypt_commands(tmp_path: Path) -> None:
     enc = runner.invoke(app, ["encrypt", str(model), "--generate-key", str(tmp_path / "m.key")])
     assert enc.exit_code == 0, enc.output
     assert (model / "model.safetensors.enc").exists()
+
+
+def test_ed25519_signing_key_command(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"\x00" * 64)
+    key = tmp_path / "ed.pem"
+    made = runner.invoke(app, ["keys", "signing-key", str(key), "--type", "ed25519"])
+    assert made.exit_code == 0, made.output
+    assert runner.invoke(app, ["sign", str(model), "--key", str(key)]).exit_code == 0
+    ok = runner.invoke(app, ["verify", str(model), "--key", f"{key}.pub"])
+    assert ok.exit_code == 0 and "verified" in ok.output
+    bad = runner.invoke(app, ["keys", "signing-key", str(tmp_path / "x.pem"), "--type", "rsa"])
+    assert bad.exit_code == 2 and "unknown key type 'rsa'" in bad.output

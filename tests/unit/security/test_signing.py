@@ -64,3 +64,43 @@ def test_single_file_signature(tmp_path: Path) -> None:
     pub = generate_signing_key(tmp_path / "k.pem")
     assert sign_model(f, tmp_path / "k.pem") == tmp_path / "model.onnx.sig"
     verify_model(f, pub)
+
+
+def test_ed25519_keys_sign_and_verify_in_the_oms_format(model: Path, tmp_path: Path) -> None:
+    import base64
+
+    pub = generate_signing_key(tmp_path / "ed.pem", "ed25519")
+    assert "BEGIN PUBLIC KEY" in pub.read_text()
+    sig = sign_model(model, tmp_path / "ed.pem")
+    bundle = json.loads(sig.read_text())  # a Sigstore bundle with a DSSE envelope, as for EC
+    statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+    assert statement["predicateType"].startswith("https://model_signing/")
+    verify_model(model, pub)
+    ec_pub = generate_signing_key(tmp_path / "ec.pem")
+    with pytest.raises(SecurityError, match="signature check"):
+        verify_model(model, ec_pub)  # another key's signature is refused either way
+    policy = TrustPolicy(public_keys=[ec_pub, pub])
+    assert policy.check(model) == pub
+    (model / "adapter_model.safetensors").write_bytes(b"\x01" * 256)
+    with pytest.raises(SecurityError, match="adapter_model.safetensors"):
+        verify_model(model, pub)
+
+
+def test_unsupported_keys_get_one_clear_error(model: Path, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    pem = serialization.PrivateFormat.PKCS8
+    for name, key in (
+        ("rsa", rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+        ("k1", ec.generate_private_key(ec.SECP256K1())),
+    ):
+        path = tmp_path / f"{name}.pem"
+        enc = serialization.NoEncryption()
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, pem, enc))
+        with pytest.raises(
+            SecurityError, match="takes EC keys on P-256 / P-384 / P-521 or Ed25519"
+        ):
+            sign_model(model, path)
+    with pytest.raises(SecurityError, match="cannot read the private key"):
+        sign_model(model, model / "adapter_config.json")
