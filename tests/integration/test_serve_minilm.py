@@ -26,7 +26,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def server() -> Iterator[tuple[str, subprocess.Popen[str]]]:
     port = free_port()
     args = ["--model-path", str(minilm.get_model_path()), "--name", "minilm", "--api-key", KEY,
-            "--set", "max_queued_requests=6", "--drain-timeout", "30"]  # fmt: skip
+            "--set", "max_queued_requests=6", "--drain-timeout", "30",
+            "--backend", "torch"]  # pinned: the engine pick is tested apart  # fmt: skip
     proc = start_process(args, port, timeout=90)
     yield f"http://127.0.0.1:{port}", proc
     if proc.poll() is None:

@@ -20,7 +20,9 @@ GIL back between operators and then waits for the event loop (issue 18 measured
 the served torch engine at 0.58x of its offline speed on class B).
 
 Pin an engine with ``backend: torch`` / ``backend: onnx`` (or ``--backend``);
-``MODELKILN_SERVE_PICK=0`` turns the choice off. Models with less than
+``MODELKILN_SERVE_PICK=0`` turns the choice off; a variant directory written by
+``kiln optimize`` is served as it is (that stage chose it on an evaluation set).
+Models with less than
 :data:`MIN_WEIGHT_BYTES` of weights are served on torch: a forward of such a model
 is mostly per-call overhead, and the one-time export would cost more than it saves.
 
@@ -41,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from modelkiln.contract import VARIANT_JSON
 from modelkiln.hardware import cache_dir, cpu_info
 from modelkiln.serve.config import ModelSpec, ServeConfig, has_torch_weights
 
@@ -81,6 +84,8 @@ def skip_reason(spec: ModelSpec, hooked_loader: bool) -> str | None:
         return "a plug-in loads the weights"
     if not has_torch_weights(path):
         return "no torch weights"
+    if (path / VARIANT_JSON).is_file():
+        return "an optimized variant (kiln optimize already chose it)"
     if sum(f.stat().st_size for f in _weights(path)) < MIN_WEIGHT_BYTES:
         return "small model (per-call overhead dominates)"
     return None
