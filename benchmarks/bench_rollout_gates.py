@@ -86,14 +86,17 @@ def main() -> None:
         "",
         "Simulated with `modelkiln.rollout.simulate` (the real policy, recorder and controller; "
         "fake clock, 10 requests/s, handbook canary 5/25/50/100 %, 10 min per stage, checks "
-        "every 30 s; baseline errors 0.5 %, lognormal latency with median 50 ms). Gates: "
-        "mixture-SPRT test martingales (errors, p95 tail and median of latency, TTFT, TPOT, shadow agreement, "
-        "absolute SLOs), alpha 0.01 over the whole rollout, Bonferroni over 8 tests and the 3 analysed stages (each stage restarts its tests). Goal: "
-        "<= 1 % false rollbacks. Fault delays count from the fault's onset; a fault in the 5 % "
-        "stage reaches the candidate at 0.5 requests/s, so its delay is bounded by evidence, "
-        "not by the check interval. No recorded latency distribution exists yet; lognormal "
-        "stands in. The machine was shared with other agents' work (fake-clock figures do not "
-        "depend on its speed).",
+        "every 30 s; the analysis mirror on (`mirror_percent: 100`: every request also runs "
+        "on the other version, so both are measured on ~10 requests/s whatever the step) and "
+        "the tests updated every second in batches of >= 5 requests per version "
+        "(`analysis_interval_s: 1`), a crossed bound rolling back at once; baseline errors "
+        "0.5 %, lognormal latency with median 50 ms). Gates: mixture-SPRT test martingales "
+        "(errors, p95 tail and median of latency, TTFT, TPOT, shadow agreement, absolute SLOs), "
+        "alpha 0.01 over the whole rollout, Bonferroni over 8 tests and the 3 analysed stages "
+        "(each stage restarts its tests). Goal: <= 1 % false rollbacks. Fault delays count from "
+        "the fault's onset. No recorded latency distribution exists yet; lognormal stands in. "
+        "The machine was shared with other agents' work (fake-clock figures do not depend on "
+        "its speed).",
         "",
         *rows,
     ])  # fmt: skip

@@ -61,6 +61,9 @@ def start_server(tmp: Path, faults: dict[str, FaultSpec]) -> tuple[str, Any, thr
     return url, server, thread
 
 
+LAST_VIEW: list[dict[str, Any]] = [{}]  # the admin view before an abort (A/A evidence)
+
+
 def rollback_seconds(
     url: str, candidate: str, canary: dict[str, Any], rps: float, limit_s: float, seed: int
 ) -> tuple[float, str, int]:
@@ -103,6 +106,8 @@ def rollback_seconds(
     time.sleep(2.0)  # requests in flight at the rollback finish (counted in client errors)
     client.close()
     if status == "running":
+        view = httpx.get(url + "/admin/rollout/tiny", headers=ADMIN, timeout=10).json()
+        LAST_VIEW[0] = view
         httpx.post(url + "/admin/rollout/tiny/abort", headers=ADMIN, timeout=30)
         return time.monotonic() - t0, "still running at the limit", failed[0]
     last = view["decisions"][-1]
@@ -152,13 +157,30 @@ FAULTS = {
 HANDBOOK = {"steps": [5, 25, 50, 100], "dwell_s": 600, "check_interval_s": 30}
 
 
-def rollback_rows(runs: int, rps: float) -> list[str]:
+def aa_rows(url: str, seconds: float, rps: float) -> list[str]:
+    """A/A on the real server: a canary of v4 (same weights, no fault) for ``seconds``."""
+    if seconds <= 0:
+        return []
+    sec, outcome, failed = rollback_seconds(url, "4", HANDBOOK, rps, seconds, 7)
+    view = LAST_VIEW[0] if outcome.startswith("still") else {}
+    checks = [d for d in view.get("decisions", []) if d["numbers"].get("log_evidence")]
+    top = max((max(d["numbers"]["log_evidence"].values()) for d in checks), default=float("nan"))
+    bound = checks[-1]["numbers"]["bound"] if checks else float("nan")
+    row = (f"| A/A: v4 = same weights, no fault | {sec:.0f} s | {failed} | {outcome[:60]}; "
+           f"largest log-evidence at a check {top:.2f} (bound {bound:.2f}) |")  # fmt: skip
+    print(row, flush=True)
+    return ["", "| real-server A/A | ran | client errors | outcome |", "|---|---:|---:|---|", row]
+
+
+def rollback_rows(runs: int, rps: float, aa_s: float) -> list[str]:
     """``runs`` canaries of each faulty version on one server, interleaved; table rows."""
     took: dict[str, list[float]] = {v: [] for v in FAULTS}
     rows = ["| run | injected fault (5 % canary) | s to rollback | client errors | outcome |",
             "|---:|---|---:|---:|---|"]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        url, server, thread = start_server(Path(tmp), {v: f for v, (_, f) in FAULTS.items()})
+        faults = {v: f for v, (_, f) in FAULTS.items()} | {"4": FaultSpec()}
+        url, server, thread = start_server(Path(tmp), faults)
+        aa = aa_rows(url, aa_s, rps)
         for run in range(runs):
             for v, (label, _) in FAULTS.items():
                 sec, outcome, failed = rollback_seconds(
@@ -180,7 +202,7 @@ def rollback_rows(runs: int, rps: float) -> list[str]:
         rows.append(
             f"| {label} | {len(xs)} | {statistics.median(xs):.1f} | {max(xs):.1f} | {ok}/{len(xs)} |"
         )
-    return rows
+    return rows + aa
 
 
 def main() -> None:
@@ -188,10 +210,11 @@ def main() -> None:
     p.add_argument("--rps", type=float, default=10.0)
     p.add_argument("--runs", type=int, default=5, help="Canaries per fault kind.")
     p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--aa-seconds", type=float, default=120, help="A/A canary length (0: none).")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     load0 = os.getloadavg()[0]
-    rows = rollback_rows(args.runs, args.rps)
+    rows = rollback_rows(args.runs, args.rps, args.aa_seconds)
     rows += ["", "| path (sequential requests, 4 tokens) | p50 ms | p99 ms |", "|---|---:|---:|"]
     for label, (p50, p99) in overhead(args.requests).items():
         rows.append(f"| {label} | {p50:.1f} | {p99:.1f} |")
@@ -210,7 +233,9 @@ def main() -> None:
         "version, answer discarded) and the sequential tests updated every second "
         "(`analysis_interval_s: 1`), so a test that crosses its bound rolls back at once. "
         "Seconds count from the start decision to the rollback decision on the gateway's clock "
-        "(the fault is there from the first request). Overhead: requests to `tiny` (routed) "
+        "(the fault is there from the first request). A/A: a canary of v4 (same weights as v1, no fault) "
+        "under the same load first: it must not roll back; its largest log-evidence at a check "
+        "against the bound shows the margin. Overhead: requests to `tiny` (routed) "
         "interleaved one by one with the same requests to the served name `tiny.v1` (passed "
         "through): one version, a 50/50 split without mirror, and with the mirror (each "
         "request then also runs on the other version at the same time: that row is the cost "

@@ -58,6 +58,7 @@ class HttpDriftProbe:
         self.served_name = served_name
         self.timeout_s = timeout_s
         self._warned = False
+        self._client: Any = None  # one pooled client: a check asks twice (both versions)
 
     def snapshot(self) -> dict[str, Any] | None:
         """The monitor's JSON, or None (no URL yet, no monitor, not reachable)."""
@@ -66,8 +67,10 @@ class HttpDriftProbe:
         base = self.url() if callable(self.url) else self.url
         if not base:
             return None
+        if self._client is None:
+            self._client = httpx.Client(timeout=self.timeout_s)
         try:
-            r = httpx.get(base.rstrip("/") + "/v1/monitor", timeout=self.timeout_s)
+            r = self._client.get(base.rstrip("/") + "/v1/monitor")
             r.raise_for_status()
             data = r.json()
         except (httpx.HTTPError, ValueError) as exc:

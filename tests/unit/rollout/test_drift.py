@@ -15,6 +15,9 @@ from test_controller import Harness, spec
 
 from modelkiln.rollout.drift import HttpDriftProbe, drifted_features
 from modelkiln.rollout.gateway import served_name
+from modelkiln.rollout.policy import CanaryConfig
+
+SHORT = CanaryConfig(steps=[50, 100], dwell_s=30, check_interval_s=10, min_requests=10)
 
 
 def entry(version: str, drifted: bool, checked: bool = True, profile: str = "ok") -> dict[str, Any]:
@@ -60,14 +63,14 @@ def test_candidate_drift_holds_over_http(tmp_path: Path, monitor: Any) -> None:
     url, snap = monitor
     snap["models"] = [entry("1", False), entry("2", True)]
     h = Harness(tmp_path, drift=HttpDriftProbe(url, served_name))
-    h.ctl.start(spec())
-    h.run(200)
-    assert h.policies["m"].weights == {"1": 95, "2": 5}  # held at the first step
+    h.ctl.start(spec(canary=SHORT))
+    h.run(80)
+    assert h.policies["m"].weights == {"1": 50, "2": 50}  # held past its dwell time
     last = h.store.decisions("m")[-1]
     assert last.action == "hold"
     assert "drift on the candidate 2 (input_tokens (ks)); baseline 1: no drift" in last.reason
     snap["models"] = [entry("1", False), entry("2", False)]  # the drift is gone: it ramps on
-    h.run(300)
+    h.run(60)
     assert h.policies["m"].weights == {"2": 100}
 
 
@@ -88,8 +91,8 @@ def test_drift_on_both_versions_is_the_inputs_not_the_candidate(
     url, snap = monitor
     snap["models"] = [entry("1", True), entry("2", True)]
     h = Harness(tmp_path, drift=HttpDriftProbe(url, served_name))
-    h.ctl.start(spec())
-    h.run(300)
+    h.ctl.start(spec(canary=SHORT))
+    h.run(60)
     assert h.policies["m"].weights == {"2": 100}
     checks = [d for d in h.store.decisions("m") if "drift" in d.numbers]
     assert checks and checks[0].numbers["drift"]["baseline"] == ["input_tokens (ks)"]
