@@ -222,8 +222,11 @@ def offline(
     from modelkiln.bench.offline import OfflineConfig, run_offline
     from modelkiln.bench.offline.report import write_offline
     from modelkiln.bench.outputs.serialized import append_history
+    from modelkiln.cli._common import _state
+    from modelkiln.logs import LOG_FILE, capture_output, set_verbose
 
-    with guard():
+    set_verbose(_state["debug"])  # --debug also shows third-party output
+    with guard(), capture_output(out / LOG_FILE):
         cfg = OfflineConfig(
             model=model,
             backends=backend or None,
@@ -278,6 +281,7 @@ def offline(
             f"max |compiled - eager| {c['max_abs_diff']:.1e}"
         )
     console.print("  ".join(f"{k}: {v}" for k, v in paths.items()))
+    console.print(f"[dim]library warnings and logs: {out / LOG_FILE}[/dim]")
 
 
 def _percent(text: str) -> float:

@@ -47,8 +47,11 @@ def profile(
     Example: kiln profile runs/quickstart/train/model --batch 8 --seq 128 -o prof/
     """
     from modelkiln.bench.profiling import profile_model, profile_server
+    from modelkiln.cli._common import _state
+    from modelkiln.logs import LOG_FILE, capture_output, set_verbose
 
-    with guard():
+    set_verbose(_state["debug"])  # --debug also shows third-party output
+    with guard(), capture_output(out / LOG_FILE):
         if server is not None:
             svg = profile_server(server, out, seconds=seconds, pid=pid)
             info = json.loads((svg.parent / "flame.json").read_text())
@@ -88,6 +91,7 @@ def profile(
             f"(measured: {mem['measured_how']}; estimate = grads + Adam 2x + activations)"
         )
     console.print(f"trace: {result['trace']}  (open in https://ui.perfetto.dev)")
+    console.print(f"[dim]library warnings and logs: {out / LOG_FILE}[/dim]")
 
 
 def register(app: typer.Typer) -> None:
