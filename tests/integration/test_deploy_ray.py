@@ -56,7 +56,9 @@ def _deploy(cluster: dict[str, Any], **fields: Any) -> str:
         models=[{"path": cluster["model"], "name": "tiny"}],
         port=cluster["port"],
         ray_actor_options={"num_cpus": 0.1},  # 2 CPUs: room for the replicas and Serve's actors
-        serve={"cache": {"enabled": False}},
+        # Admission (429 past an estimated 5 s queue) is not what these tests are about; on a
+        # loaded 2-core machine the estimate can pass 5 s under the load below.
+        serve={"cache": {"enabled": False}, "max_queue_wait_s": 60},
         graceful_shutdown_timeout_s=20,
         **fields,
     )
@@ -141,11 +143,11 @@ def test_killed_replica_is_replaced_and_requests_end_cleanly(cluster: dict[str, 
     _wait(lambda: _running("tiny") == 2, 180, "a replacement replica")
     time.sleep(1)
     results = load.finish()
-    # Ray's proxy answers a request that was in flight on the killed replica with a plain
-    # 500 "Internal Server Error" (Serve does not retry a request a replica already holds);
-    # every later request goes to the live replica. Never a hang (a timeout is recorded).
+    # A request in flight on the killed replica is re-sent by modelkiln's ingress to the
+    # live one (or answered 503 + Retry-After past the retries): never Ray's 500, never a
+    # hang (a timeout is recorded as such).
     failed = [r for r in results if r[0] != 200]
-    assert all(s in {500, 503} for s, _ in failed), failed
+    assert all(s == 503 for s, _ in failed), failed
     assert len(failed) <= 3, failed  # at most the 3 workers' requests in flight at the kill
     replicas = {rid for s, rid in results[-10:] if s == 200}
     assert victim not in replicas and replicas, results[-10:]

@@ -47,8 +47,8 @@ def synthetic_trace(
     rate = peak * (base + bump) / 1.25
     bursts = np.zeros(steps)
     for start in rng.choice(steps, size=max(1, days * 3), replace=False):
-        height = burst_scale * peak * rng.uniform(0.15, 0.35)
-        bursts[start : start + int(rng.integers(2, 6))] += height
+        length = int(rng.integers(2, 6))  # drawn before the height (the traces of earlier runs)
+        bursts[start : start + length] += burst_scale * peak * rng.uniform(0.15, 0.35)
     noise = rng.normal(0.0, 0.04 * peak, steps)
     return [float(x) for x in np.clip(rate + bursts + noise, 0.0, None)]
 

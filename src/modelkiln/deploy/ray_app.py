@@ -1,9 +1,11 @@
 """The modelkiln server as a Ray Serve deployment (imported by Ray, never by ``kiln --help``).
 
-Each replica builds the very app ``kiln serve`` runs (:func:`modelkiln.serve.create_app`,
-the serve package's public entry) behind Serve's FastAPI ingress, so the OpenAI routes,
-probes, limits and ``/metrics`` are the same code. Ray builds the app inside the replica
-(``__serve_build_asgi_app__``): the engines and their threads are never pickled.
+Each model replica builds the very app ``kiln serve`` runs (:func:`modelkiln.serve.create_app`,
+the serve package's public entry), so the OpenAI routes, probes, limits and ``/metrics``
+are the same code; the app is built inside the replica, its engines and threads are never
+pickled. Serve's HTTP proxy hands requests to the ingress deployment
+(:mod:`modelkiln.deploy.ray_ingress`), which streams each one through a replica's
+:meth:`KilnServer.forward` and retries it elsewhere (or answers 503) if that replica dies.
 
 Two additions, as an ASGI middleware around the app:
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, cast
 
 from ray import serve
@@ -87,33 +89,70 @@ class ReplicaMiddleware:
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
-@serve.ingress()
 class KilnServer:
-    """One replica: the modelkiln server app for one model."""
+    """One model replica: the modelkiln server app, called by the ingress through a handle."""
 
-    def __init__(self, model: dict[str, Any], serve_fields: dict[str, Any]) -> None:
-        self._model = model
-        self._serve_fields = serve_fields
-        self._state: Any = None
+    # Ray actors may have an async __init__ (Serve awaits it); type checkers expect None.
+    async def __init__(self, model: dict[str, Any], serve_fields: dict[str, Any]) -> None:  # type: ignore[misc]
+        from uvicorn.config import Config
+        from uvicorn.lifespan.on import LifespanOn
 
-    def __serve_build_asgi_app__(self) -> Any:
-        """Build the server app in this replica (Serve calls it after ``__init__``)."""
         from modelkiln.serve import ServeConfig, create_app
 
-        cfg = ServeConfig.model_validate({**self._serve_fields, "models": [self._model]})
+        cfg = ServeConfig.model_validate({**serve_fields, "models": [model]})
         app = create_app(cfg)
         self._state = app.state.kiln
-        app.add_middleware(ReplicaMiddleware, state=self._state, replica=replica_id())
-        return app
+        self._app = ReplicaMiddleware(app, state=self._state, replica=replica_id())
+        # uvicorn's lifespan runner, as Serve's own ingress wrapper uses: the app starts
+        # (and its model warms) before this replica is reported running.
+        self._lifespan = LifespanOn(Config(self._app, lifespan="on", log_level="warning"))
+        await self._lifespan.startup()
+        if self._lifespan.should_exit:
+            raise RuntimeError(f"model failed to start: {self._state.load_error!r}")
+
+    async def forward(self, scope: dict[str, Any], body: bytes) -> AsyncIterator[Message]:
+        """Run one HTTP request through the server app; yield its ASGI response messages."""
+        queue: asyncio.Queue[Message | None] = asyncio.Queue()
+        delivered = False
+
+        async def receive() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # a client that leaves cancels this generator
+            return {"type": "http.disconnect"}
+
+        async def run() -> None:
+            try:
+                await self._app({**scope, "state": dict(self._lifespan.state)}, receive, queue.put)
+            finally:
+                queue.put_nowait(None)
+
+        task = asyncio.create_task(run())
+        try:
+            while (message := await queue.get()) is not None:
+                yield message
+            await task  # an exception of the app surfaces here
+        finally:
+            task.cancel()
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose model failed is replaced."""
         if self._state is not None and self._state.load_error is not None:
             raise RuntimeError(f"model failed: {self._state.load_error}")
 
+    async def __del__(self) -> None:
+        """Serve awaits this on shutdown: run the app's lifespan shutdown (engines stop)."""
+        await self._lifespan.shutdown()
+
 
 def build_app(args: dict[str, Any]) -> Any:
-    """The application builder ``serve run`` calls with the config's ``args``."""
+    """The application builder ``serve run`` calls with the config's ``args``: the
+    ingress (retries, 503) in front of the model deployment."""
+    from modelkiln.deploy.ray_ingress import KilnIngress
+
     opts = dict(args.get("deployment") or {})
     opts.pop("name", None)
-    return cast(Any, KilnServer).options(**opts).bind(args["model"], args.get("serve") or {})
+    server = cast(Any, KilnServer).options(**opts).bind(args["model"], args.get("serve") or {})
+    return cast(Any, KilnIngress).bind(server, int(args.get("retries", 1)))

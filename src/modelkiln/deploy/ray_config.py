@@ -101,6 +101,13 @@ class RayDeployConfig(KilnModel):
     max_ongoing_requests: int = Field(
         32, ge=1, description="Requests one replica holds at once; the rest queue in Serve."
     )
+    retries: int = Field(
+        1,
+        ge=0,
+        le=5,
+        description="Times the ingress re-sends a request whose replica died before answering; "
+        "then 503 + Retry-After.",
+    )
     graceful_shutdown_timeout_s: float = Field(
         30.0, ge=0, description="A stopping replica finishes its requests for this long."
     )
@@ -232,7 +239,12 @@ def serve_run_config(cfg: RayDeployConfig) -> dict[str, Any]:
                 "name": model.served_name,
                 "route_prefix": route_prefix(cfg, model),
                 "import_path": IMPORT_PATH,
-                "args": {"model": spec, "serve": cfg.serve, "deployment": opts},
+                "args": {
+                    "model": spec,
+                    "serve": cfg.serve,
+                    "deployment": opts,
+                    "retries": cfg.retries,
+                },
                 "deployments": [opts],
             }
         )
