@@ -15,9 +15,9 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from ray.exceptions import ActorDiedError  # noqa: E402
+from ray.exceptions import ActorDiedError
 
-from modelkiln.deploy.ray_ingress import Forwarder  # noqa: E402
+from modelkiln.deploy.ray_ingress import Forwarder
 
 OK = [{"type": "http.response.start", "status": 200, "headers": []},
       {"type": "http.response.body", "body": b"{}"}]  # fmt: skip
