@@ -186,7 +186,13 @@ def _ints(text: str, what: str) -> list[int]:
 
 @bench_app.command("offline")
 def offline(
-    model: Annotated[str, typer.Argument(help="Model directory or optimize variant directory.")],
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="Model or optimize variant directories (several: timed interleaved, "
+            "rows named VARIANT:backend)."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
         "bench-offline"
     ),
@@ -218,6 +224,7 @@ def offline(
     MB and the optimal batch (largest that still gains > 5 % within --memory-cap-mb).
 
     Example: kiln bench offline runs/quickstart/optimize/model --batches 1,8,32 --seqs 64,128
+    Side by side: kiln bench offline runs/q/optimize/variants/{torch-fp32,onnx-int8-dynamic}
     """
     from modelkiln.bench.offline import OfflineConfig, run_offline
     from modelkiln.bench.offline.report import write_offline
@@ -228,7 +235,8 @@ def offline(
     set_verbose(_state["debug"])  # --debug also shows third-party output
     with guard(), capture_output(out / LOG_FILE):
         cfg = OfflineConfig(
-            model=model,
+            model=models[0],
+            others=models[1:],
             backends=backend or None,
             batches=_ints(batches, "--batches"),
             seqs=_ints(seqs, "--seqs"),
@@ -241,7 +249,7 @@ def offline(
             memory_cap_mb=memory_cap_mb,
             compile=compile,
         )
-        console.print(f"[dim]sweeping {model} ...[/dim]")
+        console.print(f"[dim]sweeping {', '.join(models)} ...[/dim]")
         result = run_offline(cfg)
         paths = write_offline(result, out)
         for v in result["variants"]:

@@ -132,3 +132,23 @@ def test_unknown_format_and_missing_backend_are_clear_errors(
     (odd / "variant.json").write_text(json.dumps({"variant": "x", "format": "gguf"}))
     with pytest.raises(ArtifactError, match="format 'gguf', which no loader knows"):
         load_variant(odd)
+
+
+def test_several_variants_in_one_interleaved_sweep(
+    variants: dict[tuple[str, str], Path], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from modelkiln.cli import app
+
+    dirs = [str(variants[("bert", v)]) for v in ("torch-fp32", "onnx-fp32", "torchscript")]
+    out = tmp_path / "side"
+    res = CliRunner().invoke(app, ["bench", "offline", *dirs, "--batches", "1,2", "--seqs", "8",
+                                   "--warmup", "1", "--min-runs", "2", "--max-runs", "3",
+                                   "--budget", "5", "--threads", "1", "-o", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "offline.json").read_text())
+    names = ["torch-fp32:torch", "onnx-fp32:onnx", "torchscript:torch"]
+    assert [r["backend"] for r in data["rows"]] == [n for n in names for _ in (1, 2)]
+    assert {o["backend"] for o in data["optimal"]} == set(names)
+    assert "torchscript" in (out / "report.html").read_text()

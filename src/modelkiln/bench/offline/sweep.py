@@ -18,12 +18,17 @@ from pydantic import Field
 from modelkiln.bench.offline.runners import Runner, compiled_runner, load_runners
 from modelkiln.bench.offline.timing import Cell, time_cells, warm_up
 from modelkiln.configbase import KilnModel
+from modelkiln.errors import ConfigError
 
 
 class OfflineConfig(KilnModel):
     """What ``kiln bench offline`` sweeps."""
 
     model: str = Field(description="Model directory or optimize variant directory.")
+    others: list[str] = Field(
+        default_factory=list,
+        description="More model / variant directories, timed interleaved with ``model``.",
+    )
     backends: list[str] | None = Field(None, description="torch / onnx; default: all it holds.")
     batches: list[int] = Field(
         default_factory=lambda: [1, 8, 16, 32, 64], description="Batch sizes, swept ascending."
@@ -97,6 +102,28 @@ def _environment() -> dict[str, Any]:
     }
 
 
+def _all_runners(cfg: OfflineConfig) -> list[Runner]:
+    """Every model's runners; with several models each is named ``VARIANT:backend``.
+
+    One sweep interleaves them shape by shape, so the ratio between two variants
+    is measured side by side (a separate run per variant would see a different
+    machine load).
+    """
+    models = [cfg.model, *cfg.others]
+    groups = [load_runners(m, cfg.backends, cfg.threads) for m in models]
+    if len(models) == 1:
+        return groups[0]
+    out: list[Runner] = []
+    for model, group in zip(models, groups, strict=True):
+        for runner in group:
+            label = f"{runner.meta.get('variant') or Path(model).name}:{runner.name}"
+            while label in {r.name for r in out}:  # the same variant twice: number them
+                label += "'"
+            runner.name = label
+            out.append(runner)
+    return out
+
+
 def _with_compiled(
     runners: list[Runner], cfg: OfflineConfig
 ) -> tuple[list[Runner], list[dict[str, Any]]]:
@@ -109,16 +136,23 @@ def _with_compiled(
     checks = []
     for runner in runners:
         out.append(runner)
-        if not runner.name.startswith("torch") or runner.loaded is None:
-            continue
+        if runner.meta.get("backend") != "torch" or runner.module is None:
+            continue  # ONNX graphs and TorchScript / torch.export programs: nothing to compile
         twin = compiled_runner(runner, cfg.compile_backend)
         feed = runner.make(1, min(cfg.seqs))
         t0 = time.perf_counter()
+        assert runner.loaded is not None  # every loaded runner keeps its LoadedVariant
         got = runner.loaded.main_of(twin.run(feed))
         first_s = time.perf_counter() - t0
         diff = float(abs(got - runner.loaded.main_of(runner.run(feed))).max())
         checks.append({"backend": twin.name, "max_abs_diff": diff, "first_compile_s": first_s})
         out.append(twin)
+    if not checks:
+        raise ConfigError(
+            "--compile: no model here has Hugging Face weights to compile "
+            f"(formats: {sorted({str(r.meta.get('format')) for r in runners})})",
+            hint="compile applies to torch fp32 / bf16 / pruned / distilled models",
+        )
     return out, checks
 
 
@@ -128,7 +162,7 @@ def run_offline(cfg: OfflineConfig) -> dict[str, Any]:
     Raises:
         ArtifactError / ConfigError: the model or a backend cannot be loaded.
     """
-    runners = load_runners(cfg.model, cfg.backends, cfg.threads)
+    runners = _all_runners(cfg)
     compiled: list[dict[str, Any]] = []
     if cfg.compile:
         runners, compiled = _with_compiled(runners, cfg)
@@ -158,7 +192,7 @@ def run_offline(cfg: OfflineConfig) -> dict[str, Any]:
                 )
     top = max(rows, key=lambda r: r["items_per_s"] or 0.0) if rows else {}
     return {
-        "name": Path(cfg.model).name,
+        "name": " vs ".join(Path(m).name for m in [cfg.model, *cfg.others]),
         "model": str(cfg.model),
         "config": cfg.model_dump(),
         "environment": _environment(),
