@@ -30,7 +30,6 @@ from modelkiln.rollout.agreement import response_agreement
 from modelkiln.rollout.controller import Controller
 from modelkiln.rollout.faults import FaultInjector
 from modelkiln.rollout.gateway_adapters import (
-    RuntimeAdapters,
     is_startup_complete,
     load_adapters,
     ready_body,
@@ -38,6 +37,8 @@ from modelkiln.rollout.gateway_adapters import (
 )
 from modelkiln.rollout.gateway_http import json_response, read_body, replay
 from modelkiln.rollout.metrics import RolloutMetrics
+from modelkiln.rollout.names import served_name
+from modelkiln.rollout.plan import RuntimeAdapters
 from modelkiln.rollout.policy import (
     OVERRIDE_HEADER,
     Assignment,
@@ -57,11 +58,6 @@ ASGI = Callable[
     [dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
     Awaitable[None],
 ]
-
-
-def served_name(model: str, version: str) -> str:
-    """The name the inner server serves one version under."""
-    return f"{model}.v{version}"
 
 
 class RolloutGateway:
@@ -361,7 +357,9 @@ class RolloutGateway:
             if scope["path"] == "/metrics":
                 body += self.metrics.render()
             else:
-                body = self._models_json(body)
+                from modelkiln.rollout.gateway_admin import models_json
+
+                body = models_json(self, body)
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         await send(
             {
@@ -371,31 +369,6 @@ class RolloutGateway:
             }
         )
         await send({"type": "http.response.body", "body": body})
-
-    def _models_json(self, body: bytes) -> bytes:
-        data = json.loads(body)
-        for model, versions in self.versions.items():
-            state = self.controller.status(model)
-            policy = self.policies[model]
-            data.setdefault("data", []).append(
-                {
-                    "id": model,
-                    "object": "model",
-                    "owned_by": "modelkiln",
-                    "versions": versions,
-                    "split": policy.weights,
-                    "shadow": policy.shadow,
-                    "shadow_percent": policy.shadow_percent,
-                    "rollout": None
-                    if state is None
-                    else {
-                        "status": state.status,
-                        "candidate": state.spec.candidate,
-                        "stage": state.stage,
-                    },
-                }
-            )
-        return json.dumps(data).encode()
 
 
 def _deterministic(path: str, payload: dict[str, Any]) -> bool:

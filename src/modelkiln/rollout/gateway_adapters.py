@@ -15,37 +15,17 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkiln.errors import ConfigError, ServingError
 from modelkiln.rollout.gateway_http import call_app
+from modelkiln.rollout.plan import RuntimeAdapters, version_fields
 
 if TYPE_CHECKING:
     from modelkiln.rollout.gateway import RolloutGateway
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RuntimeAdapters:
-    """What to load: ``(model, version) -> (base served name, adapter folder)``."""
-
-    adapters: dict[tuple[str, str], tuple[str, str]]
-    admin_key: str
-    """An admin key of the inner server (internal: generated per gateway)."""
-    bases: dict[str, str] = field(default_factory=dict)
-    """Base model folder (resolved) -> its served name."""
-    timeout_s: float = 600.0
-    pending: bool = True
-    error: str = ""
-    loaded: list[str] = field(default_factory=list)
-
-    def target(self, model: str, version: str) -> str | None:
-        """``<base>:v<version>`` for an adapter version, else None."""
-        found = self.adapters.get((model, version))
-        return f"{found[0]}:v{version}" if found else None
 
 
 async def _load_one(gw: RolloutGateway, plan: RuntimeAdapters, version: str, base: str,
@@ -70,8 +50,6 @@ async def add_version(gw: RolloutGateway, model: str, version: str) -> None:
         ArtifactError: the registry has no such version, or its files changed.
         ServingError: the server refused the adapter.
     """
-    from modelkiln.rollout.plan import version_fields
-
     if not version:
         raise ConfigError('name the version to add: {"version": "4"}')
     if version in gw.versions[model]:

@@ -61,6 +61,28 @@ def model_view(gw: RolloutGateway, model: str, decisions: int = 0) -> dict[str, 
     return out
 
 
+def models_json(gw: RolloutGateway, body: bytes) -> bytes:
+    """The server's ``/v1/models`` answer with each logical model, its versions and split."""
+    data = json.loads(body)
+    for model, versions in gw.versions.items():
+        state = gw.controller.status(model)
+        policy = gw.policies[model]
+        rollout = (
+            None
+            if state is None
+            else {"status": state.status, "candidate": state.spec.candidate, "stage": state.stage}
+        )
+        data.setdefault("data", []).append(
+            {
+                "id": model, "object": "model", "owned_by": "modelkiln", "versions": versions,
+                "split": policy.weights, "shadow": policy.shadow,
+                "shadow_percent": policy.shadow_percent, "mirror_percent": policy.mirror_percent,
+                "rollout": rollout,
+            }
+        )  # fmt: skip
+    return json.dumps(data).encode()
+
+
 async def handle_admin(gw: RolloutGateway, scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Serve one ``/admin/rollout`` request."""
     if not gw.admin_keys:

@@ -11,14 +11,34 @@ from __future__ import annotations
 
 import json
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from modelkiln.errors import ConfigError
-from modelkiln.rollout.gateway import served_name
-from modelkiln.rollout.gateway_adapters import RuntimeAdapters
+from modelkiln.rollout.names import served_name
 
 AdapterMode = Literal["runtime", "merged"]
+
+
+@dataclass
+class RuntimeAdapters:
+    """What to load: ``(model, version) -> (base served name, adapter folder)``."""
+
+    adapters: dict[tuple[str, str], tuple[str, str]]
+    admin_key: str
+    """An admin key of the inner server (internal: generated per gateway)."""
+    bases: dict[str, str] = field(default_factory=dict)
+    """Base model folder (resolved) -> its served name."""
+    timeout_s: float = 600.0
+    pending: bool = True
+    error: str = ""
+    loaded: list[str] = field(default_factory=list)
+
+    def target(self, model: str, version: str) -> str | None:
+        """``<base>:v<version>`` for an adapter version, else None."""
+        found = self.adapters.get((model, version))
+        return f"{found[0]}:v{version}" if found else None
 
 
 def version_fields(folder: Path) -> dict[str, Any]:
