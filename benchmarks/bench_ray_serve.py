@@ -31,6 +31,8 @@ from modelkiln.bench.load import run_load
 #: Ray starts its workers (replicas, proxy, controller) at nice 15; on a shared machine that
 #: alone would slow Ray against a nice-0 `kiln serve`: same priority for both (set in main).
 NICE_VAR = "RAY_worker_niceness"  # Ray's own spelling (a raylet config flag)
+#: Both sides on the torch engine: the same model code, whatever the default engine picks.
+TORCH = {"backend": "torch"}
 
 
 def window(url: str, prompts: list[str], clients: int, seconds: float) -> dict[str, Any]:
@@ -47,7 +49,8 @@ def ray_up(model: Any, port: int, replicas: int, timing: dict[str, float]) -> st
     from modelkiln.deploy.ray_config import load_ray_config
     from modelkiln.deploy.ray_run import start
 
-    cfg = load_ray_config(models=[{"path": model, "name": "minilm"}], num_replicas=replicas,
+    cfg = load_ray_config(models=[{"path": model, "name": "minilm", "options": TORCH}],
+                          num_replicas=replicas,
                           port=port, ray_actor_options={"num_cpus": 1})  # fmt: skip
     t0 = time.perf_counter()
     start(cfg)
@@ -82,7 +85,8 @@ def main() -> None:
     prompts = [texts() for _ in range(5000)]
     kport, rport = free_port(), free_port()
     cmd = [sys.executable, "-m", "modelkiln.serve", "--model-path", str(model),
-           "--name", "minilm", "--port", str(kport), "--log-level", "warning"]  # fmt: skip
+           "--name", "minilm", "--port", str(kport), "--log-level", "warning",
+           "--backend", "torch"]  # fmt: skip
     proc, cold = spawn(cmd, f"http://127.0.0.1:{kport}")
     timing: dict[str, float] = {"kiln_serve_cold": cold, "load_before": os.getloadavg()[0]}
     import ray
@@ -138,8 +142,9 @@ absolute figures are noisy; the side-by-side ratio is the point.**
 
 all-MiniLM-L6-v2 (torch), `/v1/embeddings`, closed loop, {args.clients} clients, unique
 {args.tokens}-token inputs, modelkiln's load generator on the same 2 cores. Same server
-code both ways: Ray runs `modelkiln.serve.create_app` inside each replica behind Serve's
-HTTP proxy and FastAPI ingress. Median of {args.rounds} windows of {args.seconds:g} s
+code both ways (torch engine): Ray runs `modelkiln.serve.create_app` inside each replica;
+a request goes client -> Serve's HTTP proxy -> modelkiln's ingress deployment (it re-sends
+a request whose replica died, else 503) -> a model replica through a DeploymentHandle. Median of {args.rounds} windows of {args.seconds:g} s
 (per-window figures in brackets).
 
 | server | requests/s | p50 ms | p95 ms | errors |
@@ -153,9 +158,9 @@ to RUNNING {timing["deploy_1"]:.1f} s, redeploy to 2 replicas {timing["deploy_2"
 Ray's workers ran at nice {os.environ.get(NICE_VAR)} here (Ray's default is 15,
 which on a loaded machine starves them next to a nice-0 `kiln serve`).
 
-Reading: with one replica Ray adds a hop (client -> Serve proxy actor -> replica actor,
-all on this machine: one more HTTP parse and a Ray RPC per request) and its proxy and
-controller processes compete with the model for the same 2 cores. Two replicas on 2 cores
+Reading: with one replica Ray adds two hops (Serve proxy actor -> ingress actor -> replica
+actor, all on this machine: one more HTTP parse and two Ray RPCs per request) and its
+proxy, ingress and controller processes compete with the model for the same 2 cores. Two replicas on 2 cores
 cannot add compute: one replica's torch already uses both cores, so a second one only
 splits the batches between two model copies; more replicas pay off with more cores or
 more nodes (Serve's point), not on one small box.

@@ -85,6 +85,11 @@ class RayModel(KilnModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="Served name and application name; default the directory's name.",
     )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Other `kiln serve` model fields of this model (e.g. {backend: torch}); "
+        "checked by each replica when it starts.",
+    )
 
     @property
     def served_name(self) -> str:
@@ -233,7 +238,7 @@ def serve_run_config(cfg: RayDeployConfig) -> dict[str, Any]:
     apps = []
     for model in cfg.models:
         opts = deployment_options(cfg)
-        spec = {"path": str(model.path.resolve()), "name": model.served_name}
+        spec = {**model.options, "path": str(model.path.resolve()), "name": model.served_name}
         apps.append(
             {
                 "name": model.served_name,

@@ -32,6 +32,13 @@ def test_fixed_replicas_config_is_serve_run_shaped(model_dir: Path, tmp_path: Pa
     assert dep["name"] == "kiln" and dep["num_replicas"] == 2
     assert "autoscaling_config" not in dep
     assert app["args"]["deployment"] == dep
+    assert app["args"]["retries"] == 1  # the ingress re-sends once, then 503
+
+
+def test_model_options_reach_the_replicas_spec(model_dir: Path) -> None:
+    cfg = load_ray_config(models=[{"path": model_dir, "options": {"backend": "torch"}}])
+    spec = serve_run_config(cfg)["applications"][0]["args"]["model"]
+    assert spec == {"backend": "torch", "path": str(model_dir.resolve()), "name": "model"}
 
 
 def test_serve_run_config_validates_against_rays_schema(model_dir: Path) -> None:
