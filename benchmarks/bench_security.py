@@ -9,13 +9,15 @@
    one key at 3x its tokens-per-minute limit for --seconds; the admitted tokens
    per minute after the initial burst is drained, against the limit.
 
-Run: .venv/bin/python benchmarks/bench_security.py [--seconds 60] [--skip-accuracy]
+Run: .venv/bin/python benchmarks/bench_security.py [--n 5000] [--rounds 10] [--seconds 60]
+     [--skip-accuracy] [--skip-overhead] [--redis]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -46,13 +48,17 @@ def _request(token: str | None) -> Any:
     )
 
 
-def _time_path(hooks: Any, token: str | None, n: int) -> dict[str, float]:
+def _time_path(hooks: Any, token: str | None, n: int) -> list[tuple[float, float]]:
+    """(wall, thread CPU) seconds of ``n`` passes through the plug-in's per-request path.
+
+    The CPU time leaves out the time the thread was descheduled: on a machine loaded by
+    other work, wall-clock p99 measures the scheduler more than the code."""
     from modelkiln.contract.serving import RequestRecord
 
     req = _request(token)
     out = []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         principal = hooks.authenticator.authenticate(req) if hooks.authenticator else None
         for guard in hooks.guards:
             guard.admit(principal, "lm", "/v1/completions", 64)
@@ -69,8 +75,8 @@ def _time_path(hooks: Any, token: str | None, n: int) -> dict[str, float]:
         )
         for obs in hooks.observers:
             obs.observe(record)
-        out.append(time.perf_counter() - t0)
-    return _pcts(out[n // 10 :])  # the first tenth warms caches
+        out.append((time.perf_counter() - t0, time.thread_time() - c0))
+    return out
 
 
 def _redis(tmp: Path) -> tuple[str, subprocess.Popen[bytes]] | None:
@@ -101,11 +107,13 @@ def _redis(tmp: Path) -> tuple[str, subprocess.Popen[bytes]] | None:
     return f"redis://127.0.0.1:{port}/0", proc
 
 
-def overhead(n: int) -> dict[str, Any]:
-    """p50 / p99 of the plug-in's per-request work, per configuration."""
+def overhead(n: int, rounds: int = 10) -> dict[str, Any]:
+    """p50 / p99 of the plug-in's per-request work, per configuration (``n`` samples each,
+    taken in ``rounds`` interleaved rounds)."""
     import jwt
     from cryptography.hazmat.primitives.asymmetric import rsa
 
+    from modelkiln.contract.audit import AuditLog
     from modelkiln.security.jwt_auth import JWTAuthenticator, JWTConfig
     from modelkiln.security.keys import KeyStore
     from modelkiln.security.ratelimit import RedisLimiter
@@ -122,18 +130,38 @@ def overhead(n: int) -> dict[str, Any]:
         {"sub": "ana", "exp": int(time.time()) + 3600}, key, algorithm="RS256", headers={"kid": "k"}
     )
     jwt_auth = JWTAuthenticator(JWTConfig(jwks_file=tmp / "jwks.json"))
-    rows: dict[str, Any] = {
-        "no auth": _time_path(SecurityPolicy().hooks(), None, n),
-        "hashed key": _time_path(SecurityPolicy(keys=store).hooks(), plain, n),
-        "key + rate limit (in-process)": _time_path(SecurityPolicy(keys=store).hooks(), limited, n),
+    audit = AuditLog(tmp / "audit.jsonl", fsync_interval_s=1.0)
+    configs: dict[str, tuple[Any, str | None]] = {
+        "no auth": (SecurityPolicy().hooks(), None),
+        "hashed key": (SecurityPolicy(keys=store).hooks(), plain),
+        "key + rate limit (in-process)": (SecurityPolicy(keys=store).hooks(), limited),
+        "key + rate limit (in-process) + audit every request (fsync 1 s)": (
+            SecurityPolicy(keys=store, audit=audit).hooks(),
+            limited,
+        ),
     }
     redis = _redis(tmp)
     if redis is not None:
         hooks = SecurityPolicy(keys=store, limiter=RedisLimiter(redis[0])).hooks()
-        rows["key + rate limit (Redis, loopback)"] = _time_path(hooks, limited, n)
+        configs["key + rate limit (Redis, loopback)"] = (hooks, limited)
+    configs["JWT RS256"] = (SecurityPolicy(jwt=jwt_auth).hooks(), token)
+    # Interleaved: each round runs every configuration once, so a burst of load from other
+    # work on the machine lands on all of them rather than on whichever ran then.
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
+    per_round = max(1, n // rounds)
+    for _ in range(rounds):
+        for name, (hooks, tok) in configs.items():
+            got = _time_path(hooks, tok, per_round + per_round // 10)
+            samples[name] += got[per_round // 10 :]  # the first tenth warms caches
+    if redis is not None:
         redis[1].kill()
-    rows["JWT RS256"] = _time_path(SecurityPolicy(jwt=jwt_auth).hooks(), token, n)
-    return rows
+    audit.close()
+    return {
+        name: _pcts([w for w, _ in got])
+        | {f"cpu_{k}": v for k, v in _pcts([c for _, c in got]).items()}
+        | {"n": len(got)}
+        for name, got in samples.items()
+    }
 
 
 def accuracy(
@@ -222,16 +250,18 @@ def main() -> None:
     """Print both measurements as JSON."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=5000, help="requests per overhead configuration")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved overhead rounds")
     p.add_argument("--seconds", type=float, default=60.0, help="accuracy window")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--skip-overhead", action="store_true")
     p.add_argument("--redis", action="store_true", help="accuracy with the buckets in Redis")
     args = p.parse_args()
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"loadavg_start": os.getloadavg()}
     if not args.skip_overhead:
-        out["overhead"] = overhead(args.n)
+        out["overhead"] = overhead(args.n, args.rounds)
     if not args.skip_accuracy:
         out["accuracy"] = accuracy(args.seconds, redis=args.redis)
+    out["loadavg_end"] = os.getloadavg()
     print(json.dumps(out, indent=2))
 
 
