@@ -49,7 +49,7 @@ def start_server(tmp: Path, faults: dict[str, FaultSpec]) -> tuple[str, Any, thr
     gw = build_gateway(
         "tiny", folders, serving=serving, state_dir=tmp / "state", admin_keys=["adm"],
         model_options={"backend": "torch", "precision": "fp32"},
-        serve_config={"cache": {"enabled": False}},
+        serve_config={"cache": {"enabled": False}, "max_queue_wait_s": 60},
         faults={v: FaultInjector(f, seed=int(v)) for v, f in faults.items()}, tick_s=0.2,
     )  # fmt: skip
     port = free_port()

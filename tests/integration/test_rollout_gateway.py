@@ -49,6 +49,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Reg
     gw = build_gateway(
         "tiny", folders, serving=serving, state_dir=tmp / "state", admin_keys=["adm"],
         registry=reg, model_options={"backend": "torch", "precision": "fp32"},
+        serve_config={"max_queue_wait_s": 60},  # a loaded CI box must not shed streams (429)
         faults={"3": FaultInjector(FaultSpec(error_rate=0.5), seed=0),
                 "4": FaultInjector(FaultSpec(extra_latency_ms=300), seed=0)}, tick_s=0.2,
     )  # fmt: skip
@@ -169,7 +170,9 @@ def test_blue_green_switch_under_streaming_load_drops_nothing(
             t.join(60)
     view = _status(url)
     assert view["rollout"]["status"] == "promoted", view["decisions"][-3:]
-    assert results and all(r.endswith(":ok") for r in results), results
+    assert results and all(r.endswith(":ok") for r in results), [
+        r for r in results if not r.endswith(":ok")
+    ]
     assert {r.split(":")[0] for r in results} == {"1", "2"}  # streams on both sides of the switch
 
 
@@ -201,5 +204,7 @@ def test_automatic_rollback_under_streaming_load_drops_nothing(
     assert view["policy"]["weights"] == {baseline: 100}
     last = json.loads((state / "tiny.decisions.jsonl").read_text().splitlines()[-1])
     assert last["action"] == "rollback" and "latency" in last["reason"]
-    assert results and all(r.endswith(":ok") for r in results), results
+    assert results and all(r.endswith(":ok") for r in results), [
+        r for r in results if not r.endswith(":ok")
+    ]
     assert "4" in {r.split(":")[0] for r in results}  # streams ran on v4 before the rollback

@@ -56,7 +56,7 @@ def lora_gateway(
     gw = build_gateway(
         "tiny", folders, serving=serving, state_dir=tmp / "state", admin_keys=["adm"],
         registry=reg, model_options={"backend": "torch", "precision": "fp32"},
-        serve_config={"cache": {"enabled": False}},
+        serve_config={"cache": {"enabled": False}, "max_queue_wait_s": 60},
         faults={"3": FaultInjector(FaultSpec(error_rate=0.5), seed=0)}, tick_s=0.2,
     )  # fmt: skip
     port = free_port()

@@ -300,10 +300,13 @@ class RolloutGateway:
     ) -> None:  # fmt: skip
         ok = status < 500 or status == 499  # a client that went away is not the model's fault
         ms = (end - t0) * 1000
+        self.metrics.request(model, version, status, ms / 1000)
+        if status == 429:  # refused by admission control: its time is a hold, not service
+            self.recorder.record(model, version, ok=True)
+            return
         ttft = (first - t0) * 1000 if stream and first is not None else None
         tpot = (end - first) * 1000 / (chunks - 1) if stream and first and chunks > 1 else None
         self.recorder.record(model, version, ok=ok, latency_ms=ms, ttft_ms=ttft, tpot_ms=tpot)
-        self.metrics.request(model, version, status, ms / 1000)
 
     async def _mirror(
         self, scope: dict[str, Any], payload: dict[str, Any], model: str, version: str
