@@ -53,7 +53,7 @@ from peers.report import render
 ROOT = Path(__file__).resolve().parent.parent
 KEEP = ("throughput_rps", "output_tokens_per_s", "ok", "errors", "latency_p50_ms",
         "latency_p99_ms", "ttft_p50_ms", "ttft_p95_ms", "tpot_p50_ms", "itl_p95_ms",
-        "client_cpu_s", "client_cpu_util", "duration_s", "first_error")  # fmt: skip
+        "client_cpu_s", "client_cpu_util", "client_cpu_per_request_ms", "duration_s", "first_error")  # fmt: skip
 
 
 class Run:
@@ -118,10 +118,14 @@ def drive(run: Run, server: servers.Server, prompts: list[str], kind: str, clien
     if kind == "embeddings":
         body["encoding_format"] = run.args.encoding
     rep = run_load(server.url, prompts, kind=kind, model=server.model, concurrency=clients,
-                   num_requests=len(prompts), max_tokens=max_tokens, extra_body=body,
-                   timeout_s=600.0)  # fmt: skip
+                   num_requests=len(prompts), duration_s=run.args.phase_seconds,
+                   max_tokens=max_tokens, extra_body=body, timeout_s=600.0)  # fmt: skip
     summary = rep.summary()
     out = {k: summary.get(k) for k in KEEP if k in summary}
+    statuses: dict[str, int] = {}
+    for r in rep.results:  # 429s (admission control) apart from transport errors (status 0)
+        statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+    out["statuses"] = statuses
     if kind == "completions":  # every request must have made exactly max_tokens tokens
         made = {r.completion_tokens for r in rep.results if r.ok}
         out["tokens_per_request"] = sorted(made)
@@ -270,14 +274,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     p.add_argument("--only", choices=["embeddings", "completions"], help="run one half")
     p.add_argument("--emb-clients", type=int, default=64)
-    p.add_argument("--emb-requests", type=int, default=640, help="requests per phase")
+    p.add_argument("--emb-requests", type=int, default=384, help="requests per phase (at most)")
+    p.add_argument("--phase-seconds", type=float, default=45.0,
+                   help="a phase stops sending after this long (a loaded machine is slow)")  # fmt: skip
     p.add_argument("--encoding", choices=["base64", "float"], default="base64")
     p.add_argument("--streams", type=int, default=32, help="concurrent completion streams")
     p.add_argument("--tokens", type=int, default=128, help="new tokens per completion")
     p.add_argument("--waves", type=int, default=2, help="requests per phase = waves x streams")
     p.add_argument("--json", type=Path, help="JSON output (default: <peers>/results/<stamp>/)")
     p.add_argument("--no-record", action="store_true", help="do not touch docs/BENCHMARKS.md")
-    run = Run(p.parse_args(argv))
+    p.add_argument("--render", type=Path, help="only re-render the markdown of a JSON result")
+    args = p.parse_args(argv)
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return 0
+    run = Run(args)
+    run.result["options"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     t0 = time.perf_counter()
     for half, fn in (("embeddings", embeddings), ("completions", completions)):
         if run.args.only in (None, half):
@@ -288,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     run.result["minutes"] = round((time.perf_counter() - t0) / 60, 1)
     out = run.args.json or run.dir / "bench_peers.json"
     out.write_text(json.dumps(run.result, indent=2, default=str))
-    md = render(run.result, run.args)
+    md = render(json.loads(out.read_text()))
     print(md)
     print(f"JSON: {out}")
     if not run.args.no_record:

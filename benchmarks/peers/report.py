@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 CLASS_B = "class B: AMD EPYC Zen 4, AVX-512 + AVX512-BF16 + VNNI, no AMX"
@@ -10,6 +11,24 @@ DEFAULT, INT8 = "modelkiln default", "modelkiln onnx-int8"
 
 def _f(value: Any, digits: int = 0) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _errors(figs: list[dict[str, Any]]) -> str:
+    """Failed requests, with the HTTP statuses that were not 200 (0: transport error)."""
+    bad: dict[str, int] = {}
+    for f in figs:
+        for status, n in (f.get("statuses") or {}).items():
+            if status != "200":
+                bad[status] = bad.get(status, 0) + n
+    total = sum(f.get("errors") or 0 for f in figs)
+    return str(total) + (
+        f" ({', '.join(f'{n} x {s}' for s, n in sorted(bad.items()))})" if bad else ""
+    )
+
+
+def _cpu(m: dict[str, Any]) -> str:
+    return (f"{_f(m.get('client_cpu_per_request_ms'), 2)} ms/req "
+            f"({_f(100 * (m.get('client_cpu_util') or 0), 1)} % of a core)")  # fmt: skip
 
 
 def _rounds(figs: list[dict[str, Any]], key: str, digits: int) -> str:
@@ -30,9 +49,7 @@ def _emb_table(part: dict[str, Any]) -> str:
         rows.append(
             f"| {name} | **{_f(m.get('throughput_rps'), 1)}** | {_rounds(figs, 'throughput_rps', 1)} "
             f"| {_f(m.get('latency_p50_ms'))} / {_f(m.get('latency_p99_ms'))} "
-            f"| {sum(f.get('errors') or 0 for f in figs)} "
-            f"| {_f(m.get('client_cpu_s'), 1)} ({_f(100 * (m.get('client_cpu_util') or 0))} %) "
-            f"| {_f(part['start_s'].get(name), 1)} |"
+            f"| {_errors(figs)} | {_cpu(m)} | {_f(part['start_s'].get(name), 1)} |"
         )
     for name, figs in part["offline"].items():
         m = med[name]
@@ -41,7 +58,7 @@ def _emb_table(part: dict[str, Any]) -> str:
             f"| **{_f(m.get('forward_sps'), 1)}** | {_rounds(figs, 'forward_sps', 1)} | – | – | – | – |"
         )
     head = ("| setup | req/s (sentences/s offline), median | per round | latency p50 / p99 ms "
-            "| errors | client CPU s (share of wall) | cold start s |\n|---|---|---|---|---|---|---|")  # fmt: skip
+            "| errors (all rounds) | client CPU | cold start s |\n|---|---|---|---|---|---|---|")  # fmt: skip
     return head + "\n" + "\n".join(rows)
 
 
@@ -55,14 +72,13 @@ def _lm_table(part: dict[str, Any]) -> str:
             f"| {_rounds(figs, 'output_tokens_per_s', 0)} "
             f"| {_f(m.get('ttft_p50_ms'))} / {_f(m.get('ttft_p95_ms'))} "
             f"| {_f(m.get('tpot_p50_ms'), 1)} | {_f(m.get('itl_p95_ms'), 1)} "
-            f"| {sum(f.get('errors') or 0 for f in figs)} | {made} "
-            f"| {_f(m.get('client_cpu_s'), 1)} ({_f(100 * (m.get('client_cpu_util') or 0))} %) |"
+            f"| {_errors(figs)} | {made} | {_cpu(m)} |"
         )
     for name, figs in part["offline"].items():
         rows.append(f"| {name}, static batch | **{_f(med[name].get('output_tokens_per_s'))}** "
                     f"| {_rounds(figs, 'output_tokens_per_s', 0)} | – | – | – | – | – | – |")  # fmt: skip
     head = ("| setup | output tok/s, median | per round | TTFT p50 / p95 ms | TPOT p50 ms "
-            "| ITL p95 ms | errors | tokens / request | client CPU s (share of wall) |\n"
+            "| ITL p95 ms | errors (all rounds) | tokens / request | client CPU |\n"
             "|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     return head + "\n" + "\n".join(rows)
 
@@ -115,8 +131,9 @@ def _lm_goals(part: dict[str, Any], precision: str) -> list[str]:
     ]  # fmt: skip
 
 
-def render(result: dict[str, Any], args: Any) -> str:
-    """The whole ``peers`` section of docs/BENCHMARKS.md."""
+def render(result: dict[str, Any]) -> str:
+    """The whole ``peers`` section of docs/BENCHMARKS.md (from the run's JSON)."""
+    args = SimpleNamespace(**result["options"])
     load = result.get("load_avg_1m") or {}
     peers = "; ".join(
         f"{k}: {v['state']} ({v['detail'][:120]})" for k, v in result["peers"].items()
@@ -144,8 +161,8 @@ Peers: {peers}. Skipped: {skipped}.
         e = result["embeddings"]
         parts.append(f"""### Embeddings: all-MiniLM-L6-v2, {args.emb_clients} clients, ~128-token stdlib slices
 
-Each phase sends {args.emb_requests} fresh slices (never repeated in the run, so no response cache
-answers), `encoding_format: {args.encoding}`. Servers: `kiln serve --model-path <MiniLM dir>` (defaults),
+Each phase sends up to {args.emb_requests} fresh slices (never repeated in the run, so no response
+cache answers; a phase stops sending after {args.phase_seconds:g} s), `encoding_format: {args.encoding}`. Servers: `kiln serve --model-path <MiniLM dir>` (defaults),
 `kiln serve` on the `onnx-int8-dynamic` variant built by the optimize library, and
 `infinity_emb v2 --engine torch --dtype bfloat16` (its other defaults). Offline: modelkiln's
 encoder backends on batches of 32 of the same kind of inputs, no HTTP.
