@@ -48,7 +48,13 @@ class SecurityExtension:
             metavar="S",
             help="clock-skew leeway in seconds (default 30)",
         )
-        g.add_argument("--audit-log", metavar="FILE", help="hash-chained JSONL audit log")
+        g.add_argument(
+            "--audit-log",
+            metavar="FILE",
+            help="hash-chained JSONL audit log: start/stop, adapter loads, key-store and JWKS "
+            "reloads, auth failures, requests (kiln audit verify FILE); may be shared with "
+            "kiln keys --audit-log",
+        )
         g.add_argument(
             "--audit-requests",
             action=argparse.BooleanOptionalAction,
@@ -80,7 +86,8 @@ class SecurityExtension:
         g.add_argument(
             "--decrypt-key-file",
             metavar="FILE",
-            help="key of AES-GCM encrypted weights (decrypted in memory)",
+            help="key of AES-GCM encrypted weights (kiln encrypt): safetensors or ONNX "
+            "variants, decrypted in memory, never written in plaintext",
         )
         g.add_argument("--ssl-certfile", metavar="PEM", help="serve HTTPS with this certificate")
         g.add_argument("--ssl-keyfile", metavar="PEM", help="private key of --ssl-certfile")
