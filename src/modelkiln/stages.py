@@ -154,7 +154,8 @@ for _spec in (
     ),
     StageSpec(
         "optimize",
-        "modelkiln.optimize.stage:run_optimize_stage",
+        "modelkiln.pipeline_monitor:run_optimize_stage",  # optimize, then its reference profile
+        version=2,  # 2: the promoted model carries its monitor_profile
         requires=("data", "train"),
         description="quantize / prune / distill / export the trained model behind quality gates",
         key_metrics=("chosen", "chosen_speedup", "chosen_quality_ratio", "baseline_quality"),

@@ -59,6 +59,11 @@ class MonitorStageConfig(KilnModel):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads of the server.")
     alert_timeout_s: float = Field(30.0, gt=0, description="Most seconds to wait for the alert.")
     startup_timeout_s: float = Field(120.0, gt=0, description="Most seconds to wait for /ready.")
+    profile_promoted: bool = Field(
+        True,
+        description="Write a reference profile next to the optimize stage's promoted model "
+        "(held-out test split; profile_samples, chunk_lines, max_prompt_tokens, max_tokens).",
+    )
 
 
 def text_chunks(texts: Sequence[str], lines: int) -> list[str]:
