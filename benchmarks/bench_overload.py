@@ -83,12 +83,24 @@ class Tally:
 
 
 async def phase(url: str, clients: int, seconds: float, vocab: list[str], tokens: int,
-                seed: int, open_rate: float = 0.0) -> dict[str, Any]:  # fmt: skip
-    """One phase: a closed loop of ``clients``, or an open loop at ``open_rate`` req/s."""
+                seed: int, open_rate: float = 0.0, pid: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """One phase: a closed loop of ``clients``, or an open loop at ``open_rate`` req/s.
+
+    ``pid``: the server's, whose CPU seconds are read at the window's start and end.
+    """
     rng = random.Random(seed)
     client = Client(url, None, timeout_s=120.0, max_connections=clients)
     cpu0, t_start = time.process_time(), time.perf_counter()
     tally = Tally(t_start + seconds)
+    cpu: list[tuple[float, float]] = []
+
+    async def probe() -> None:
+        if pid is not None:
+            cpu.append(cpu_seconds(pid))
+            await asyncio.sleep(seconds)
+            cpu.append(cpu_seconds(pid))
+
+    probing = asyncio.create_task(probe())
 
     def body() -> dict[str, Any]:  # fresh words: the cache could not answer anyway
         return {"model": "default", "input": " ".join(rng.choices(vocab, k=tokens - 2))}
@@ -107,7 +119,15 @@ async def phase(url: str, clients: int, seconds: float, vocab: list[str], tokens
     else:
         await asyncio.gather(*(closed() for _ in range(clients)))
     client.close()
+    await probing
     ok = sorted(tally.ok)
+    if len(cpu) == 2:  # the server's CPU share (of one core) inside the window
+        (loop0, all0), (loop1, all1) = cpu
+        extra = {"loop_cpu": (loop1 - loop0) / seconds,
+                 "model_cpu": (all1 - all0 - (loop1 - loop0)) / seconds,
+                 "per_cpu": tally.in_window / max(all1 - all0, 1e-9)}  # fmt: skip
+    else:
+        extra = {}
 
     def pct(q: float) -> float:
         return ok[min(len(ok) - 1, int(q * len(ok)))] if ok else float("nan")
@@ -115,25 +135,40 @@ async def phase(url: str, clients: int, seconds: float, vocab: list[str], tokens
     label = f"open {open_rate:.0f}/s" if open_rate else str(clients)
     return {"phase": label, "goodput": tally.in_window / seconds, "p50": pct(0.5),
             "p99": pct(0.99), "statuses": dict(sorted(tally.statuses.items())),
-            "errors": len(tally.errors), "client_cpu_s": time.process_time() - cpu0}  # fmt: skip
+            "errors": len(tally.errors), "client_cpu_s": time.process_time() - cpu0,
+            **extra}  # fmt: skip
 
 
-def one_round(url: str, args: argparse.Namespace, vocab: list[str], seed: int) -> list[dict]:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(event-loop thread, whole process) CPU seconds of the server ``pid`` (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(path: Path) -> float:
+        fields = path.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+
+    return stat(Path(f"/proc/{pid}/task/{pid}/stat")), stat(Path(f"/proc/{pid}/stat"))
+
+
+def one_round(url: str, pid: int, args: argparse.Namespace, vocab: list[str],
+              seed: int) -> list[dict]:  # fmt: skip
     """Warm-up, then every phase once on the running server."""
     asyncio.run(phase(url, 64, 3.0, vocab, args.tokens, seed=seed))  # rate measured, not counted
     rows = []
     clients = [int(c) for c in args.clients.split(",")]
     for i, n in enumerate(clients):
-        rows.append(asyncio.run(phase(url, n, args.seconds, vocab, args.tokens, seed + i + 1)))
+        rows.append(asyncio.run(phase(url, n, args.seconds, vocab, args.tokens, seed + i + 1,
+                                      pid=pid)))  # fmt: skip
         time.sleep(2.0)  # the queue drains between phases
     if args.open:
         rate = args.open * rows[0]["goodput"]
         rows.append(asyncio.run(phase(url, 4096, args.seconds, vocab, args.tokens, seed + 9,
-                                      open_rate=rate)))  # fmt: skip
+                                      open_rate=rate, pid=pid)))  # fmt: skip
         rows[-1]["phase"] = f"open {args.open:g}x ({rate:.0f}/s)"
     for r in rows:
         r["vs_goodput"] = r["goodput"] / rows[0]["goodput"]
         r["vs_p99"] = r["p99"] / rows[0]["p99"]
+        r["vs_per_cpu"] = r["per_cpu"] / rows[0]["per_cpu"]
         print(r, flush=True)
     return rows
 
@@ -157,7 +192,7 @@ def run_variant(src: str | None, args: argparse.Namespace, model: Path, vocab: l
     finally:
         os.environ.pop("PYTHONPATH", None)
     try:
-        return one_round(url, args, vocab, seed)
+        return one_round(url, proc.pid, args, vocab, seed)
     finally:
         stop(proc)
 
@@ -171,7 +206,8 @@ def medians(rounds: list[list[dict]]) -> list[dict]:
             for k, v in r["statuses"].items():
                 statuses[k] = statuses.get(k, 0) + v
         row = {k: statistics.median(r[k] for r in rows) for k in
-               ("goodput", "p50", "p99", "vs_goodput", "vs_p99", "client_cpu_s")}  # fmt: skip
+               ("goodput", "p50", "p99", "vs_goodput", "vs_p99", "client_cpu_s", "loop_cpu",
+                "model_cpu", "per_cpu", "vs_per_cpu")}  # fmt: skip
         out.append(row | {"phase": rows[0]["phase"].split(" (")[0], "statuses": statuses,
                           "errors": sum(r["errors"] for r in rows), "runs": len(rows)})  # fmt: skip
     return out
@@ -179,13 +215,15 @@ def medians(rounds: list[list[dict]]) -> list[dict]:
 
 def table(rows: list[dict], label: str) -> list[str]:
     lines = [f"| {label} phase | goodput req/s | vs 64 | admitted p50 s | admitted p99 s "
-             "| p99 vs 64 | statuses (all rounds) | transport errors | client CPU s |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| p99 vs 64 | statuses (all rounds) | transport errors | client CPU s "
+             "| server loop / other threads CPU | 200s per server CPU s (vs 64) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(
             f"| {r['phase']} | {r['goodput']:.1f} | {r['vs_goodput']:.0%} | {r['p50']:.2f} "
             f"| {r['p99']:.2f} | {r['vs_p99']:.1f}x | {r['statuses']} | {r['errors']} "
-            f"| {r['client_cpu_s']:.1f} |"
+            f"| {r['client_cpu_s']:.1f} | {r['loop_cpu']:.0%} / {r['model_cpu']:.0%} "
+            f"| {r['per_cpu']:.1f} ({r['vs_per_cpu']:.0%}) |"
         )
     return lines
 
@@ -206,7 +244,10 @@ def report(results: dict[str, list[list[dict]]], cmd: str, load: str) -> str:
     for label, rounds in results.items():
         lines += [*table(medians(rounds), label), ""]
     lines.append(
-        "Goodput: 200s completed inside the phase's window / its length. Admission: "
+        "Goodput: 200s completed inside the phase's window / its length. Server CPU: the "
+        "event loop's thread and the other threads (the model), in % of one core, inside the "
+        "phase's window; 200s per server CPU second is goodput with the machine's "
+        "share taken out (what the overload handling itself costs). Admission: "
         "estimated queue wait (queued tokens / measured tokens per busy second) against "
         "`max_queue_wait_s` (default min(5 s, deadline / 4)); 429s decided from the headers "
         "before the body is parsed are held up to `reject_hold_s` (a timer), so clients that "

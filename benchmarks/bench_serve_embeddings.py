@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--naive-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--compare", metavar="SRC",
+                        help="also serve the HF directory from this older source tree (before)")  # fmt: skip
     args = parser.parse_args(argv)
     model_dir = minilm_dir()
     if args.naive_server:
@@ -256,12 +258,20 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-onnx-"))
     variants = build_variants(model_dir, tmp)
     int8_dir = variants["onnx-int8-dynamic"]
-    ports = {"served_onnx": free_port(), "served": free_port(), "naive": free_port()}
+    servers = [("served_onnx", int8_dir), ("served", model_dir)]
+    if args.compare:  # the same HF directory served by an older source tree
+        servers.append(("served_before", model_dir))
+    ports = {k: free_port() for k, _ in servers} | {"naive": free_port()}
     procs, colds = {}, {}
-    for key, path in (("served_onnx", int8_dir), ("served", model_dir)):
+    for key, path in servers:
         cmd = [sys.executable, "-m", "modelkiln.serve", "--model-path", str(path),
                "--name", "minilm", "--port", str(ports[key]), "--log-level", "warning"]  # fmt: skip
-        procs[key], colds[key] = spawn(cmd, f"http://127.0.0.1:{ports[key]}")
+        if key == "served_before":
+            os.environ["PYTHONPATH"] = args.compare
+        try:
+            procs[key], colds[key] = spawn(cmd, f"http://127.0.0.1:{ports[key]}", timeout=600)
+        finally:
+            os.environ.pop("PYTHONPATH", None)
         print(f"{key} ready in {colds[key]:.2f} s", flush=True)
     naive_cmd = [sys.executable, __file__, "--naive-server", str(ports["naive"])]
     procs["naive"], colds["naive"] = spawn(naive_cmd, f"http://127.0.0.1:{ports['naive']}")
@@ -277,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     best = dict(max(sweep, key=lambda r: r["rate"]))
 
     window = args.seconds / args.rounds
-    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in ("served_onnx", "served", "naive")}
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in ports}
     offline_windows: list[dict[str, Any]] = []
     for i in range(args.rounds):
         offline_windows.append(offline_rate(best["backend"], texts, best["batch"], window))
@@ -286,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 closed_loop(ports[key], texts, args.clients, args.ramp, window, "minilm")))  # fmt: skip
         print(f"round {i + 1}: offline {offline_windows[-1]['ok'] / window:.1f}/s, " + ", ".join(
             f"{k} {w[-1]['ok'] / w[-1]['seconds']:.1f}/s" for k, w in runs.items()), flush=True)  # fmt: skip
-    metrics = {k: scrape(f"http://127.0.0.1:{ports[k]}") for k in ("served_onnx", "served")}
+    metrics = {k: scrape(f"http://127.0.0.1:{ports[k]}") for k, _ in servers}
     results = {k: summarize(w) for k, w in runs.items()}
     for key, proc in procs.items():
         results[key]["exit"] = stop(proc)
@@ -353,7 +363,10 @@ Command: `{command.strip()}`
 Closed loop with a raw keep-alive HTTP/1.1 load generator; one unique {args.tokens}-token input per
 request, base64 responses. MiniLM is served twice: as its `onnx-int8-dynamic` variant (built
 as `kiln optimize` builds it; ONNX Runtime backend, which imports neither torch nor
-transformers) and as the Hugging Face directory (torch backend, precision auto). The setups
+transformers) and as the Hugging Face directory (the engine the server picks at first start:
+the fastest of torch (precision auto) / ONNX fp32 / ONNX int8 that passes its parity gate,
+see `serve-default-engine`; `--compare SRC` adds the same directory served by an older
+source tree, the "before" of a change). The setups
 are measured in {args.rounds} interleaved rounds ({args.seconds / args.rounds:.0f} s each after
 a {args.ramp:.0f} s ramp), so machine noise hits them alike; per round (sentences/s):
 {per_round}, offline {best["rounds"]}. The load generator shares the cores with the server
@@ -363,7 +376,8 @@ under test; the offline engine has them all. 1-minute load average at the end:
 | Setup | sentences/s | p50 ms | p95 ms | p99 ms | non-200 | cold start s | vs naive | vs best offline |
 |---|---|---|---|---|---|---|---|---|
 {line("modelkiln serve, onnx-int8-dynamic variant (dynamic batching, defaults)", served)}
-{line("modelkiln serve, HF directory, torch (dynamic batching, defaults)", results["served"])}
+{line("modelkiln serve, HF directory, default engine (the first-start pick)", results["served"])}
+{line(f"same, before (served by {args.compare})", results["served_before"]) if "served_before" in results else "| (no before run) | | | | | | | | |"}
 {line("naive FastAPI, fp32, one forward per request", naive)}
 | best offline engine: {best["engine"]}, batch {best["batch"]} (no HTTP) | {best["rate"]:.1f} | - | - | - | - | - | {best["rate"] / naive["rate"]:.2f}x | 1.00x |
 

@@ -87,6 +87,24 @@ def _in_flight(url: str) -> float:
     return 0.0
 
 
+def test_long_input_is_refused_naming_the_limit_or_truncated_on_request(
+    server: tuple[str, subprocess.Popen[str]],
+) -> None:
+    url, _ = server
+    long_text = " ".join(["serving"] * 400)  # 400 words: past MiniLM's max_seq_length of 256
+    body = {"model": "minilm", "input": long_text}
+    r = httpx.post(url + "/v1/embeddings", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert "402 tokens" in message and "limit of 'minilm' is 256" in message
+    assert '"truncate": true' in message and "--auto-truncate" in message
+    r = httpx.post(url + "/v1/embeddings", json={**body, "truncate": True}, headers=AUTH,
+                   timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 256
+    assert len(r.json()["data"][0]["embedding"]) == 384
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0(
     server: tuple[str, subprocess.Popen[str]],
 ) -> None:

