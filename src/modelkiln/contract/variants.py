@@ -283,6 +283,15 @@ def _config_sizes(root: Path) -> tuple[int, int | None]:
     return int(text.get("vocab_size", 100)), pos
 
 
+def _task_from_config(root: Path) -> str:
+    """``causal-lm`` when config.json names a ``*ForCausalLM`` / ``*LMHeadModel``, else encoder."""
+    cfg = root / "config.json"
+    data = json.loads(cfg.read_text(encoding="utf-8")) if cfg.is_file() else {}
+    archs = data.get("architectures")
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs or [])
+    return "causal-lm" if causal else "encoder"
+
+
 def _load_onnx(root: Path, info: dict[str, Any], threads: int | None) -> LoadedVariant:
     """An ONNX Runtime CPU session over ``model.onnx``; inputs as numpy arrays."""
     import numpy as np
@@ -314,10 +323,7 @@ def _load_onnx(root: Path, info: dict[str, Any], threads: int | None) -> LoadedV
     def forward(feed: dict[str, Any]) -> Any:
         return session.run(None, feed)
 
-    arch = (json.loads((root / "config.json").read_text()).get("architectures") or [""])[0] if (
-        root / "config.json").is_file() else ""  # fmt: skip
-    task = info.get("task") or ("causal-lm" if arch.endswith(("ForCausalLM", "LMHeadModel"))
-                                else "encoder")  # fmt: skip
+    task = info.get("task") or _task_from_config(root)
     return LoadedVariant(
         root, info.get("variant"), "onnx", "onnx", task, info.get("dtype"), "cpu", names,
         vocab, max_pos, forward, make, onnx_path=root / MODEL_ONNX, info=info,
