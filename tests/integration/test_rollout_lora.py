@@ -15,7 +15,9 @@ from typing import Any
 import httpx
 import pytest
 from serve_support import free_port, save_tiny_gpt2, wait_ready
+from typer.testing import CliRunner
 
+from modelkiln.cli import app
 from modelkiln.rollout.faults import FaultInjector, FaultSpec
 from modelkiln.rollout.registry import Registry
 from modelkiln.rollout.serving import build_gateway, registry_versions
@@ -134,9 +136,11 @@ def test_add_an_adapter_version_to_the_running_gateway(
     bad = add(full)
     assert bad.status_code == 400 and "not a PEFT adapter" in bad.text
     assert add(99).status_code == 400  # no such registry version
-    r = add(v4)
-    assert r.status_code == 200, r.text
-    assert str(v4) in r.json()["versions"] and f"tiny.base:v{v4}" in gw.adapters.loaded
+    cli = CliRunner().invoke(
+        app, ["rollout", "add-version", f"tiny@{v4}", "--url", url, "--admin-key", "adm"]
+    )
+    assert cli.exit_code == 0, cli.output
+    assert str(v4) in gw.versions["tiny"] and f"tiny.base:v{v4}" in gw.adapters.loaded
     assert add(v4).status_code == 409  # already loaded
     view, seen = _run_rollout(url, str(v4))
     assert view["rollout"]["status"] == "promoted", view["decisions"][-3:]

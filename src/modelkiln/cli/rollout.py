@@ -89,6 +89,14 @@ def start(
     max_error_rate: Annotated[float, typer.Option("--max-error-rate")] = 0.05,
     max_latency_ms: Annotated[float, typer.Option("--max-latency-ms")] = 2000.0,
     shadow_percent: Annotated[float, typer.Option("--shadow-percent")] = 10.0,
+    mirror_percent: Annotated[
+        float,
+        typer.Option(
+            "--mirror-percent",
+            help="Canary: share of requests also run on the other version to measure both "
+            "on the same traffic (extra compute; 0: off).",
+        ),
+    ] = 100.0,
     url: UrlOpt = DEFAULT_URL,
     admin_key: KeyOpt = None,
 ) -> None:
@@ -101,11 +109,29 @@ def start(
         canary = {
             "steps": [int(s) for s in steps.split(",")], "dwell_s": dwell,
             "check_interval_s": interval, "max_error_rate": max_error_rate,
-            "max_latency_ms": max_latency_ms,
+            "max_latency_ms": max_latency_ms, "mirror_percent": mirror_percent,
         }  # fmt: skip
         body = {"candidate": version, "strategy": strategy, "canary": canary,
                 "shadow_percent": shadow_percent}  # fmt: skip
         _show(_call(url, admin_key, "POST", f"/admin/rollout/{name}/start", body))
+
+
+@group.command("add-version")
+def add_version(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION of a registered adapter version.")],
+    url: UrlOpt = DEFAULT_URL,
+    admin_key: KeyOpt = None,
+) -> None:
+    """Add a registry adapter version to a running gateway (a runtime LoRA adapter on the
+    base model it already serves), ready to roll out.
+
+    Example: kiln rollout add-version tiny@4 && kiln rollout start tiny@4
+    """
+    with guard():
+        name, version = _split_ref(ref)
+        _show(
+            _call(url, admin_key, "POST", f"/admin/rollout/{name}/versions", {"version": version})
+        )
 
 
 def _split_ref(ref: str) -> tuple[str, str]:
