@@ -111,6 +111,13 @@ def report(args: argparse.Namespace, sweep: dict[str, Any], profile: dict[str, A
         )
     best = ", ".join(f"{o['backend']} **{o['batch']}**" for o in sweep["optimal"])
     lines += ["", f"Optimal batch (largest that still gains > 5 % throughput): {best}."]
+    thin = sorted({r["batch"] for r in sweep["rows"] if r["runs"] < 5})
+    if thin:
+        lines.append(
+            f"Batch {', '.join(map(str, thin))}: fewer than 5 timed calls per cell within the "
+            "time budget, so its ratios (and optimal batches that depend on it) are uncertain; "
+            "raise `--budget` for them."
+        )
     ops = ", ".join(f"`{o['name']}` {o['self_pct']:.0f} %" for o in profile["top_ops"][:5])
     mem = profile["memory"]
     lines += [
