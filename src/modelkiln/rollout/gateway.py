@@ -93,6 +93,7 @@ class RolloutGateway:
         self._on_close = on_close
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = threading.Event()
+        self._drop_unloaded()
         self.controller.resume()
         for model in self.versions:  # a finished rollout left the split it ended with
             state = self.controller.status(model)
@@ -103,6 +104,19 @@ class RolloutGateway:
             target=self._tick_loop, args=(tick_s,), name="kiln-rollout", daemon=True
         )
         self._ticker.start()
+
+    def _drop_unloaded(self) -> None:
+        """Abort an active rollout whose candidate this process does not serve (a version
+        added live, then the gateway restarted without it): the baseline takes it all."""
+        for state in self.controller.store.active():
+            model, cand = state.spec.model, state.spec.candidate
+            if model in self.versions and cand not in self.versions[model]:
+                reason = (
+                    f"version {cand} is not loaded after a restart (add it to --versions, "
+                    "or kiln rollout add-version)"
+                )
+                with contextlib.suppress(KilnError):
+                    self.controller.abort(model, reason)
 
     # -- policy ----------------------------------------------------------------
     def apply(self, model: str, policy: TrafficPolicy) -> None:

@@ -121,6 +121,10 @@ async def handle_admin(gw: RolloutGateway, scope: dict[str, Any], receive: Any, 
     try:
         with gw.controller.acting(_actor(scope["headers"])):
             await _act(gw, model, action, json.loads(body or b"{}"))
+        if action != "versions":  # operator decisions reach Prometheus like the controller's
+            _, recent = gw.controller.snapshot(model, 1)
+            for decision in recent:
+                gw.metrics.decision(decision)
     except (KilnError, ValidationError, ValueError) as exc:
         conflict = any(w in str(exc) for w in ("already", "no active rollout"))
         await json_response(send, 409 if conflict else 400, _error(str(exc), "rollout_refused"))

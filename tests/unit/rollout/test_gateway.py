@@ -15,6 +15,7 @@ from modelkiln.rollout.faults import FaultInjector, FaultSpec
 from modelkiln.rollout.gateway import RolloutGateway
 from modelkiln.rollout.policy import CanaryConfig
 from modelkiln.rollout.recorder import Recorder
+from modelkiln.rollout.spec import RolloutSpec
 from modelkiln.rollout.state import StateStore
 from modelkiln.serve.clock import FakeClock
 
@@ -169,3 +170,14 @@ def test_adapter_versions_are_served_on_their_base(tmp_path: Path) -> None:
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/x"}))
     with pytest.raises(ConfigError, match="not a local folder"):
         version_fields(adapter)
+
+
+def test_restart_without_the_candidate_aborts_its_rollout(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ctl = Controller(StateStore(tmp_path), clock, Recorder())
+    ctl.start(RolloutSpec(model="m", baseline="1", candidate="9"))  # 9: added live, then lost
+    gw = gateway(tmp_path, clock)  # serves 1, 2, 3
+    gw.close()
+    state = gw.controller.status("m")
+    assert state is not None and state.status == "aborted" and "9 is not loaded" in state.reason
+    assert gw.policies["m"].weights == {"1": 100}
