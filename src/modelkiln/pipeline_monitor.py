@@ -247,9 +247,11 @@ def _serve_and_replay(
 
     cfg = ctx.config
     assert isinstance(cfg, MonitorStageConfig)
+    # a short replay: score every request (the server samples 10 % by default)
     mcfg = MonitorConfig(window=cfg.window, check_every_requests=cfg.check_every_requests,
                          false_alarm_rate=cfg.false_alarm_rate, seed=ctx.pipeline.seed,
-                         feature_log=ctx.out / "features.jsonl")  # fmt: skip
+                         feature_log=ctx.out / "features.jsonl",
+                         logprob_sample_rate=1.0)  # fmt: skip
     monitor = DriftMonitor({NAME: profile}, mcfg)
     phase = {"name": PHASES[0]}
     drifted: dict[str, set[str]] = {p: set() for p in PHASES}

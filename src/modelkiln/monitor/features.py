@@ -4,8 +4,9 @@ Request features of a text request: ``input_tokens``, ``byte_length``,
 ``unknown_token_share`` (the tokenizer's unknown token) and
 ``rare_token_share`` (tokens outside the reference's common ids: seen at
 least ``MIN_COUNT`` times in the held-out data). Output features come from
-the model: ``output_tokens``, ``mean_logprob``, ``mean_entropy`` for causal
-LMs, ``confidence`` (max softmax) for classifiers, ``embedding`` for encoders.
+the model: ``output_tokens``, ``mean_logprob``, ``mean_entropy`` and
+``finish_reason`` (categorical: ``stop`` / ``length``) for causal LMs,
+``confidence`` (max softmax) for classifiers, ``embedding`` for encoders.
 
 Example:
     >>> f = RequestFeaturizer(np.array([1, 2]), vocab_size=8, unk_id=0)
@@ -23,7 +24,7 @@ import numpy as np
 #: A token is common when the reference holds it at least this many times.
 MIN_COUNT = 2
 REQUEST_FEATURES = ("input_tokens", "byte_length", "unknown_token_share", "rare_token_share")
-CAUSAL_OUTPUT_FEATURES = ("output_tokens", "mean_logprob", "mean_entropy")
+CAUSAL_OUTPUT_FEATURES = ("output_tokens", "mean_logprob", "mean_entropy", "finish_reason")
 
 
 class RequestFeaturizer:
@@ -83,6 +84,9 @@ def _output_features(out: Any, row: dict[str, Any]) -> None:
     tokens = getattr(out, "tokens", 0)
     if tokens:
         row["output_tokens"] = float(tokens)
+    finish = getattr(out, "finish_reason", None)
+    if finish is not None:
+        row["finish_reason"] = str(finish)  # categorical: stop / length (a chi-squared test)
     for name in ("mean_logprob", "mean_entropy"):  # None when the request was not scored
         v = getattr(out, name, None)
         if v is not None:

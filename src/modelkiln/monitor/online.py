@@ -44,7 +44,7 @@ from modelkiln.monitor.rolling import (
 )
 from modelkiln.monitor.stattests import StatTest, get_stattest
 from modelkiln.monitor.stattests.mmd import mmd_pvalue
-from modelkiln.monitor.tracks import FeatureState, ModelTrack
+from modelkiln.monitor.tracks import FeatureState, ModelTrack, category_codes
 
 log = logging.getLogger("modelkiln.monitor")
 
@@ -107,6 +107,11 @@ class DriftMonitor:
             self.profile_status.setdefault(name, ("ok", str(profiles[name].path)))
         self.clock = clock
         self._featurizers = {n: featurizer_for(p.extras) for n, p in profiles.items()}
+        #: model -> categorical feature -> (category codes, the reference as codes)
+        self._cats = {
+            n: {f: category_codes(d.values) for f, d in p.features.items() if d.kind == "cat"}
+            for n, p in profiles.items()
+        }
         self._tracks: dict[tuple[str, str], ModelTrack] = {}
         self._lock = threading.Lock()
         self._thresholds: dict[tuple[str, str, str], float] = {}
@@ -169,7 +174,7 @@ class DriftMonitor:
         prompts = list(getattr(record, "prompt_ids", ()) or ())
         for i, row in enumerate(rows):
             line: dict[str, Any] = {**base, "features": {
-                k: v for k, v in row.items() if isinstance(v, float)}}  # fmt: skip
+                k: v for k, v in row.items() if isinstance(v, float | str)}}  # fmt: skip
             if self.config.log_prompt_ids and i < len(prompts):
                 line["prompt_ids"] = [int(t) for t in prompts[i]]
             self._log_file.write(json.dumps(line) + "\n")
@@ -177,8 +182,8 @@ class DriftMonitor:
     def observe_features(self, model: str, version: str, features: dict[str, Any]) -> None:
         """Add one request's features directly (library use, replays, tests).
 
-        Values are floats or vectors; categorical (``cat``) profile features are for the
-        offline report only, online windows hold numbers.
+        Values are floats, vectors or categories (strings, for ``cat`` profile features:
+        the windows hold their codes, categories the reference never had count as one).
         """
         track = self._track(model, version)
         track.requests += 1
@@ -201,7 +206,8 @@ class DriftMonitor:
                         p.features[source].values, source, self.config.confidence_window,
                         self.config.seed,
                     )  # fmt: skip
-                self._tracks[key] = ModelTrack(model, version, kinds, self.config, rolling)
+                codes = {f: c for f, (c, _) in self._cats.get(model, {}).items()}
+                self._tracks[key] = ModelTrack(model, version, kinds, self.config, rolling, codes)
             return self._tracks[key]
 
     def _features(self, model: str, record: Any) -> list[dict[str, Any]]:
@@ -242,7 +248,8 @@ class DriftMonitor:
         for feat, window in full.items():
             ref = profile.features[feat]
             test = get_stattest(self.config.tests.get(feat, ref.test))
-            state = self._judge(track, feat, ref.group, ref.kind, test, ref.values, window, alpha)
+            values = self._cats[track.model][feat][1] if ref.kind == "cat" else ref.values
+            state = self._judge(track, feat, ref.group, ref.kind, test, values, window, alpha)
             states.append(state)
         for state in states:
             self._states[(track.model, track.version, state.feature)] = state

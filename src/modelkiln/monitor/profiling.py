@@ -129,7 +129,7 @@ def _causal_features(
 ) -> dict[str, FeatureData]:
     import torch
 
-    lengths, logprobs, entropies = [], [], []
+    lengths, logprobs, entropies, finishes = [], [], [], []
     eos = tok.eos_token_id
     with torch.inference_mode():
         for a in ids:  # one at a time: no padding semantics to get wrong, tiny cost here
@@ -144,7 +144,10 @@ def _causal_features(
             lengths.append(float(len(chosen)))
             logprobs.append(lp)
             entropies.append(ent)
+            # the server's finish reason: EOS ends with "stop", the token limit with "length"
+            finishes.append("stop" if eos is not None and eos in chosen else "length")
     return {
+        "finish_reason": FeatureData("cat", "output", np.array(finishes)),
         "output_tokens": FeatureData("num", "output", np.array(lengths)),
         "mean_logprob": FeatureData("num", "output", np.array(logprobs)),
         "mean_entropy": FeatureData("num", "output", np.array(entropies)),

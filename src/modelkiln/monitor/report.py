@@ -26,7 +26,7 @@ from modelkiln.monitor.stattests import registered
 
 
 def read_feature_log(source: str | Path, model: str | None = None) -> dict[str, np.ndarray]:
-    """Scalar features of every request in a JSONL log (or a folder of ``*.jsonl``).
+    """Scalar and categorical features of every request in a JSONL log (or a folder of them).
 
     Raises:
         ConfigError: the path does not exist or holds no feature lines.
@@ -37,7 +37,7 @@ def read_feature_log(source: str | Path, model: str | None = None) -> dict[str, 
         raise ConfigError(f"no feature log at '{source}'",
                           hint="pass the JSONL file written by kiln serve --monitor-log, "
                                "or a folder of them")  # fmt: skip
-    cols: dict[str, list[float]] = {}
+    cols: dict[str, list[Any]] = {}
     for f in files:
         for line in f.read_text().splitlines():
             if not line.strip():
@@ -48,6 +48,8 @@ def read_feature_log(source: str | Path, model: str | None = None) -> dict[str, 
             for k, v in row.get("features", {}).items():
                 if isinstance(v, int | float):
                     cols.setdefault(k, []).append(float(v))
+                elif isinstance(v, str):  # a category (finish_reason)
+                    cols.setdefault(k, []).append(v)
     if not cols:
         raise ConfigError(f"the feature log '{source}' holds no features",
                           hint="send traffic to a server started with --monitor-log")  # fmt: skip

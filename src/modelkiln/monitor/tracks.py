@@ -17,6 +17,15 @@ from modelkiln.monitor.rolling import ROLLING_FEATURE, RollingConfidence
 from modelkiln.monitor.windows import Window
 
 SERVICE_WINDOW = 1000
+#: The code of a category the reference never had (all such categories count as one).
+UNSEEN = -1
+
+
+def category_codes(reference: np.ndarray) -> tuple[dict[str, int], np.ndarray]:
+    """Codes of a categorical reference's categories, and the reference as codes."""
+    cats = np.unique(reference.astype(str))
+    codes = {str(c): i for i, c in enumerate(cats)}
+    return codes, np.searchsorted(cats, reference.astype(str)).astype(np.float64)
 
 
 @dataclass
@@ -48,9 +57,12 @@ class ModelTrack:
         kinds: dict[str, str],
         config: Any,
         rolling: RollingConfidence | None = None,
+        codes: dict[str, dict[str, int]] | None = None,
     ) -> None:
         self.model, self.version = model, version
         self.rolling = rolling  # the live-vs-live confidence track (None: no confidences)
+        # categorical features: category -> code (windows hold numbers; unseen ones are -1)
+        self.codes = codes or {}
         self.config = config
         self.kinds = kinds
         self.windows: dict[str, Window] = {
@@ -83,7 +95,8 @@ class ModelTrack:
         for name, value in features.items():
             w = self.windows.get(name)
             if w is not None:
-                w.append(value)
+                codes = self.codes.get(name)
+                w.append(value if codes is None else float(codes.get(str(value), UNSEEN)))
         if self.rolling is not None:
             self.rolling.add(features)
 

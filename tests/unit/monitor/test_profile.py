@@ -31,8 +31,9 @@ def test_causal_lm_profile_has_request_and_output_features(profiled: Path) -> No
     p = load_profile(profiled / PROFILE_DIR, model_hash=model_hash(profiled))
     assert set(p.features) == {
         "input_tokens", "byte_length", "unknown_token_share", "rare_token_share",
-        "output_tokens", "mean_logprob", "mean_entropy",
+        "output_tokens", "mean_logprob", "mean_entropy", "finish_reason",
     }  # fmt: skip
+    assert set(p.features["finish_reason"].values) <= {"stop", "length"}
     assert len(p.features["input_tokens"].values) == 30
     assert np.all(p.features["mean_logprob"].values < 0)
     assert p.meta.model_name == "tiny" and p.meta.source == "unit"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import random
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -139,3 +140,31 @@ def _metrics(mon: DriftMonitor) -> str:
     reg = CollectorRegistry()
     reg.register(DriftCollector(mon))
     return generate_latest(reg).decode()
+
+
+def test_finish_reason_is_a_categorical_live_feature(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    feats = {
+        "x": FeatureData("num", "request", rng.normal(0, 1, 1000)),
+        "finish_reason": FeatureData("cat", "output", rng.choice(["stop", "length"], 1000)),
+    }
+    prof = load_profile(write_profile(tmp_path / "c", feats, model_name="m", model_hash="h"))
+    cfg = MonitorConfig(window=200, check_every_requests=100)
+    mon = DriftMonitor({"m": prof}, cfg)
+    for i in range(400):  # records as the server sends them: the finish reason per choice
+        out = SimpleNamespace(tokens=4, finish_reason=str(rng.choice(["stop", "length"])))
+        rec = SimpleNamespace(model="m", version="1", status=200, latency_s=0.01,
+                              time=float(i), prompt_ids=([1, 2],), input_bytes=4,
+                              outputs=(out,))  # fmt: skip
+        mon.observe(rec)
+        mon.check()
+    state = next(s for s in mon.states() if s.feature == "finish_reason")
+    assert state.test == "chisquare" and not state.drifted and state.n_current == 200
+    for _ in range(200):  # every answer now hits the token limit, or ends in a new way
+        reason = "length" if rng.random() < 0.8 else "content_filter"
+        mon.observe_features("m", "1", {"x": float(rng.normal(0, 1)), "finish_reason": reason})
+        mon.check()
+    state = next(s for s in mon.states() if s.feature == "finish_reason")
+    assert state.drifted and state.p_value is not None and state.p_value < state.threshold
+    x = next(s for s in mon.states() if s.feature == "x")
+    assert not x.drifted
