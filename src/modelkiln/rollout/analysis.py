@@ -26,6 +26,19 @@ Why these tests (hand-written: scipy and statsmodels have no sequential tests):
 
 The false-rollback budget ``alpha`` is split evenly (Bonferroni) over the tests and over
 the stages; each stage starts its tests afresh.
+
+**Batches and the analysis mirror.** The controller feeds the tests a batch as soon as both
+versions have a few requests (``figures.MIN_BATCH``), about every second, and rolls back
+the moment a bound is crossed (Ville's bound holds at every look, so looking often costs
+nothing). Batches end on request counts, never on outcomes. During a canary the gateway
+also runs each request on the version that did not serve it, at the same time
+(``mirror_percent``), so at a 5 % step the candidate is measured on as many requests as
+the baseline. A request and its twin are not independent (same prompt, same moment), but
+under A/A swapping the two labels of a pair leaves their joint law unchanged: in a pair
+where one exceeds and the other does not, the candidate is the one with probability 1/2,
+and a pair where both (or neither) exceed multiplies the ratio by at most 1, so the
+mixture stays a supermartingale (checked by simulation, and by a real-server A/A run in
+``benchmarks/bench_rollout_server.py``).
 """
 
 from __future__ import annotations
