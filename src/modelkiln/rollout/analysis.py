@@ -37,8 +37,9 @@ the baseline. A request and its twin are not independent (same prompt, same mome
 under A/A swapping the two labels of a pair leaves their joint law unchanged: in a pair
 where one exceeds and the other does not, the candidate is the one with probability 1/2,
 and a pair where both (or neither) exceed multiplies the ratio by at most 1, so the
-mixture stays a supermartingale (checked by simulation, and by a real-server A/A run in
-``benchmarks/bench_rollout_server.py``).
+mixture stays a supermartingale while both arms have about as many requests (which the
+mirror gives). The simulator draws twins independently; the real-server A/A run of
+``benchmarks/bench_rollout_server.py`` exercises true pairs.
 """
 
 from __future__ import annotations
