@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--requests", type=int, default=600)
     p.add_argument("--service-ms", type=float, default=20.0)
+    p.add_argument("--no-record", action="store_true", help="do not touch BENCHMARKS.md")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests" / "integration"))
     from serve_support import free_port, wait_ready
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         "finite run is far from steady state, so the analytic mean does not apply there. The machine was "
         "shared with parallel work while measuring: absolute figures are noisy.",
     ]
-    update_section("bench-loadgen", "\n".join(lines))
+    if not args.no_record:
+        update_section("bench-loadgen", "\n".join(lines))
     print("\n".join(lines))
     return 0
 
