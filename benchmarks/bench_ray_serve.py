@@ -63,6 +63,21 @@ def ray_up(model: Any, port: int, replicas: int, timing: dict[str, float]) -> st
     return f"http://127.0.0.1:{port}"
 
 
+def direct_up(model: Any, port: int) -> str:
+    """A second application, at ``/direct``: the same replica without modelkiln's ingress."""
+    from ray import serve
+
+    from modelkiln.deploy.ray_app import build_app
+    from modelkiln.deploy.ray_config import load_ray_config, serve_run_config
+
+    cfg = load_ray_config(models=[{"path": model, "name": "minilm", "options": TORCH}],
+                          num_replicas=1, port=port, ingress=False,
+                          ray_actor_options={"num_cpus": 1})  # fmt: skip
+    (app,) = serve_run_config(cfg)["applications"]
+    serve.run(build_app(app["args"]), name="direct", route_prefix="/direct")
+    return f"http://127.0.0.1:{port}/direct"
+
+
 def _row(name: str, runs: list[dict[str, Any]]) -> str:
     rps = statistics.median(r["throughput_rps"] for r in runs)
     p50 = statistics.median(r["latency_p50_ms"] for r in runs)
@@ -100,17 +115,19 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": rport})
     timing["serve_start"] = time.perf_counter() - t0
     rurl = ray_up(model, rport, 1, timing)
-    kurl = f"http://127.0.0.1:{kport}"
-    runs: dict[str, list[dict[str, Any]]] = {"kiln serve": [], "Ray 1 replica": []}
+    urls = {"kiln serve": f"http://127.0.0.1:{kport}", "Ray 1 replica": rurl,
+            "Ray 1 replica, no ingress": direct_up(model, rport)}  # fmt: skip
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in urls}
     try:
-        for url in (kurl, rurl):
+        for url in urls.values():
             window(url, prompts, args.clients, 3)  # warm-up
         for i in range(args.rounds):
-            runs["kiln serve"].append(window(kurl, prompts, args.clients, args.seconds))
-            runs["Ray 1 replica"].append(window(rurl, prompts, args.clients, args.seconds))
+            for key, url in urls.items():
+                runs[key].append(window(url, prompts, args.clients, args.seconds))
             print(f"round {i + 1}: " + ", ".join(
                 f"{k} {v[-1]['throughput_rps']:.1f}/s" for k, v in runs.items()), flush=True)  # fmt: skip
         timing["kiln_serve_exit"] = stop(proc)
+        serve.delete("direct")  # its CPU goes to the second replica
         ray_up(model, rport, 2, timing)
         window(rurl, prompts, args.clients, 3)
         runs["Ray 2 replicas"] = [
@@ -144,7 +161,9 @@ all-MiniLM-L6-v2 (torch), `/v1/embeddings`, closed loop, {args.clients} clients,
 {args.tokens}-token inputs, modelkiln's load generator on the same 2 cores. Same server
 code both ways (torch engine): Ray runs `modelkiln.serve.create_app` inside each replica;
 a request goes client -> Serve's HTTP proxy -> modelkiln's ingress deployment (it re-sends
-a request whose replica died, else 503) -> a model replica through a DeploymentHandle. Median of {args.rounds} windows of {args.seconds:g} s
+a request whose replica died, else 503) -> a model replica through a DeploymentHandle;
+"no ingress" (`ingress: false`) is Serve's proxy -> the replica directly (a request on a
+replica that dies then gets Ray's 500). Rounds run the three set-ups one after the other. Median of {args.rounds} windows of {args.seconds:g} s
 (per-window figures in brackets).
 
 | server | requests/s | p50 ms | p95 ms | errors |

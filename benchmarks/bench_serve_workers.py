@@ -124,7 +124,7 @@ def main() -> None:
     md = report(args, results, load_before, os.getloadavg()[0])
     print(md)
     if not args.no_write:
-        update_section("serve-workers", md)
+        update_section("serve-workers-ports" if args.separate_ports else "serve-workers", md)
 
 
 def report(args: argparse.Namespace, results: dict[str, dict[str, list[dict[str, Any]]]],

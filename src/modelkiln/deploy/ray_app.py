@@ -29,6 +29,7 @@ from typing import Any, cast
 from ray import serve
 
 from modelkiln.deploy.ray_config import DEPLOYMENT_NAME
+from modelkiln.deploy.ray_ingress import KilnIngress, acknowledge_lifespan
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -88,9 +89,23 @@ class ReplicaMiddleware:
         return wait_warm
 
 
-@serve.deployment(name=DEPLOYMENT_NAME)
-class KilnServer:
-    """One model replica: the modelkiln server app, called by the ingress through a handle."""
+class _Started:
+    """The app, already started by the replica: Serve's lifespan is only acknowledged."""
+
+    def __init__(self, app: Any, lifespan: Any) -> None:
+        self.app, self.lifespan = app, lifespan
+
+    async def __call__(self, scope: Message, receive: Any, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await acknowledge_lifespan(receive, send)
+            return
+        await self.app({**scope, "state": dict(self.lifespan.state)}, receive, send)
+
+
+class KilnReplica:
+    """One model replica: the modelkiln server app, called by the ingress through a handle
+    (:data:`KilnServer`) or, with ``ingress: false``, by Serve's proxy
+    (:data:`KilnServerDirect`)."""
 
     # Ray actors may have an async __init__ (Serve awaits it); type checkers expect None.
     async def __init__(self, model: dict[str, Any], serve_fields: dict[str, Any]) -> None:  # type: ignore[misc]
@@ -137,6 +152,10 @@ class KilnServer:
         finally:
             task.cancel()
 
+    def __serve_build_asgi_app__(self) -> Any:
+        """What Serve's proxy calls when there is no ingress deployment (``ingress: false``)."""
+        return _Started(self._app, self._lifespan)
+
     def check_health(self) -> None:
         """Serve's health check: a replica whose model failed is replaced."""
         if self._state is not None and self._state.load_error is not None:
@@ -147,12 +166,19 @@ class KilnServer:
         await self._lifespan.shutdown()
 
 
+#: The model deployment behind modelkiln's ingress (an application has one Serve ingress).
+KilnServer = serve.deployment(name=DEPLOYMENT_NAME)(KilnReplica)
+#: The model deployment as the application's ingress itself (``ingress: false``).
+KilnServerDirect = serve.deployment(name=DEPLOYMENT_NAME)(serve.ingress()(KilnReplica))
+
+
 def build_app(args: dict[str, Any]) -> Any:
     """The application builder ``serve run`` calls with the config's ``args``: the
-    ingress (retries, 503) in front of the model deployment."""
-    from modelkiln.deploy.ray_ingress import KilnIngress
-
+    ingress (retries, 503) in front of the model deployment, unless ``ingress`` is false."""
     opts = dict(args.get("deployment") or {})
     opts.pop("name", None)
-    server = cast(Any, KilnServer).options(**opts).bind(args["model"], args.get("serve") or {})
+    bound = (args["model"], args.get("serve") or {})
+    if not args.get("ingress", True):
+        return cast(Any, KilnServerDirect).options(**opts).bind(*bound)
+    server = cast(Any, KilnServer).options(**opts).bind(*bound)
     return cast(Any, KilnIngress).bind(server, int(args.get("retries", 1)))

@@ -40,6 +40,13 @@ class Predictive(KilnModel):
     sample_s: float = Field(60.0, gt=0, description="One history sample per this many s.")
     season: int = Field(1440, ge=2, description="Samples per season (1440 x 60 s = a day).")
     horizon: int = Field(30, ge=1, description="Samples ahead the forecast peak is taken over.")
+    z: float = Field(
+        0.0, ge=0, description="Add z x the RMS error of past peak forecasts (head-room)."
+    )
+    share: float = Field(
+        0.95, gt=0, lt=1, description="Share of requests within p95_target_s the sizing aims at."
+    )
+    floor: bool = Field(True, description="Never fewer replicas than the rate seen now needs.")
 
 
 class Autoscaling(KilnModel):
@@ -105,6 +112,12 @@ class RayDeployConfig(KilnModel):
     autoscaling: Autoscaling | None = Field(None, description="Autoscaling instead of fixed.")
     max_ongoing_requests: int = Field(
         32, ge=1, description="Requests one replica holds at once; the rest queue in Serve."
+    )
+    ingress: bool = Field(
+        True,
+        description="modelkiln's ingress deployment in front of the replicas: a request whose "
+        "replica dies is re-sent, else 503. false: Serve's proxy calls the replicas directly "
+        "(one hop less; such a request then gets Ray's bare 500).",
     )
     retries: int = Field(
         1,
@@ -248,6 +261,7 @@ def serve_run_config(cfg: RayDeployConfig) -> dict[str, Any]:
                     "model": spec,
                     "serve": cfg.serve,
                     "deployment": opts,
+                    "ingress": cfg.ingress,
                     "retries": cfg.retries,
                 },
                 "deployments": [opts],

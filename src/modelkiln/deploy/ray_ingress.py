@@ -8,7 +8,7 @@ ASGI messages back, so it can tell a dead replica from a failed request:
 
 * the replica died (``RayActorError`` / ``ActorUnavailableError``) before the response
   started: the request (its body is held here) is sent again, to a live replica — model
-  requests are stateless, so a retry is safe;
+  requests are stateless, so a retry is safe; the answer then carries ``x-kiln-retries``;
 * still failing after ``retries``: 503 with ``Retry-After`` in the server's OpenAI error
   shape, never Ray's 500 and never a hang;
 * the response had started (a stream cut mid-way): the connection is closed, as the
@@ -41,6 +41,8 @@ REPLICA_GONE = (RayActorError, ActorUnavailableError)
 SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path",
               "query_string", "root_path", "headers", "client", "server")  # fmt: skip
 _log = logging.getLogger(__name__)
+#: Response header on an answer that came after re-sending: how many times it was re-sent.
+RETRIES_HEADER = b"x-kiln-retries"
 #: Seconds a client is told to wait after a 503 (a replacement replica is starting).
 RETRY_AFTER_S = 1
 
@@ -67,6 +69,13 @@ async def unavailable(send: Send, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+async def acknowledge_lifespan(receive: Receive, send: Send) -> None:
+    """Answer a lifespan scope for an app with nothing (more) to start or stop."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
 class Forwarder:
     """ASGI app: each HTTP request -> ``handle.forward(scope, body)`` (streamed), with retries."""
 
@@ -75,10 +84,8 @@ class Forwarder:
         self.retries = retries
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":  # nothing to start: acknowledge both phases
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        if scope["type"] == "lifespan":
+            await acknowledge_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return  # websockets are not served; the server closes the socket
@@ -87,11 +94,15 @@ class Forwarder:
             return
         meta = {key: scope[key] for key in SCOPE_KEYS if key in scope}
         detail = ""
-        for _ in range(self.retries + 1):
+        for attempt in range(self.retries + 1):
             started = False
             try:
                 async for message in self.handle.forward.remote(meta, body):
-                    started = started or message["type"] == "http.response.start"
+                    if message["type"] == "http.response.start":
+                        started = True
+                        if attempt:  # say it was re-sent (clients and tests can count them)
+                            retried = (RETRIES_HEADER, str(attempt).encode())
+                            message = {**message, "headers": [*message["headers"], retried]}
                     await send(message)
                 return
             except REPLICA_GONE as exc:

@@ -4,9 +4,12 @@ Serve's controller calls the policy on every control-loop tick with an
 ``AutoscalingContext``. The policy turns the ongoing requests it reports into a request
 rate (Little's law: rate = ongoing / mean service time), keeps one averaged sample per
 ``sample_s`` seconds in ``policy_state`` (the controller keeps it between ticks), forecasts
-the peak over the horizon with Holt-Winters once two seasons are known, and sizes replicas
-with the M/M/c model of :mod:`modelkiln.deploy.autoscale` — never below what the rate
-seen now needs (bursts are not forecastable). Ray is not imported here.
+the peak over the horizon with Holt-Winters once two seasons are known, adds ``z`` times the
+RMS error of its own past peak forecasts, and sizes replicas with the M/M/c model of
+:mod:`modelkiln.deploy.autoscale` — with ``floor``, never below what the rate seen now needs.
+Defaults keep the first version (×1.2 buffer, floor, z 0); the backtest's tuned setting
+(docs/BENCHMARKS.md) is z 1.5, share 0.99, buffer 1.1, no floor, and a horizon of the
+replica start-up time plus one sample. Ray is not imported here.
 
 Example (what ``kiln deploy ray --predictive`` writes into ``autoscaling_config``):
     >>> {"policy": {"policy_function": "modelkiln.deploy.ray_policy:PredictivePolicy",
@@ -15,6 +18,7 @@ Example (what ``kiln deploy ray --predictive`` writes into ``autoscaling_config`
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from modelkiln.deploy.autoscale import QueueModel, holt_winters_peak
@@ -35,11 +39,16 @@ class PredictivePolicy:
         sample_s: float = 60.0,
         season: int = 1440,
         horizon: int = 30,
+        z: float = 0.0,
+        share: float = 0.95,
+        floor: bool = True,
     ) -> None:
         # Serve clamps to the deployment's bounds (below); the queue model must not clamp first.
-        self.model = QueueModel(service_time_s, slots_per_replica, p95_target_s, buffer, 0, 10_000)
+        self.model = QueueModel(service_time_s, slots_per_replica, p95_target_s, buffer, 0, 10_000,
+                                share)  # fmt: skip
         self.service_time_s = service_time_s
         self.sample_s, self.season, self.horizon = sample_s, season, horizon
+        self.z, self.floor = z, floor
         self.params: dict[str, float] = {}  # Holt-Winters parameters, fitted once
 
     def _sample(self, state: dict[str, Any], now: float, rate: float) -> list[float]:
@@ -54,14 +63,32 @@ class PredictivePolicy:
             state["kiln_bucket_start"] = now
         return history
 
+    def _sigma(self, state: dict[str, Any], history: list[float], peak: float) -> float:
+        """RMS error of the past peak forecasts against the peaks that came (one a sample)."""
+        pending: list[tuple[int, float]] = state.setdefault("kiln_pending", [])
+        errors: list[float] = state.setdefault("kiln_errors", [])
+        n = len(history)
+        while pending and pending[0][0] <= n:
+            due, predicted = pending.pop(0)
+            errors.append(max(history[due - self.horizon : due]) - predicted)
+        del errors[: max(0, len(errors) - self.season)]
+        if state.get("kiln_samples") != n:  # one forecast recorded per closed sample
+            pending.append((n + self.horizon, peak))
+            state["kiln_samples"] = n
+        return math.sqrt(sum(e * e for e in errors) / len(errors)) if errors else 0.0
+
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
-        """Replicas for the larger of the forecast peak and the rate seen now."""
+        """Replicas for the forecast peak + z x its own error (and, with ``floor``, for at
+        least the rate seen now)."""
         state = dict(ctx.policy_state or {})
         rate = max(0.0, float(ctx.total_num_requests)) / self.service_time_s
         now = float(ctx.current_time if ctx.current_time is not None else 0.0)
         history = self._sample(state, now, rate)
         peak = holt_winters_peak(history, self.season, self.horizon, self.params) if history else 0
-        want = self.model.replicas(max(rate, peak)) if max(rate, peak) > 0 else 0
+        if self.z > 0 and history:
+            peak += self.z * self._sigma(state, history, peak)
+        target = max(rate, peak) if self.floor else peak
+        want = self.model.replicas(target) if target > 0 else 0
         low, high = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
         state["kiln_forecast_rate"] = peak
         return max(low, min(high, want)), state

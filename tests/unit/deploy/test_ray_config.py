@@ -33,6 +33,9 @@ def test_fixed_replicas_config_is_serve_run_shaped(model_dir: Path, tmp_path: Pa
     assert "autoscaling_config" not in dep
     assert app["args"]["deployment"] == dep
     assert app["args"]["retries"] == 1  # the ingress re-sends once, then 503
+    assert app["args"]["ingress"] is True
+    direct = serve_run_config(load_ray_config(models=[{"path": model_dir}], ingress=False))
+    assert direct["applications"][0]["args"]["ingress"] is False
 
 
 def test_model_options_reach_the_replicas_spec(model_dir: Path) -> None:
@@ -175,3 +178,22 @@ def test_cli_reads_a_config_file_and_flags_win(model_dir: Path, tmp_path: Path) 
     doc = yaml.safe_load((tmp_path / "out" / "serve_config.yaml").read_text())
     assert doc["http_options"]["port"] == 9002
     assert doc["applications"][0]["deployments"][0]["num_replicas"] == 3
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # statsmodels on a short noisy history
+def test_predictive_policy_adds_its_own_forecast_error_and_may_drop_the_floor() -> None:
+    kwargs = {"service_time_s": 0.5, "slots_per_replica": 2, "p95_target_s": 2.0,
+              "sample_s": 1.0, "season": 4, "horizon": 1}  # fmt: skip
+    plain, headroom = PredictivePolicy(**kwargs), PredictivePolicy(**kwargs, z=2.0)
+    s1: dict[str, Any] = {}
+    s2: dict[str, Any] = {}
+    now = 0.0
+    for ongoing in [1, 6, 2, 9, 1, 7, 3, 8, 2, 6, 1, 9, 2, 7]:  # noisy: forecasts miss
+        a, s1 = plain(_ctx(ongoing, now, s1, high=100))
+        b, s2 = headroom(_ctx(ongoing, now, s2, high=100))
+        now += 1.0
+    assert s2["kiln_errors"] and "kiln_errors" not in s1
+    assert b >= a
+    assert any(e != 0 for e in s2["kiln_errors"])
+    no_floor = PredictivePolicy(**kwargs, floor=False)
+    assert no_floor(_ctx(40, 0.0, {}, high=100))[0] == 1  # no history yet: only the minimum
