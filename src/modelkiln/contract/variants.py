@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modelkiln.contract import MODEL_ONNX, VARIANT_JSON, read_variant_json
-from modelkiln.errors import ArtifactError, ConfigError
+from modelkiln.errors import ArtifactError, ConfigError, DependencyMissingError
 
 __all__ = ["FORMATS", "LoadedVariant", "available_backends", "load_variant", "variant_format"]
 
@@ -168,6 +168,7 @@ def load_variant(
     Raises:
         ArtifactError: the directory holds nothing loadable (the message says what is there).
         ConfigError: ``backend`` is not one this directory has weights for.
+        DependencyMissingError: torchao (int8 formats) or onnxruntime is not installed.
     """
     root = Path(path)
     have = available_backends(root)
@@ -198,6 +199,14 @@ def _task(root: Path, info: dict[str, Any]) -> Any:
     return inspect_model(root, info.get("task", "auto"))
 
 
+def _need(module: str, purpose: str) -> None:
+    """Raise DependencyMissingError when ``module`` cannot be imported (the onnx extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise DependencyMissingError(module, "onnx", purpose=f"loading {purpose}")
+
+
 def _torch_inputs(
     names: tuple[str, ...], vocab: int, device: str
 ) -> Callable[[int, int], dict[str, Any]]:
@@ -221,6 +230,8 @@ def _load_module(root: Path, info: dict[str, Any], fmt: str, device: str | None)
     from modelkiln.contract.hfmodel import load_torch_model
 
     spec = _task(root, info)
+    if fmt != "hf":
+        _need("torchao", f"the {fmt} variant {info.get('variant')!r}")
     dtype = info.get("dtype", "float32") if fmt == "hf" else None
     if fmt == "torchao-linear":
         model = _load_torchao_linear(root, spec.task)
@@ -298,6 +309,7 @@ def _load_onnx(root: Path, info: dict[str, Any], threads: int | None) -> LoadedV
 
     from modelkiln.onnxrt import cpu_session
 
+    _need("onnxruntime", f"{root / MODEL_ONNX}")
     session = cpu_session(root / MODEL_ONNX, threads)
     names = tuple(i.name for i in session.get_inputs())
     unknown = [n for n in names if n not in ("input_ids", "attention_mask", "token_type_ids",

@@ -152,3 +152,17 @@ def test_several_variants_in_one_interleaved_sweep(
     assert [r["backend"] for r in data["rows"]] == [n for n in names for _ in (1, 2)]
     assert {o["backend"] for o in data["optimal"]} == set(names)
     assert "torchscript" in (out / "report.html").read_text()
+
+
+def test_a_missing_runtime_is_named(
+    variants: dict[tuple[str, str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from modelkiln.errors import DependencyMissingError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torchao" else real(name, *a))  # fmt: skip
+    with pytest.raises(DependencyMissingError, match="torchao"):
+        load_variant(variants[("bert", "torch-int8-dynamic")])
