@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -213,19 +214,27 @@ class RolloutGateway:
                 },
             )
             return
-        mirror = None
-        if a.shadow is not None:
-            # The twin starts now, not after the answer: both versions run the same request
-            # at the same time, so their figures compare on the same load.
-            mirror = self._spawn(self._mirror(scope, payload, model, a.shadow))
         # Answers are compared for a shadow only: a canary's new version is *meant* to
         # answer differently, its analysis mirror measures errors and latency.
-        keep = policy.shadow is not None and mirror is not None
-        keep = keep and _deterministic(scope["path"], payload)
-        status, answer = await self._serve_one(
-            scope, receive, send, payload, model, a.version, keep
-        )
-        if mirror is not None and keep:
+        keep = policy.shadow is not None and _deterministic(scope["path"], payload)
+        t0 = time.perf_counter()
+        served = self._serve_one(scope, receive, send, payload, model, a.version, keep, t0)
+        if a.shadow is None:
+            await served
+            return
+        # The twin runs at the same time on the other version, from the same start time, and
+        # which of the two reaches the server first is a coin flip: neither role (served or
+        # mirrored) gives one version a head start, so their latencies compare.
+        twin = self._mirror(scope, payload, model, a.shadow, t0)
+        first, second = (served, twin) if random.random() < 0.5 else (twin, served)
+        tasks = [self._spawn(first), self._spawn(second)]
+        mine, mirror = (tasks[0], tasks[1]) if first is served else (tasks[1], tasks[0])
+        try:
+            status, answer = await mine
+        except asyncio.CancelledError:
+            mine.cancel()
+            raise
+        if keep:
             self._spawn(self._compare(model, mirror, status, answer))
 
     def _lifespan_send(self, send: Any) -> Any:
@@ -251,11 +260,12 @@ class RolloutGateway:
 
     async def _serve_one(
         self, scope: dict[str, Any], receive: Any, send: Any, payload: dict[str, Any],
-        model: str, version: str, keep: bool,
+        model: str, version: str, keep: bool, t0: float | None = None,
     ) -> tuple[int, bytes]:  # fmt: skip
-        """Run one request on ``version``; record it; return its status (and body if kept)."""
+        """Run one request on ``version``; record it; return its status (and body if kept).
+        Its latency counts from ``t0`` (default: now)."""
         fault = self._fault(model, version)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if t0 is None else t0
         if fault is not None and fault.delay_ms:
             await asyncio.sleep(fault.delay_ms / 1000)
         if fault is not None and fault.fail:
@@ -323,8 +333,9 @@ class RolloutGateway:
         self.recorder.record(model, version, ok=ok, latency_ms=ms, ttft_ms=ttft, tpot_ms=tpot)
 
     async def _mirror(
-        self, scope: dict[str, Any], payload: dict[str, Any], model: str, version: str
-    ) -> tuple[int, bytes]:
+        self, scope: dict[str, Any], payload: dict[str, Any], model: str, version: str,
+        t0: float | None = None,
+    ) -> tuple[int, bytes]:  # fmt: skip
         """Run the request's twin on ``version`` (same body, streamed or not); discard it."""
         chunks: list[bytes] = []
         status = [500]
@@ -340,7 +351,7 @@ class RolloutGateway:
             return {"type": "http.disconnect"}
 
         shadow_scope = {**scope, "method": "POST"}
-        await self._serve_one(shadow_scope, no_more, sink, payload, model, version, False)
+        await self._serve_one(shadow_scope, no_more, sink, payload, model, version, False, t0)
         return status[0], b"".join(chunks)
 
     async def _compare(
