@@ -187,7 +187,14 @@ class Controller:
         decisions = []
         now = self.clock.now()
         for state in self.store.active():
-            due = now - state.last_analysis >= state.spec.canary.analysis_interval_s
+            acc = self._interval.get(state.spec.model)
+            live = (
+                acc is not None
+                and acc.tests is not None
+                and acc.key == (state.started, state.stage)
+            )  # the saved state lags the tests between checks
+            last = acc.last_analysis if live and acc is not None else state.last_analysis
+            due = now - last >= state.spec.canary.analysis_interval_s
             if state.status == "running" and due:
                 decision = self._analyse(state)
                 if decision is not None:

@@ -180,3 +180,33 @@ def test_drift_holds_the_ramp(tmp_path: Path) -> None:
     last = h.store.decisions("m")[-1]
     assert last.action == "hold" and "drift on the candidate 2 (input_tokens (ks))" in last.reason
     assert last.numbers["drift"] == {"candidate": ["input_tokens (ks)"], "baseline": []}
+
+
+def test_a_crossed_bound_rolls_back_before_the_next_check(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    slow_checks = CanaryConfig(dwell_s=600, check_interval_s=30, min_requests=10)
+    h.ctl.start(spec(canary=slow_checks))
+    h.run(40, bad="2")
+    last = h.store.decisions("m")[-1]
+    assert last.action == "rollback" and last.time < 30  # fake clock: before the first check
+    assert h.policies["m"].weights == {"1": 100}
+
+
+def test_tests_are_updated_every_analysis_interval(tmp_path: Path) -> None:
+    class Counting(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads: list[float] = []
+
+        def drain_pairs(self, model: str) -> list[float]:
+            self.reads.append(clock.now())
+            return super().drain_pairs(model)
+
+    clock, rec = FakeClock(), Counting()
+    ctl = Controller(StateStore(tmp_path), clock, rec)
+    every_5 = CanaryConfig(dwell_s=600, check_interval_s=30, analysis_interval_s=5)
+    ctl.start(spec(canary=every_5))
+    for _ in range(32):
+        clock.advance(1.0)
+        ctl.tick()
+    assert rec.reads[1:] == [5.0, 10.0, 15.0, 20.0, 25.0, 30.0]  # [0]: the start's drain
