@@ -62,7 +62,8 @@ def offline_html(result: dict[str, Any], png: Path | None, path: Path) -> Path:
         f"<p>{html.escape(', '.join(f'{k}: {v}' for k, v in env.items()))}</p>",
         "<h2>What ran</h2>",
         table_html(
-            result.get("variants", []), ["backend", "variant", "format", "dtype", "device", "task"]
+            result.get("variants", []),
+            ["backend", "variant", "format", "dtype", "device", "task", "compile"],
         ),
         "<h2>Optimal batch</h2>",
         table_html(result.get("optimal", []), ["backend", "seq", "batch", "items_per_s"]),

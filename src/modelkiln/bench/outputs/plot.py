@@ -39,13 +39,18 @@ def plot_offline(result: dict[str, Any], path: Path) -> Path:
         rows = sorted(rows, key=lambda r: r["batch"])
         b = [r["batch"] for r in rows]
         label = f"{backend} seq {seq}"
-        thr.plot(b, [r["items_per_s"] or 0 for r in rows], marker="o", label=label)
-        lat.plot(b, [r["mean_ms"] or 0 for r in rows], marker="o", label=f"{label} mean")
-        lat.plot(b, [r["p95_ms"] or 0 for r in rows], ls="--", marker="x", label=f"{label} p95")
+        color = f"C{i % 10}"  # one colour per series in every panel (mean and p95 alike)
+        thr.plot(b, [r["items_per_s"] or 0 for r in rows], marker="o", label=label, color=color)
+        lat.plot(b, [r["mean_ms"] or 0 for r in rows], marker="o", label=f"{label} mean",
+                 color=color)  # fmt: skip
+        lat.plot(b, [r["p95_ms"] or 0 for r in rows], ls="--", marker="x", color=color,
+                 label=f"{label} p95")  # fmt: skip
         x = [j + i * width for j in range(len(rows))]
-        mem.bar(x, [r.get("cuda_peak_mb") or r["rss_mb"] for r in rows], width, label=label)
+        mem.bar(x, [r.get("cuda_peak_mb") or r["rss_mb"] for r in rows], width, label=label,
+                color=color)  # fmt: skip
         mem.set_xticks(range(len(rows)), [str(v) for v in b])
-        eff.plot(b, [r["items_per_s_per_mb"] or 0 for r in rows], marker="o", label=label)
+        eff.plot(b, [r["items_per_s_per_mb"] or 0 for r in rows], marker="o", label=label,
+                 color=color)  # fmt: skip
     for ax, title, ylabel in (
         (thr, "Throughput", "samples/s"),
         (lat, "Latency", "ms per batch"),
