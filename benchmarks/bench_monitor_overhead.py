@@ -79,13 +79,15 @@ def prepare(tmp: Path, kinds: list[str]) -> dict[str, Path]:
     return models
 
 
-def start(model: Path, monitor: bool) -> tuple[Any, str]:
+def start(model: Path, monitor: bool, threads: int | None = None) -> tuple[Any, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "modelkiln.serve", "--model-path", str(model), "--name", "m",
            "--precision", "fp32", "--port", str(port), "--log-level", "warning",
            "--set", "cache.enabled=false"]  # fmt: skip
     if not monitor:
         cmd.append("--no-monitor")
+    if threads:  # 1 on a loaded machine: two OpenMP threads on oversubscribed cores spin-wait
+        cmd += ["--threads", str(threads)]
     url = f"http://127.0.0.1:{port}"
     proc, _ = spawn(cmd, url)
     return proc, url
@@ -106,7 +108,7 @@ def measure(args: argparse.Namespace, models: dict[str, Path]) -> dict[str, dict
     prompts = {"embeddings": texts(5000, 32, seed=2), "completions": code_prompts(5000, seed=2)}
     runs: dict[str, dict[str, list]] = {}
     for kind, model in models.items():
-        servers = {"on": start(model, True), "off": start(model, False)}
+        servers = {"on": start(model, True, args.threads), "off": start(model, False, args.threads)}
         try:
             for mode in ("on", "off"):  # warm-up, not recorded
                 one_round(kind, servers[mode][1], prompts[kind][:200], args)
@@ -150,6 +152,7 @@ def main() -> None:
     p.add_argument("--emb-clients", type=int, default=16, help="embeddings: concurrent clients")
     p.add_argument("--comp-clients", type=int, default=8, help="completions: concurrent streams")
     p.add_argument("--kinds", default="embeddings,completions", help="servers to measure")
+    p.add_argument("--threads", type=int, help="intra-op threads of both servers (default: all)")
     p.add_argument("--no-record", action="store_true", help="print only, do not edit the doc")
     args = p.parse_args()
     load_before = os.getloadavg()[0]
@@ -164,8 +167,9 @@ def main() -> None:
         f"`{shlex.join(['python', *sys.argv])}`. " + machine_line(),
         "",
         f"Closed loop, {args.rounds} interleaved rounds of {args.seconds:g} s per mode (medians; "
-        "paired: median of the per-round on/off ratios); monitored servers hold their reference "
-        f"profile (windows fill, checks run). Machine: {load}.",
+        + (f"servers at --threads {args.threads}; " if args.threads else "")
+        + "paired: median of the per-round on/off ratios); monitored servers hold their "
+        f"reference profile (windows fill, checks run). Machine: {load}.",
         "",
         "| server | off req/s | on req/s | throughput | paired | off p50 ms | on p50 ms | p50 "
         "| paired | rounds | errors |",

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,12 @@ class ServeHooks:
     # intra-op thread count; returns an ``onnxruntime.InferenceSession``, or None to leave
     # the directory to the default reader. Not asked when the model's backend is torch.
     onnx_loader: Callable[[Path, int | None], Any] | None = None
+    # Log-prob sampling is decided per time slot of this many seconds (0: per request):
+    # requests scored together share decode steps, and a step with no scored row pays
+    # nothing, so a sampled share costs about that share of the scoring.
+    logprob_slot_s: float = 1.0
+    _slot: int = field(default=-1, init=False, repr=False, compare=False)
+    _slot_on: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def wants_logprobs(self) -> bool:
@@ -250,13 +257,24 @@ class ServeHooks:
         return max(rates, default=0.0)
 
     def sample_logprobs(self) -> bool:
-        """Whether the engine scores this request's tokens (drawn per request).
+        """Whether the engine scores this request's tokens (a share :attr:`logprob_rate`).
 
         Scoring costs a log-softmax per generated token on the engine thread, so
         observers that can work from a sample ask for a share of the requests only.
+        Each time slot (:attr:`logprob_slot_s`) is scored with probability
+        ``logprob_rate``, drawn when the slot starts: every request is sampled with that
+        probability whatever its content, and the scored ones run in the same steps.
+        Called on the event loop's thread only.
         """
         rate = self.logprob_rate
-        return rate >= 1.0 or (rate > 0.0 and random.random() < rate)
+        if rate >= 1.0 or rate <= 0.0:
+            return rate >= 1.0
+        if self.logprob_slot_s <= 0:
+            return random.random() < rate
+        slot = int(time.monotonic() // self.logprob_slot_s)
+        if slot != self._slot:
+            self._slot, self._slot_on = slot, random.random() < rate
+        return self._slot_on
 
 
 class ServeExtension(Protocol):

@@ -46,12 +46,26 @@ def test_logprobs_are_scored_for_a_sampled_share_of_requests(tmp_path: Path) -> 
     random.seed(0)
     assert not ServeHooks().sample_logprobs()  # nobody asks: never
     assert all(ServeHooks(observers=[Wants()]).sample_logprobs() for _ in range(100))
-    hooks = ServeHooks(observers=[Wants(0.1), Wants(0.2)])  # the largest share wins
-    assert hooks.logprob_rate == 0.2
+    hooks = ServeHooks(observers=[Wants(0.1), Wants(0.2)], logprob_slot_s=0)
+    assert hooks.logprob_rate == 0.2  # the largest share wins; slot 0: drawn per request
     share = np.mean([hooks.sample_logprobs() for _ in range(5000)])
     assert 0.17 < share < 0.23
     mon = DriftMonitor({"m": lm_profile(tmp_path)}, MonitorConfig(logprob_sample_rate=0.05))
     assert mon.wants_logprobs and ServeHooks(observers=[mon]).logprob_rate == 0.05
+
+
+def test_logprob_sampling_is_decided_per_time_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    random.seed(1)
+    now = [0.0]
+    monkeypatch.setattr("modelkiln.contract.serving.time.monotonic", lambda: now[0])
+    hooks = ServeHooks(observers=[Wants(0.2)])  # default slot: 1 s
+    slots = []
+    for i in range(3000):
+        now[0] = i * 0.5 + 0.1  # two requests per slot
+        slots.append(hooks.sample_logprobs())
+    pairs = np.array(slots).reshape(-1, 2)
+    assert (pairs[:, 0] == pairs[:, 1]).all()  # one decision per slot: scored rows batch up
+    assert 0.15 < pairs[:, 0].mean() < 0.25  # and each slot with the share's probability
 
 
 def test_logprob_rate_flag_and_its_error() -> None:
