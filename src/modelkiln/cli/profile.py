@@ -34,8 +34,10 @@ def profile(
     server: Annotated[
         str | None, typer.Option(help="Sample a running server process (py-spy) instead.")
     ] = None,
-    pid: Annotated[int | None, typer.Option(help="With --server: the server's process id.")] = None,
-    seconds: Annotated[float, typer.Option(help="With --server: seconds to sample.")] = 10.0,
+    pid: Annotated[
+        int | None, typer.Option(help="Sample this process id (py-spy; alone or with --server).")
+    ] = None,
+    seconds: Annotated[float, typer.Option(help="With --server / --pid: seconds sampled.")] = 10.0,
 ) -> None:
     """Profile a model (torch.profiler / ONNX Runtime trace, top ops, memory) or a server.
 
@@ -52,7 +54,7 @@ def profile(
 
     set_verbose(_state["debug"])  # --debug also shows third-party output
     with guard(), capture_output(out / LOG_FILE):
-        if server is not None:
+        if server is not None or pid is not None:
             svg = profile_server(server, out, seconds=seconds, pid=pid)
             info = json.loads((svg.parent / "flame.json").read_text())
             console.print(
@@ -64,7 +66,9 @@ def profile(
         if model is None:
             from modelkiln.errors import ConfigError
 
-            raise ConfigError("give MODEL or --server URL", hint="e.g. kiln profile MODEL_DIR")
+            raise ConfigError(
+                "give MODEL, --server URL or --pid PID", hint="e.g. kiln profile MODEL_DIR"
+            )
         result = profile_model(
             model, out, batch=batch, seq=seq, steps=steps, top=top, backend=backend, memory=memory
         )

@@ -85,8 +85,12 @@ def _memory(runner: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     return memory_analysis(runner.module, inputs)
 
 
-def profile_server(url: str, out: Path, *, seconds: float = 10.0, pid: int | None = None) -> Path:
+def profile_server(
+    url: str | None, out: Path, *, seconds: float = 10.0, pid: int | None = None
+) -> Path:
     """Sample the server behind ``url`` (or process ``pid``) with py-spy; the SVG's path."""
     from modelkiln.bench.profiling.pyspy import flame_graph, server_pid
 
-    return flame_graph(pid if pid is not None else server_pid(url), out, seconds)
+    if pid is None and url is None:
+        raise ConfigError("give a server URL or a process id", hint="e.g. --pid 1234")
+    return flame_graph(pid if pid is not None else server_pid(str(url)), out, seconds)
