@@ -146,7 +146,9 @@ def pick_encoder_engine(spec: ModelSpec, cfg: ServeConfig, hooked_loader: bool =
                     spec.served_name, exc)  # fmt: skip
         return Pick("torch", None, f"ONNX build failed: {exc}")
     data["seconds"] = round(time.monotonic() - t0, 1)
-    decision_file.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    scratch = decision_file.with_name(f"{decision_file.name}.{os.getpid()}.partial")
+    scratch.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(scratch, decision_file)  # another worker never reads a half-written decision
     pick = _from_decision(data, where)
     log.info("engine of %s: %s (%s; took %.0f s)", spec.served_name, data["engine"],
              pick.reason, data["seconds"])  # fmt: skip

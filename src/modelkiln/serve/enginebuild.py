@@ -60,7 +60,7 @@ def export_encoder(model: Any, target: Path) -> None:
     mask[1, 10:] = 0
     axes = {n: {0: "batch", 1: "sequence"} for n in [*_INPUTS, "last_hidden_state"]}
     arch = type(model).__name__
-    partial = target.with_suffix(".partial")
+    partial = _partial(target)
     with export_guard(
         model, f"ONNX export cannot handle {arch}", hint="serve with --backend torch"
     ):
@@ -78,11 +78,17 @@ def quantize_int8(source: Path, target: Path) -> None:
 
     flags = cpu_info().flags
     reduce = not any(flags.get(f) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-    partial = target.with_suffix(".partial")
+    partial = _partial(target)
     with _quiet():
         quantize_dynamic(source, partial, per_channel=True, reduce_range=reduce,
                          weight_type=QuantType.QInt8)  # fmt: skip
     os.replace(partial, target)
+
+
+def _partial(target: Path) -> Path:
+    """A per-process scratch name beside ``target``: server workers starting together
+    may build the same graph; each writes its own file and the last rename wins."""
+    return target.with_name(f"{target.name}.{os.getpid()}.partial")
 
 
 @contextlib.contextmanager
