@@ -10,7 +10,7 @@ Two workloads, each closed loop with modelkiln's load generator in this process:
 Side by side, in interleaved rounds (A B A B ...) so drift on a shared machine hits both:
 
 - **1 process**: ``python -m modelkiln.serve --threads 2`` (the cores it has), all clients;
-- **2 processes**: ``--workers 2`` (one port shared with SO_REUSEPORT, ``--threads 1`` each:
+- **2 processes**: ``--workers 2`` (one listening socket inherited by both, ``--threads 1`` each:
   the cores split between them). ``--separate-ports`` instead starts two plain servers on
   two ports and splits the clients half / half (what was measured before ``--workers``
   existed: the same two processes without the kernel's balancing).
@@ -140,7 +140,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[dict[str,
                         f"{_med(rs, 'latency_p50_ms'):.0f} | {_med(rs, 'latency_p95_ms'):.0f} | "
                         f"{sum(r['errors'] for r in rs)} |")  # fmt: skip
     how = ("two plain servers on two ports, clients split half / half" if args.separate_ports
-           else "`--workers 2` (one port, SO_REUSEPORT), `--threads 1` each")  # fmt: skip
+           else "`--workers 2` (one listening socket shared by both), `--threads 1` each")  # fmt: skip
     flags = " --separate-ports" if args.separate_ports else ""
     return f"""## kiln serve: 1 process vs 2 on one box (`--workers`)
 
