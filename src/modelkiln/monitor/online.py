@@ -6,9 +6,11 @@ turns the record into features and appends them to fixed-memory windows
 (O(tokens), no test). A background thread started by :meth:`start` tests the
 windows against the model's reference profile every ``check_every_requests``
 requests or ``check_every_seconds`` seconds, with thresholds calibrated to
-``false_alarm_rate`` false alarms per request (:mod:`.calibration`). The last
+``false_alarm_rate`` false alarms per request (:mod:`.calibration`), plus the
+handbook's live-vs-live confidence degradation (:mod:`.rolling`). The last
 results are exported through :meth:`snapshot` (JSON) and :class:`DriftCollector`
-(Prometheus gauges).
+(Prometheus gauges). Log-prob features come from the share of requests the
+server scores (``logprob_sample_rate``): scoring costs engine time per token.
 
 Example::
 
