@@ -22,6 +22,13 @@ i.e. after the server has parsed, tokenized and queued them; the estimate
 refuses at the door, before the work is accepted, and :meth:`over` lets the
 HTTP layer refuse before the body is even parsed (see :mod:`.early`).
 
+An engine that knows when it computes (the embedding engine: each batch's compute
+seconds and tokens) reports it through :meth:`AdmissionController.record_batch`; the
+rate is then tokens per *computing* second. The busy-time rate also counts the
+50 ms an input waits for its batch to fill while the model idles: below
+saturation it read the model at about half its speed, so a burst after a quiet
+spell was refused at ~2.5 s of real work under a 5 s bound.
+
 ``Retry-After`` is the time the measured rate needs to drain the excess.
 
 Example:
@@ -143,6 +150,7 @@ class AdmissionController:
         self.typical_tokens = (
             0.0  # EWMA of admitted requests' tokens: the size :meth:`over` assumes
         )
+        self.engine_reported = False  # True once record_batch was called: the rate is the engine's
 
     def estimated_wait(self, tokens: int = 0) -> float:
         """Seconds the queue (plus ``tokens``) needs to drain at the measured rate (0: unknown)."""
@@ -181,7 +189,8 @@ class AdmissionController:
             )
         if self.requests and self._too_long(tokens):
             raise self._full_by_wait(tokens)
-        self.service.add(self._tick(), 0)
+        if not self.engine_reported:
+            self.service.add(self._tick(), 0)
         self.typical_tokens += (
             0.1 * (tokens - self.typical_tokens) if self.typical_tokens else tokens
         )
@@ -189,12 +198,18 @@ class AdmissionController:
         self.tokens += tokens
         return Ticket(self, tokens)
 
+    def record_batch(self, seconds: float, tokens: int) -> None:
+        """An engine's report: ``tokens`` computed in ``seconds`` (then the rate is this alone)."""
+        self.engine_reported = True
+        self.service.add(seconds, tokens)
+
     def _release(self, tokens: int) -> None:
         busy = self._tick()
         self.requests -= 1
         self.tokens -= tokens
         assert self.requests >= 0 and self.tokens >= 0
-        self.service.add(busy, tokens)
+        if not self.engine_reported:
+            self.service.add(busy, tokens)
 
     def _tick(self) -> float:
         """Move the mark to now; the busy seconds since the last mark (0 if the queue was empty)."""

@@ -258,6 +258,9 @@ class ServerState:
     # --------------------------------------------------------------- metrics
     def _on_batch_for(self, name: str) -> Callable[[BatchStats], None]:
         def record(stats: BatchStats) -> None:
+            served = self.models.get(name)
+            if served is not None:  # the service rate of the queue-wait admission
+                served.admission.record_batch(stats.seconds, stats.tokens)
             self.metrics.batch_size.labels(name).observe(stats.size)
             for q in stats.queue_seconds:
                 self.metrics.queue_time.labels(name).observe(q)

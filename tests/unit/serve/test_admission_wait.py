@@ -116,3 +116,20 @@ def test_default_queue_wait_comes_from_the_deadline() -> None:
     assert ServeConfig(models=spec, request_timeout_s=8).queue_wait_s == 2.0
     assert ServeConfig(models=spec, max_queue_wait_s=0.5).queue_wait_s == 0.5
     assert AdmissionController(1, 1).max_wait_s is None  # no wait bound unless configured
+
+
+def test_an_engine_reporting_its_batches_sets_the_rate_without_the_idle_waits() -> None:
+    clock = FakeClock()
+    g = gate(clock)
+    for _ in range(10):  # each input waits 50 ms for its batch, then computes for 50 ms
+        t = g.admit(100)
+        clock.advance(0.05)
+        g.record_batch(0.05, 100)
+        clock.advance(0.05)
+        t.release()
+    assert g.throughput() == pytest.approx(2000.0, rel=1e-6)  # 100 tokens per 50 ms computed
+    # The busy-time rate would have read 1000 (the waits counted) and refused this at 2 s:
+    for _ in range(30):
+        g.admit(100)  # 3000 tokens queued: 1.5 s at the engine's rate, under the 2 s bound
+    with pytest.raises(Overloaded):
+        g.admit(1100)  # 4100 tokens: 2.05 s
