@@ -41,10 +41,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from modelkiln.contract import MODEL_ONNX, VARIANT_JSON, read_variant_json
+from modelkiln.contract import MODEL_DIR, MODEL_ONNX, VARIANT_JSON, read_variant_json
 from modelkiln.errors import ArtifactError, ConfigError, DependencyMissingError
 
-__all__ = ["FORMATS", "LoadedVariant", "available_backends", "load_variant", "variant_format"]
+__all__ = [
+    "FORMATS",
+    "LoadedVariant",
+    "available_backends",
+    "load_variant",
+    "resolve_model_dir",
+    "variant_format",
+]
 
 Backend = Literal["torch", "onnx"]
 FORMATS: dict[str, Backend] = {
@@ -106,6 +113,20 @@ class LoadedVariant:
         return {k: getattr(self, k) for k in keys} | {"path": str(self.path)}
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """``path``, or its ``model/`` folder when ``path`` is a stage directory holding one.
+
+    So a train or optimize artifact (``runs/q/train``, ``runs/q/optimize``: the
+    trained model, the promoted variant) can be given as is.
+    """
+    root = Path(path)
+    inner = root / MODEL_DIR
+    loose = not (root / VARIANT_JSON).is_file() and not (root / "config.json").is_file()
+    if loose and not (root / MODEL_ONNX).is_file() and inner.is_dir():
+        return inner
+    return root
+
+
 def _has_torch_weights(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
 
@@ -116,7 +137,7 @@ def variant_format(path: str | Path) -> str:
     Raises:
         ArtifactError: no directory, no weights, or a format this module does not know.
     """
-    root = Path(path)
+    root = resolve_model_dir(path)
     if not root.is_dir():
         raise ArtifactError(
             f"model directory not found: {root}",
@@ -145,7 +166,7 @@ def variant_format(path: str | Path) -> str:
 
 def available_backends(path: str | Path) -> list[Backend]:
     """The backends ``path`` can run on (torch first); a plain folder may hold both."""
-    root = Path(path)
+    root = resolve_model_dir(path)
     fmt = variant_format(root)
     out: list[Backend] = [FORMATS[fmt]]
     if fmt == "hf" and not (root / VARIANT_JSON).is_file() and (root / MODEL_ONNX).is_file():
@@ -170,7 +191,7 @@ def load_variant(
         ConfigError: ``backend`` is not one this directory has weights for.
         DependencyMissingError: torchao (int8 formats) or onnxruntime is not installed.
     """
-    root = Path(path)
+    root = resolve_model_dir(path)
     have = available_backends(root)
     chosen = backend or have[0]
     if chosen not in ("torch", "onnx"):

@@ -166,3 +166,16 @@ def test_a_missing_runtime_is_named(
                         lambda name, *a: None if name == "torchao" else real(name, *a))  # fmt: skip
     with pytest.raises(DependencyMissingError, match="torchao"):
         load_variant(variants[("bert", "torch-int8-dynamic")])
+
+
+def test_a_stage_directory_resolves_to_its_model(
+    variants: dict[tuple[str, str], Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    stage = tmp_path / "optimize"  # runs/<run>/optimize: the promoted variant is in model/
+    shutil.copytree(variants[("bert", "onnx-fp32")], stage / "model")
+    loaded = load_variant(stage)
+    assert loaded.path == stage / "model" and loaded.variant == "onnx-fp32"
+    res = profile_model(stage, tmp_path / "p", batch=2, seq=8, steps=1)
+    assert res["backend"] == "onnx" and res["top_ops"]

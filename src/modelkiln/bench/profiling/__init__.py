@@ -57,9 +57,9 @@ def profile_model(
     }
     if runner.name == "onnx":
         from modelkiln.bench.profiling.ort import ort_trace
-        from modelkiln.contract import MODEL_ONNX
 
-        result |= ort_trace(path / MODEL_ONNX, inputs, out, steps, top)
+        assert runner.loaded is not None and runner.loaded.onnx_path is not None  # ONNX runner
+        result |= ort_trace(runner.loaded.onnx_path, inputs, out, steps, top)
     else:
         from modelkiln.bench.profiling.torch_trace import torch_trace
 
