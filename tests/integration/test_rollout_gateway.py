@@ -50,6 +50,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Reg
         "tiny", folders, serving=serving, state_dir=tmp / "state", admin_keys=["adm"],
         registry=reg, model_options={"backend": "torch", "precision": "fp32"},
         serve_config={"max_queue_wait_s": 60},  # a loaded CI box must not shed streams (429)
+        plugins=True,  # what kiln rollout serve plugs in: the monitor's /v1/monitor
         faults={"3": FaultInjector(FaultSpec(error_rate=0.5), seed=0),
                 "4": FaultInjector(FaultSpec(extra_latency_ms=300), seed=0)}, tick_s=0.2,
     )  # fmt: skip
@@ -103,6 +104,8 @@ def test_canary_that_passes_promotes_v2(gateway: tuple[str, Registry, Path]) -> 
     assert reg.show("tiny", "production").version == 2
     models = httpx.get(url + "/v1/models", timeout=10).json()["data"]
     assert [m["split"] for m in models if m["id"] == "tiny"] == [{"2": 100}]
+    monitor = httpx.get(url + "/v1/monitor", timeout=10).json()  # read by the drift gate
+    assert {m["model"] for m in monitor["models"]} >= {"tiny.v1", "tiny.v2"}
     metrics = httpx.get(url + "/metrics", timeout=10).text
     assert 'kiln_rollout_requests_total{model_name="tiny",status="200",version="2"}' in metrics
 
