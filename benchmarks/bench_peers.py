@@ -44,6 +44,10 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every engine here (torch, ONNX Runtime, ggml, CTranslate2) runs OpenMP-style worker
+# threads; spinning ones collapse when other processes hold the cores (measured: a kiln
+# serve GPT-2 stream 6x slower at load 16), so all of them get the same passive waits.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from _record import machine_line, update_section
 from peers import artifacts, offline, servers

@@ -24,10 +24,20 @@ def main() -> None:
     def gpt2_pre(self: object, tokenizer: object) -> str:
         return "gpt-2"
 
-    for name in ("TextModel", "Model", "ModelBase"):
-        cls = getattr(conv, name, None)
-        if cls is not None and hasattr(cls, "get_vocab_base_pre"):
-            cls.get_vocab_base_pre = gpt2_pre
+    # The method lives on TextModel: in conversion/base.py in newer llama.cpp, in the
+    # script itself in older ones.
+    modules = [conv]
+    try:
+        import conversion.base as base
+
+        modules.append(base)
+    except ImportError:
+        pass
+    for module in modules:
+        for name in ("TextModel", "Model", "ModelBase"):
+            cls = getattr(module, name, None)
+            if cls is not None and "get_vocab_base_pre" in vars(cls):
+                cls.get_vocab_base_pre = gpt2_pre
     sys.argv = [str(src / "convert_hf_to_gguf.py"), *sys.argv[2:]]
     conv.main()
 
