@@ -120,23 +120,26 @@ async def phase(url: str, clients: int, seconds: float, vocab: list[str], tokens
         await asyncio.gather(*(closed() for _ in range(clients)))
     client.close()
     await probing
+    label = f"open {open_rate:.0f}/s" if open_rate else str(clients)
+    return summary(tally, seconds, cpu, label) | {"client_cpu_s": time.process_time() - cpu0}
+
+
+def summary(tally: Tally, seconds: float, cpu: list[tuple[float, float]], label: str) -> dict:
+    """One phase's row; with the server's CPU share (of one core) inside the window."""
     ok = sorted(tally.ok)
-    if len(cpu) == 2:  # the server's CPU share (of one core) inside the window
-        (loop0, all0), (loop1, all1) = cpu
-        extra = {"loop_cpu": (loop1 - loop0) / seconds,
-                 "model_cpu": (all1 - all0 - (loop1 - loop0)) / seconds,
-                 "per_cpu": tally.in_window / max(all1 - all0, 1e-9)}  # fmt: skip
-    else:
-        extra = {}
 
     def pct(q: float) -> float:
         return ok[min(len(ok) - 1, int(q * len(ok)))] if ok else float("nan")
 
-    label = f"open {open_rate:.0f}/s" if open_rate else str(clients)
+    extra = {}
+    if len(cpu) == 2:
+        (loop0, all0), (loop1, all1) = cpu
+        extra = {"loop_cpu": (loop1 - loop0) / seconds,
+                 "model_cpu": (all1 - all0 - (loop1 - loop0)) / seconds,
+                 "per_cpu": tally.in_window / max(all1 - all0, 1e-9)}  # fmt: skip
     return {"phase": label, "goodput": tally.in_window / seconds, "p50": pct(0.5),
             "p99": pct(0.99), "statuses": dict(sorted(tally.statuses.items())),
-            "errors": len(tally.errors), "client_cpu_s": time.process_time() - cpu0,
-            **extra}  # fmt: skip
+            "errors": len(tally.errors), **extra}  # fmt: skip
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
