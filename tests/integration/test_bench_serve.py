@@ -75,7 +75,7 @@ def test_poisson_response_time_matches_the_queue_and_service_time_the_mock(
     assert simulated is not None
     assert s["response_p99_ms"] == pytest.approx(simulated * 1000, rel=0.05)
     # Queueing shows: the response time's tail is several service times.
-    assert s["response_p99_ms"] > 3 * s["latency_p99_ms"]
+    assert s["response_p99_ms"] > 3 * s["latency_p50_ms"]
     assert s["send_lag_p99_ms"] is not None and s["client_cpu_s"] > 0
 
 
