@@ -336,7 +336,26 @@ class DriftMonitor:
 
     close = stop
 
+    def warm_up(self) -> None:
+        """Pay the one-time costs at start, not in the first check under traffic: the first
+        test imports scipy.stats (~1 s, mostly holding the GIL: the engine and the event
+        loop stall), and each distance test calibrates its threshold once."""
+        if not self.profiles:
+            return
+        import scipy.stats  # noqa: F401
+
+        n = self.config.window
+        for model, profile in self.profiles.items():
+            for feat, ref in profile.features.items():
+                test = get_stattest(self.config.tests.get(feat, ref.test))
+                if test.threshold_kind != "p_value" and ref.kind == "num":  # as _judge calls it
+                    self._distance_threshold(model, feat, test, ref.values, "num", n)
+
     def _run(self) -> None:
+        try:
+            self.warm_up()
+        except Exception:  # a failed warm-up only moves the cost to the first check
+            log.exception("monitor warm-up failed")
         tick = min(1.0, self.config.check_every_seconds)
         while not self._stop.is_set():
             self._wake.wait(tick)
@@ -368,7 +387,7 @@ class DriftMonitor:
                 "model": t.model, "version": t.version, **t.service_stats(now),
                 "profile": {"status": status, "message": message},
                 "drift_detected": any(f["drifted"] for f in feats), "drift_checked": bool(feats),
-                "features": feats, "windows": _window_sizes(t), "window_fill": t.window_fill(),
+                "features": feats, "windows": t.window_sizes(), "window_fill": t.window_fill(),
             })  # fmt: skip
         known = {m["model"] for m in models}
         for name, (status, message) in self.profile_status.items():
@@ -378,10 +397,3 @@ class DriftMonitor:
                                "drift_checked": False, "features": []})  # fmt: skip
         return {"time": now, "config": self.config.model_dump(), "checks": self.checks,
                 "models": models}  # fmt: skip
-
-
-def _window_sizes(track: ModelTrack) -> dict[str, int]:
-    sizes = {f: len(w) for f, w in track.windows.items()}
-    if track.rolling is not None:
-        sizes[ROLLING_FEATURE] = len(track.rolling.values)
-    return sizes

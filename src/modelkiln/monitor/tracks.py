@@ -100,6 +100,13 @@ class ModelTrack:
         if self.rolling is not None:
             self.rolling.add(features)
 
+    def window_sizes(self) -> dict[str, int]:
+        """Values each window holds now."""
+        sizes = {f: len(w) for f, w in self.windows.items()}
+        if self.rolling is not None:
+            sizes[ROLLING_FEATURE] = len(self.rolling.values)
+        return sizes
+
     def window_fill(self) -> dict[str, float]:
         """Values each window received per observed request (log-probs: the sample rate)."""
         n = max(self.observed, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -182,3 +183,18 @@ def test_finish_reason_is_a_categorical_live_feature(tmp_path: Path) -> None:
     assert state.drifted and state.p_value is not None and state.p_value < state.threshold
     x = next(s for s in mon.states() if s.feature == "x")
     assert not x.drifted
+
+
+def test_warm_up_pays_the_one_time_costs_before_traffic(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    feats = {"x": FeatureData("num", "request", rng.normal(0, 1, 2000))}  # > 1,000: a distance
+    prof = load_profile(write_profile(tmp_path / "w", feats, model_name="m", model_hash="h"))
+    mon = DriftMonitor({"m": prof}, MonitorConfig(window=100))
+    assert mon._thresholds == {}
+    mon.warm_up()
+    threshold = mon._thresholds[("m", "x", "wasserstein")]
+    for _ in range(100):
+        mon.observe_features("m", "1", {"x": float(rng.normal(0, 1))})
+    (state,) = mon.check(force=True)
+    assert state.threshold == threshold  # the first check reuses it
+    assert "scipy.stats" in sys.modules
