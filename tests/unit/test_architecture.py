@@ -245,3 +245,16 @@ def test_core_entry_points_import_no_stage(module: str) -> None:
     path = _modules()[module]
     found = imports(path.read_text(encoding="utf-8"), module, is_package=path.name == "__init__.py")
     assert all(layer(t)[0] == "core" for t, _ in found)
+
+
+def test_test_file_basenames_are_unique() -> None:
+    """tests/ has no __init__.py files, so pytest imports test modules by basename: two
+    files with one name make collection fail for the whole suite."""
+    tests = Path(__file__).resolve().parents[1]
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted(tests.rglob("*.py")):
+        if path.name in seen and path.name != "conftest.py":
+            clashes.append(f"{seen[path.name].relative_to(tests)} and {path.relative_to(tests)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, "rename one of each pair: " + "; ".join(clashes)
