@@ -75,3 +75,25 @@ def test_flame_graph_of_a_real_server_found_by_its_port(tmp_path: Path) -> None:
     assert "modelkiln/serve/" in svg  # the server's own frames were sampled
     info = json.loads((out / "flame.json").read_text())
     assert info["pid"] == proc.pid and proc.pid in info["python_pids"] and info["samples"] > 0
+
+
+def test_every_worker_of_a_multi_process_server_is_sampled(tmp_path: Path) -> None:
+    refusal = ptrace_refusal()
+    if refusal is not None:
+        pytest.skip(f"py-spy cannot attach in this sandbox (ptrace refused): {refusal}")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # The workers share one socket: the system's table shows one listener; kiln finds their
+    # supervisor so py-spy (--subprocesses) covers both.
+    proc = start_process(["--model-path", str(tiny_encoder_dir()), "--name", "enc",
+                          "--no-monitor", "--workers", "2", "--set", "cache.enabled=false"],
+                         port, timeout=120)  # fmt: skip
+    try:
+        out = tmp_path / "flame"
+        res = CliRunner().invoke(app, ["profile", "--server", url, "--seconds", "1", "-o",
+                                       str(out)])  # fmt: skip
+        assert res.exit_code == 0, res.output
+    finally:
+        stop_process(proc)
+    info = json.loads((out / "flame.json").read_text())
+    assert info["pid"] == proc.pid and len(info["python_pids"]) == 3  # supervisor + 2 workers

@@ -53,6 +53,9 @@ def pyspy_binary() -> str:
 def server_pid(url: str) -> int:
     """The process listening on ``url``'s port on this machine (a Python one first).
 
+    Workers sharing the port under one Python supervisor give the supervisor, so
+    ``--subprocesses`` samples every worker (see :func:`_supervisor`).
+
     Raises:
         ConfigError: no local process listens there (pass ``--pid``).
     """
@@ -75,8 +78,32 @@ def server_pid(url: str) -> int:
             f"no process on this machine is seen listening on port {port} ({url})",
             hint="profile a local server, or pass its process id with --pid",
         )
-    # Several listeners (SO_REUSEPORT workers, a forwarder in front): a Python one first.
-    return next((p for p in pids if _is_python(p)), pids[0])
+    python = [p for p in pids if _is_python(p)]
+    # Several listeners (a forwarder in front, unrelated workers): a Python one first.
+    chosen = python[0] if python else pids[0]
+    return _supervisor(chosen, port) or chosen
+
+
+def _supervisor(pid: int, port: int) -> int | None:
+    """The Python parent of ``pid`` when two or more of its children listen on ``port``.
+
+    Workers sharing one socket (``kiln serve --workers``, gunicorn) show up as a single
+    listener in the system-wide table; their supervisor is what covers them all.
+    """
+    import psutil
+
+    try:
+        parent = psutil.Process(pid).parent()
+        if parent is None or not _is_python(parent.pid):
+            return None
+        listening = 0
+        for child in parent.children():
+            conns = child.net_connections(kind="tcp")
+            listening += any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                             for c in conns)  # fmt: skip
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    return parent.pid if listening >= 2 else None
 
 
 def _is_python(pid: int) -> bool:
