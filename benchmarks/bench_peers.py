@@ -82,7 +82,12 @@ class Run:
         }  # fmt: skip
 
     def ok(self, peer: str) -> bool:
-        """Whether setup_peers.sh installed ``peer`` (else the skip reason is recorded)."""
+        """Whether setup_peers.sh installed ``peer`` (else the skip reason is recorded).
+
+        Re-read each time: a peer whose install finishes during the run still counts.
+        """
+        self.status = peer_status(self.peers)
+        self.result["peers"] = self.status
         state = self.status.get(peer, {"state": "missing", "detail": "setup_peers.sh not run"})
         if state["state"] != "ok":
             self.result["skipped"][peer] = f"{state['state']}: {state['detail']}"
@@ -169,7 +174,7 @@ def rounds(run: Run, up: list[servers.Server], phase: Any, offline_phase: Any) -
 def _headline(fig: dict[str, Any]) -> str:
     for key, unit in (("output_tokens_per_s", "tok/s"), ("throughput_rps", "req/s"),
                       ("forward_sps", "sent/s")):  # fmt: skip
-        if fig.get(key) is not None:
+        if fig.get(key):  # embeddings report 0 output tokens/s
             return f"{fig[key]:.1f} {unit}"
     return "?"
 
