@@ -88,7 +88,10 @@ def supervise(cfg: Any, args: argparse.Namespace, argv: list[str], poll_s: float
            MULTIPROC_ENV: metrics_dir}  # fmt: skip
     cmd = [sys.executable, "-m", "modelkiln.serve", *argv]
     print(f"serving on {cfg.host}:{sock.getsockname()[1]} with {cfg.workers} workers", flush=True)
-    procs = [subprocess.Popen(cmd, pass_fds=[sock.fileno()], env=env) for _ in range(cfg.workers)]
+    # Own sessions: a terminal's Ctrl-C reaches only this process, which forwards one SIGTERM
+    # (a worker that got SIGINT too would take the second signal as "exit now, no drain").
+    procs = [subprocess.Popen(cmd, pass_fds=[sock.fileno()], env=env, start_new_session=True)
+             for _ in range(cfg.workers)]  # fmt: skip
     sock.close()  # the workers hold it now
     stopping: list[int] = []
 
@@ -175,6 +178,34 @@ class _Static:
         yield from self.families
 
 
+class _WarmBeforeAccepting:
+    """Holds the app's lifespan ``startup.complete`` until its models are warm (or failed).
+
+    uvicorn starts accepting on the shared socket only after the lifespan started, so a
+    worker still loading takes no connection from the ready ones (a single server instead
+    answers 503 "loading" while it warms: there every client sees the same state).
+    """
+
+    def __init__(self, app: Any, state: Any, poll_s: float = 0.05) -> None:
+        self.app, self.state, self.poll_s = app, state, poll_s
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def held(message: Any) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                import asyncio
+
+                state = self.state  # a signal while loading (draining) ends the wait too
+                while not (state.ready or state.draining or state.load_error is not None):
+                    await asyncio.sleep(self.poll_s)
+            await send(message)  # a failed load: the server's own fatal path stops it
+
+        await self.app(scope, receive, held)
+
+
 def serve_worker(cfg: Any, sock: socket.socket, *, log_level: str, hooks: Any) -> None:
     """One worker: the server of :func:`modelkiln.serve.server.serve` on ``sock``."""
     # The server module's own build and signal handling, so a worker is exactly the
@@ -186,6 +217,7 @@ def serve_worker(cfg: Any, sock: socket.socket, *, log_level: str, hooks: Any) -
     state = server.kiln_state
     # One instance's render, swapped: the metrics module stays the single-process one.
     state.metrics.render = aggregated_render(state.metrics.registry)  # type: ignore[method-assign]
+    server.config.app = _WarmBeforeAccepting(server.config.app, state)
     keep_on_terminal("uvicorn")
     with _quiet_signals():
         server.run(sockets=[sock])
