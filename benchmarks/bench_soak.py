@@ -61,12 +61,12 @@ async def soak(url: str, pid: int, rate: float, minutes: float, vocab: list[str]
     async def one() -> None:
         body = {"model": "default", "input": " ".join(rng.choices(vocab, k=tokens - 2))}
         result = RequestResult(start=0.0)
-        window = current
         try:
             sent = await client.post("/v1/embeddings", body, result, t0)
         except Exception:  # counted: a transport error
-            window["errors"] += 1
+            current["errors"] += 1
             return
+        window = current  # the minute it completed in (a closed minute's row stays as printed)
         if result.status == 200:
             window["ok"].append(time.perf_counter() - sent)
         else:
