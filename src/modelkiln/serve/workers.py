@@ -3,8 +3,9 @@
 The supervisor (the process the user started) binds the port once and starts N workers,
 each ``python -m modelkiln.serve`` with the same arguments, which serve on that inherited
 listening socket (uvicorn's ``sockets=``; the kernel hands each new connection to
-whichever worker accepts first, as gunicorn / ``uvicorn --workers`` do). It forwards
-SIGTERM / SIGINT (each worker drains) and stops every worker if one dies.
+whichever worker accepts first, as gunicorn / ``uvicorn --workers`` do); a worker starts
+accepting only once its models are warm. It forwards SIGTERM / SIGINT (each worker
+drains) and stops every worker if one dies.
 
 What stays consistent across workers:
 
