@@ -27,6 +27,22 @@ Why these tests (hand-written: scipy and statsmodels have no sequential tests):
 The false-rollback budget ``alpha`` is split evenly (Bonferroni) over the tests and over
 the stages; each stage starts its tests afresh.
 
+**Restarts within a stage.** While both versions agree, every alternative's log-LR drifts
+below zero (by the KL divergence per batch), so a fault that appears minutes into a stage
+must first climb back (simulated: median 37 s instead of ~15 s after 5 min). Each test
+therefore also starts fresh copies at fixed times in the stage (every ``restart_every_s``;
+``ceil(dwell_s / restart_every_s)`` copies planned per stage) and updates every live copy
+with the same batches. The evidence is the *uniform mixture* over (ratio, copy), a copy not
+yet started counting as 1: a copy is a test martingale that stays 1 until a start time fixed
+in advance (never chosen from the data), so the mixture is one too and Ville's bound holds
+with the same ``log_bound``. This is at least as powerful as Bonferroni over the copies
+(``max_j M_j >= copies * c`` implies ``mean_j M_j >= c``), costs a fault present at the
+stage's start ``log(copies)`` nats, and lets a late fault start from a copy at most
+``restart_every_s`` old (60 s: simulated, a 10 % error fault 5 min into a stage then rolls
+back in a median 18-24 s, like one at the stage's start; 120 s: 23-26 s; 30 s costs the
+stage-start case 2 s more). A stage held past its dwell starts no further copies (their weights
+are spent).
+
 **Batches and the analysis mirror.** The controller feeds the tests a batch as soon as both
 versions have a few requests (``figures.MIN_BATCH``), about every second, and rolls back
 the moment a bound is crossed (Ville's bound holds at every look, so looking often costs
@@ -79,6 +95,15 @@ class AnalysisConfig(KilnModel):
     drift_action: Literal["hold", "rollback"] = Field(
         default="hold", description="What a drift alarm on the candidate does."
     )
+    restart_every_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Seconds between fresh copies of the tests within a stage (a fault that starts "
+            "late in a stage is judged on a copy at most this old; ceil(dwell_s / this) "
+            "copies per stage share the false-rollback budget). >= dwell_s: no restarts."
+        ),
+    )
 
 
 @dataclass
@@ -115,34 +140,62 @@ def _log_mean_exp(xs: list[float]) -> float:
 
 @dataclass
 class SequentialTest:
-    """A mixture likelihood-ratio test martingale; ``log_lr`` holds one entry per ratio."""
+    """A mixture likelihood-ratio test martingale over alternatives and start times.
+
+    ``log_lr`` holds one entry per ratio for each copy started so far (copy-major, so a
+    one-copy test is one entry per ratio, as saved before restarts existed); ``copies`` is
+    how many copies the stage plans, each weighted ``1 / copies``.
+    """
 
     ratios: list[float]
     log_lr: list[float] = field(default_factory=list)
+    copies: int = 1
 
     def __post_init__(self) -> None:
         if not self.log_lr:
             self.log_lr = [0.0] * len(self.ratios)
+        self.copies = max(self.copies, self.started)  # never weigh a copy by more than 1/n
+
+    @property
+    def started(self) -> int:
+        """Copies started so far."""
+        return len(self.log_lr) // len(self.ratios)
 
     @property
     def log_evidence(self) -> float:
         """log of the mixture likelihood ratio (evidence that the candidate is worse)."""
-        return _log_mean_exp(self.log_lr)
+        waiting = [0.0] * ((self.copies - self.started) * len(self.ratios))
+        return _log_mean_exp(self.log_lr + waiting)
+
+    def start_copies(self, due: int) -> None:
+        """Start fresh copies until ``due`` (at most ``copies``) have started."""
+        more = min(due, self.copies) - self.started
+        if more > 0:
+            self.log_lr += [0.0] * (more * len(self.ratios))
+
+    def _add(self, step: list[float]) -> None:
+        """Add one batch's per-ratio log-LR ``step`` to every live copy."""
+        n = len(self.ratios)
+        self.log_lr = [v + step[i % n] for i, v in enumerate(self.log_lr)]
 
     def update_two_arm(self, x_c: int, n_c: int, x_b: int, n_b: int) -> None:
         """Add one interval: ``x`` events out of ``n`` trials on candidate and baseline."""
         if n_c <= 0 or n_b <= 0 or x_c + x_b == 0:
             return  # no information about the ratio in this interval
         p0 = n_c / (n_c + n_b)
-        for i, r in enumerate(self.ratios):
+        step = []
+        for r in self.ratios:
             p1 = r * n_c / (r * n_c + n_b)
-            self.log_lr[i] += x_c * math.log(p1 / p0) + x_b * math.log((1 - p1) / (1 - p0))
+            step.append(x_c * math.log(p1 / p0) + x_b * math.log((1 - p1) / (1 - p0)))
+        self._add(step)
 
     def update_one_arm(self, x: int, n: int, p0: float) -> None:
         """Add ``x`` events in ``n`` trials against a null event rate ``p0``."""
-        for i, r in enumerate(self.ratios):
+        step = []
+        for r in self.ratios:
             p1 = min(0.999, r * p0)
-            self.log_lr[i] += x * math.log(p1 / p0) + (n - x) * math.log((1 - p1) / (1 - p0))
+            step.append(x * math.log(p1 / p0) + (n - x) * math.log((1 - p1) / (1 - p0)))
+        self._add(step)
 
 
 def tail_counts(cand: list[float], base: list[float], q: float) -> tuple[int, int]:
@@ -153,9 +206,20 @@ def tail_counts(cand: list[float], base: list[float], q: float) -> tuple[int, in
     return sum(v > thr for v in cand), sum(v > thr for v in base)
 
 
-def new_tests(cfg: AnalysisConfig) -> dict[str, SequentialTest]:
-    """A fresh test for every gate."""
-    return {name: SequentialTest(list(cfg.ratios)) for name in TESTS}
+def planned_copies(cfg: AnalysisConfig, dwell_s: float) -> int:
+    """Copies of each test a stage of ``dwell_s`` seconds starts (one every
+    ``restart_every_s``, the first at the stage's start)."""
+    return max(1, math.ceil(dwell_s / cfg.restart_every_s))
+
+
+def copies_due(cfg: AnalysisConfig, elapsed_s: float) -> int:
+    """Copies that have started ``elapsed_s`` seconds into a stage (before the cap)."""
+    return 1 + max(0, math.floor(elapsed_s / cfg.restart_every_s))
+
+
+def new_tests(cfg: AnalysisConfig, copies: int = 1) -> dict[str, SequentialTest]:
+    """A fresh test for every gate (its first copy started, ``copies`` planned)."""
+    return {name: SequentialTest(list(cfg.ratios), copies=copies) for name in TESTS}
 
 
 def update_tests(
@@ -203,7 +267,8 @@ def update_tests(
 def log_bound(cfg: AnalysisConfig, stages: int = 1) -> float:
     """The rollback bound ``log(k * stages / alpha)``: Bonferroni over the k tests and over the
     stages (each stage restarts its tests, so quiet evidence from an earlier, smaller stage
-    cannot slow the detection of a fault in a later one)."""
+    cannot slow the detection of a fault in a later one). The copies within a stage need no
+    share: each test's evidence is already a mixture over them (see the module docstring)."""
     return math.log(len(TESTS) * max(1, stages) / cfg.alpha)
 
 

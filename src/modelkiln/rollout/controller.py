@@ -172,7 +172,8 @@ class Controller:
             if state.spec.on_restart == "revert":
                 state = self._finish(state, "rolled-back", "rollback", "reverted after a restart")
             else:
-                # The interrupted interval's figures are gone; the tests keep their evidence.
+                # The interrupted interval's figures are gone; the tests keep their evidence
+                # and their copies (the copy schedule counts from the resumed stage start).
                 state.last_check = state.stage_started = self.clock.now()
                 state.last_analysis = state.last_check
                 self._commit(state, "check", f"resumed at stage {state.stage} after a restart")
@@ -224,10 +225,7 @@ class Controller:
         acc.pairs += pairs
         acc.batch_pairs += pairs
         state.stage_requests += cand.requests
-        tests = {
-            k: analysis.SequentialTest(list(spec.analysis.ratios), v)
-            for k, v in state.tests.items()
-        }
+        tests = self._tests_of(state)
         due = self.clock.now() - state.last_check >= spec.canary.check_interval_s
         if acc.batch_ready(due):
             slo = (spec.canary.max_error_rate, spec.canary.max_latency_ms)
@@ -244,6 +242,20 @@ class Controller:
         acc.tests, acc.stage_requests = state.tests, state.stage_requests
         acc.last_analysis = state.last_analysis
         return None
+
+    def _tests_of(self, state: RolloutState) -> dict[str, analysis.SequentialTest]:
+        """The state's tests, with the copies due by now started (fixed times in the stage,
+        never chosen from the data: see :mod:`.analysis`)."""
+        cfg = state.spec.analysis
+        copies = analysis.planned_copies(cfg, state.spec.canary.dwell_s)
+        due = analysis.copies_due(cfg, self.clock.now() - state.stage_started)
+        tests = {
+            k: analysis.SequentialTest(list(cfg.ratios), list(v), copies)
+            for k, v in state.tests.items()
+        }
+        for test in tests.values():
+            test.start_copies(due)
+        return tests
 
     def _check(
         self, state: RolloutState, tests: dict[str, analysis.SequentialTest], failing: list[str]

@@ -9,8 +9,10 @@ from modelkiln.rollout.analysis import (
     AnalysisConfig,
     ArmWindow,
     SequentialTest,
+    copies_due,
     failing_tests,
     new_tests,
+    planned_copies,
     quantile,
     tail_counts,
     update_tests,
@@ -68,3 +70,33 @@ def test_absolute_slo_test() -> None:
         w = _window(rng, 100, 0.0, shift=3000.0)
         update_tests(tests, cfg, (0.05, 2000.0), (w, _window(rng, 100, 0.0, 3000.0)), [])
     assert failing_tests(tests, cfg) == ["slo_latency"]
+
+
+def test_copies_are_a_uniform_mixture_over_start_times() -> None:
+    t = SequentialTest([2.0], copies=3)
+    assert t.started == 1 and t.log_evidence == 0.0
+    t.update_two_arm(0, 50, 5, 50)  # quiet: the baseline errs, evidence drifts down
+    drifted = t.log_lr[0]
+    assert drifted < 0
+    t.start_copies(2)
+    t.update_two_arm(5, 50, 0, 50)  # both live copies get the batch
+    step = t.log_lr[1]
+    assert step > 0 and t.log_lr[0] == drifted + step
+    # the copy not started yet counts as 1 (log 0), each copy weighs 1/3
+    want = math.log((math.exp(drifted + step) + math.exp(step) + 1.0) / 3)
+    assert math.isclose(t.log_evidence, want)
+    t.start_copies(10)
+    assert t.started == 3  # never more than planned
+
+
+def test_state_saved_before_restarts_loads_as_one_copy() -> None:
+    t = SequentialTest([1.5, 2.0], [1.0, 3.0], copies=4)
+    assert t.started == 1 and t.copies == 4
+    over = SequentialTest([2.0], [1.0, 2.0, 3.0], copies=2)
+    assert over.copies == 3  # a copy never weighs more than 1/n
+
+
+def test_planned_and_due_copies() -> None:
+    cfg = AnalysisConfig(restart_every_s=60)
+    assert planned_copies(cfg, 600) == 10 and planned_copies(cfg, 30) == 1
+    assert [copies_due(cfg, s) for s in (0, 59.9, 60, 300)] == [1, 1, 2, 6]

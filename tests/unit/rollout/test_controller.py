@@ -210,3 +210,25 @@ def test_tests_are_updated_every_analysis_interval(tmp_path: Path) -> None:
         clock.advance(1.0)
         ctl.tick()
     assert rec.reads[1:] == [5.0, 10.0, 15.0, 20.0, 25.0, 30.0]  # [0]: the start's drain
+
+
+def test_test_copies_start_in_the_stage_and_survive_a_restart(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.ctl.start(spec(analysis={"restart_every_s": 20}))  # dwell 60 s: 3 copies per stage
+    h.run(45)  # copies started at 0, 20 and 40 s; saved at the check at 40 s
+    state = h.ctl.status("m")
+    assert state is not None and state.stage == 0
+    n = len(state.spec.analysis.ratios)
+    assert {len(v) for v in state.tests.values()} == {3 * n}
+    saved = state.tests
+    h.ctl = h.controller()  # a new process on the same state folder
+    [resumed] = h.ctl.resume()
+    assert resumed.tests == saved  # every copy keeps its evidence
+    h.run(45)  # the resumed stage restarts its dwell; no more than 3 copies
+    state = h.ctl.status("m")
+    assert state is not None and state.stage == 0
+    assert {len(v) for v in state.tests.values()} == {3 * n}
+    h.run(20)  # the next stage starts with one copy again
+    state = h.ctl.status("m")
+    assert state is not None and state.stage == 1
+    assert {len(v) for v in state.tests.values()} == {n}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from modelkiln.rollout.analysis import AnalysisConfig
 from modelkiln.rollout.faults import FaultInjector, FaultSpec
 from modelkiln.rollout.policy import CanaryConfig
 from modelkiln.rollout.simulate import Traffic, simulate
@@ -37,3 +38,17 @@ def test_fault_injector_starts_late_and_is_seeded() -> None:
     inj = FaultInjector(FaultSpec(error_rate=1.0, extra_latency_ms=5, after_s=10), seed=0)
     assert not inj.draw(5).fail and inj.draw(5).delay_ms == 0
     assert inj.draw(11).fail and inj.draw(11).delay_ms == 5
+
+
+def test_a_fault_that_starts_mid_stage_rolls_back_within_30_s() -> None:
+    # The handbook canary (10 min per stage); 10 % errors from 5 min into the 5 % stage.
+    fault = FaultSpec(error_rate=0.1, after_s=300)
+    for seed in (0, 1):
+        copies = RolloutSpec(model="m", baseline="1", candidate="2")
+        r = simulate(copies, Traffic(rps=10), seed=seed, fault=fault, max_s=400)
+        assert r.status == "rolled-back" and "errors" in r.reason
+        assert r.seconds - fault.after_s <= 30
+        # Without fresh copies the evidence drifted below zero for 5 min: slower (seeded).
+        once = copies.model_copy(update={"analysis": AnalysisConfig(restart_every_s=600)})
+        slow = simulate(once, Traffic(rps=10), seed=seed, fault=fault, max_s=400)
+        assert slow.seconds - fault.after_s > 30
