@@ -48,8 +48,10 @@ __all__ = [
     "FORMATS",
     "LoadedVariant",
     "available_backends",
+    "load_torchao_linear",
     "load_variant",
     "resolve_model_dir",
+    "swap_conv1d",
     "variant_format",
 ]
 
@@ -255,7 +257,7 @@ def _load_module(root: Path, info: dict[str, Any], fmt: str, device: str | None)
         _need("torchao", f"the {fmt} variant {info.get('variant')!r}")
     dtype = info.get("dtype", "float32") if fmt == "hf" else None
     if fmt == "torchao-linear":
-        model = _load_torchao_linear(root, spec.task)
+        model = load_torchao_linear(root, spec.task)
     else:
         model = load_torch_model(spec, root, dtype=dtype)
     dev = "cpu"
@@ -363,7 +365,7 @@ def _load_onnx(root: Path, info: dict[str, Any], threads: int | None) -> LoadedV
     )  # fmt: skip
 
 
-def _swap_conv1d(model: Any) -> Any:
+def swap_conv1d(model: Any) -> Any:
     """Replace every GPT-2 ``Conv1D`` (``x @ W + b``, W: in x out) by an equal ``nn.Linear``.
 
     The module tree the ``torchao-linear`` format was saved from (torchao cannot
@@ -383,8 +385,11 @@ def _swap_conv1d(model: Any) -> Any:
     return model
 
 
-def _load_torchao_linear(root: Path, task: Any) -> Any:
-    """Rebuild from ``config.json``, swap Conv1D for Linear, load the flattened torchao weights."""
+def load_torchao_linear(root: Path, task: Any) -> Any:
+    """Rebuild from ``config.json``, swap Conv1D for Linear, load the flattened torchao weights.
+
+    The optimize stage writes this format and loads it back through this function too.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
@@ -392,7 +397,7 @@ def _load_torchao_linear(root: Path, task: Any) -> Any:
 
     from modelkiln.contract.hfmodel import auto_class
 
-    model = _swap_conv1d(auto_class(task).from_config(AutoConfig.from_pretrained(root)))
+    model = swap_conv1d(auto_class(task).from_config(AutoConfig.from_pretrained(root)))
     with safe_open(str(root / TORCHAO_WEIGHTS), framework="pt") as fh:
         metadata = fh.metadata()
     state, _ = unflatten_tensor_state_dict(load_file(root / TORCHAO_WEIGHTS), metadata)

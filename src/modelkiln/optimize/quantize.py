@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelkiln.contract import MODEL_ONNX
+from modelkiln.contract.variants import TORCHAO_WEIGHTS, load_torchao_linear, swap_conv1d
 from modelkiln.optimize.config import Tolerance
 from modelkiln.optimize.registry import VARIANTS, BuildContext, Variant
 
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
     from modelkiln.optimize.runners import ModelInfo, Runner
 
-TORCHAO_WEIGHTS = "model.safetensors"
 
 
 def _spec(path: Path) -> ModelInfo:
@@ -165,7 +165,7 @@ class TorchInt8DynamicVariant(Variant):
             from modelkiln.optimize.runners import load_torch_model
 
             return TorchRunner(load_torch_model(spec, path, dtype=None), spec)
-        return TorchRunner(_load_flat(spec, path), spec)
+        return TorchRunner(load_torchao_linear(path, spec.task), spec)
 
 
 def cpu_has_int8_dot() -> bool:
@@ -186,22 +186,6 @@ def _count_quantized(model: torch.nn.Module) -> int:
     from torchao.utils import TorchAOBaseTensor
 
     return sum(isinstance(p, TorchAOBaseTensor) for p in model.parameters())
-
-
-def swap_conv1d(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every GPT-2 ``Conv1D`` (``x @ W + b``, W: in x out) by an equal ``nn.Linear``."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, Conv1D):
-                n_in, n_out = child.weight.shape
-                linear = torch.nn.Linear(n_in, n_out, dtype=child.weight.dtype)
-                linear.weight.data = child.weight.data.T.contiguous()
-                linear.bias.data = child.bias.data.clone()
-                setattr(module, child_name, linear)
-    return model
 
 
 def _embedding(model: torch.nn.Module, getter: str) -> Any:
@@ -251,25 +235,6 @@ def _tied_output_key(model: torch.nn.Module) -> str | None:
     if out_emb is None or in_emb is None or out_emb.weight is not in_emb.weight:
         return None
     return next(f"{n}.weight" for n, m in model.named_modules() if m is out_emb)
-
-
-def _load_flat(spec: ModelInfo, path: Path) -> torch.nn.Module:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
-    from transformers import AutoConfig
-
-    from modelkiln.optimize.runners import auto_class
-
-    model = auto_class(spec.task).from_config(AutoConfig.from_pretrained(path))
-    swap_conv1d(model)
-    with safe_open(str(path / TORCHAO_WEIGHTS), framework="pt") as fh:
-        metadata = fh.metadata()
-    state, _ = unflatten_tensor_state_dict(load_file(path / TORCHAO_WEIGHTS), metadata)
-    model.load_state_dict(state, strict=False, assign=True)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return model.eval()
 
 
 def _maybe_layer_error(ctx: BuildContext, out: Path, scheme: str, weight_bits: int = 8) -> None:
