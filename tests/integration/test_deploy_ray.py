@@ -123,6 +123,12 @@ def test_two_replicas_both_answer_with_their_own_metrics(cluster: dict[str, Any]
             if len(seen) == 2:
                 break
         metrics = client.get(url + "/metrics")
+        # Streamed through the ingress and the DeploymentHandle, event by event.
+        stream = client.post(url + "/v1/completions", json={**BODY, "stream": True})
+    assert stream.status_code == 200 and stream.headers["content-type"].startswith(
+        "text/event-stream"
+    )
+    assert stream.text.count("data: ") >= 2 and stream.text.rstrip().endswith("data: [DONE]")
     assert len(seen) == 2
     assert metrics.headers[HEADER] in seen  # one replica's own registry, and it says which
     assert 'ml_requests_total{model_name="tiny",status="200"' in metrics.text
