@@ -188,8 +188,9 @@ def embeddings(run: Run) -> dict[str, Any]:
     slices = Slices(AutoTokenizer.from_pretrained(str(model)), 126, stdlib_files())
     print("embeddings: building the onnx-int8-dynamic variant", flush=True)
     int8 = artifacts.int8_variant(model, run.tmp / "minilm-int8", "auto")
-    wanted = [servers.kiln("modelkiln default", model, "minilm", run.dir),
-              servers.kiln("modelkiln onnx-int8", int8, "minilm", run.dir)]  # fmt: skip
+    sets = run.args.kiln_set
+    wanted = [servers.kiln("modelkiln default", model, "minilm", run.dir, sets),
+              servers.kiln("modelkiln onnx-int8", int8, "minilm", run.dir, sets)]  # fmt: skip
     if run.ok("infinity"):
         wanted.append(servers.infinity(run.peers, model, "minilm"))
     up = start_all(run, wanted)
@@ -223,8 +224,9 @@ def completions(run: Run) -> dict[str, Any]:
     int8 = artifacts.int8_variant(model, run.tmp / "gpt2-int8", "causal-lm")
     precision = precision_decision("auto", "cpu", model_matmul_shape(model)).value
     run.result["modelkiln_default_lm_precision"] = precision
-    wanted = [servers.kiln("modelkiln default", model, "gpt2", run.dir),
-              servers.kiln("modelkiln onnx-int8", int8, "gpt2", run.dir)]  # fmt: skip
+    sets = run.args.kiln_set
+    wanted = [servers.kiln("modelkiln default", model, "gpt2", run.dir, sets),
+              servers.kiln("modelkiln onnx-int8", int8, "gpt2", run.dir, sets)]  # fmt: skip
     if run.ok("llamacpp"):
         for outtype, label in (("q8_0", "llama-server Q8_0"), ("f32", "llama-server f32")):
             try:
@@ -292,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--waves", type=int, default=2, help="requests per phase = waves x streams")
     p.add_argument("--json", type=Path, help="JSON output (default: <peers>/results/<stamp>/)")
     p.add_argument("--no-record", action="store_true", help="do not touch docs/BENCHMARKS.md")
+    p.add_argument("--kiln-set", action="append", default=[], metavar="A.B=V",
+                   help="pass --set A.B=V to every kiln serve (e.g. max_queue_wait_s=300)")  # fmt: skip
     p.add_argument("--render", type=Path, help="only re-render the markdown of a JSON result")
     args = p.parse_args(argv)
     if args.render:

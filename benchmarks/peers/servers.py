@@ -48,12 +48,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def kiln(name: str, model_dir: Path, served: str, log_dir: Path) -> Server:
-    """``kiln serve --model-path DIR`` with its defaults (only name, port and log file set)."""
+def kiln(name: str, model_dir: Path, served: str, log_dir: Path, sets: list[str]) -> Server:
+    """``kiln serve --model-path DIR`` with its defaults (name, port, log file, and ``--set``s)."""
     port = free_port()
     cmd = [str(KILN), "serve", "--model-path", str(model_dir), "--name", served,
            "--port", str(port), "--log-level", "warning",
            "--log-file", str(log_dir / f"{name}.serve.log")]  # fmt: skip
+    for item in sets:
+        cmd += ["--set", item]
     return Server(name, cmd, served, "/ready", port=port)
 
 
