@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from modelkiln.optimize.runners import ModelInfo, Runner
 
 
-
 def _spec(path: Path) -> ModelInfo:
     from modelkiln.optimize.runners import inspect_model, read_variant_json
 
