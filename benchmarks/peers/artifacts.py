@@ -21,10 +21,9 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 HERE = Path(__file__).resolve().parent
-GPT2_SHAPE = {"n_layer": 6, "n_embd": 512, "n_head": 8, "n_positions": 512}
 VOCAB = 16384
 
 
@@ -51,7 +50,8 @@ def build_gpt2(out: Path) -> Path:
     tok = train_tokenizer(texts, TokenizerConfig(vocab_size=VOCAB, model_max_length=512))
     torch.manual_seed(0)
     eos = int(tok.eos_token_id)
-    config = GPT2Config(vocab_size=len(tok), bos_token_id=eos, eos_token_id=eos, **GPT2_SHAPE)
+    config = GPT2Config(vocab_size=len(tok), bos_token_id=eos, eos_token_id=eos, n_layer=6,
+                        n_embd=512, n_head=8, n_positions=512)  # fmt: skip
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight[eos].zero_()
@@ -101,14 +101,14 @@ def ctranslate2_dir(model_dir: Path, peers: Path, cache: Path) -> Path:
     return out
 
 
-def int8_variant(model_dir: Path, out: Path, task: str) -> Path:
+def int8_variant(model_dir: Path, out: Path, task: Literal["auto", "encoder", "causal-lm"]) -> Path:
     """modelkiln's ``onnx-int8-dynamic`` variant of ``model_dir``, built as ``kiln optimize`` does."""
     from modelkiln.optimize.api import build_variant
     from modelkiln.optimize.config import OptimizeConfig
     from modelkiln.optimize.registry import BuildContext
     from modelkiln.optimize.runners import inspect_model, load_torch_model, synthetic_batch
 
-    spec: Any = inspect_model(model_dir, task) if task != "auto" else inspect_model(model_dir)
+    spec: Any = inspect_model(model_dir, task)
     samples = [synthetic_batch(spec, 2, 32, seed=i) for i in range(2)]
     ctx = BuildContext(spec, load_torch_model(spec), OptimizeConfig(), samples, [])
     return Path(build_variant("onnx-int8-dynamic", ctx, out, samples).path)
