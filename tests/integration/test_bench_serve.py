@@ -99,9 +99,13 @@ def test_chat_closed_loop_trace_replay_and_slo_search(mock: str, tmp_path: Path)
                 "--json", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     found = json.loads(out.read_text())
-    # One worker at 20 ms saturates at 50 req/s: the SLO holds at 10 and fails below 50.
-    assert found["best_rate_rps"] is not None and 10 <= found["best_rate_rps"] < 50
+    # One worker at 20 ms saturates at 50 req/s, so the SLO fails at 50 and above; where it
+    # holds depends on the machine's load (at 10 req/s on an idle box), so the found rate is
+    # checked against the probes rather than a fixed floor.
+    best = found["best_rate_rps"]
+    assert best is not None and 0 < best < 50
     assert all(p["rate"] < 50 or not p["ok"] for p in found["probes"])
+    assert best == max(p["rate"] for p in found["probes"] if p["ok"])
 
 
 def test_sweep_doubles_the_rate_until_the_one_worker_saturates(mock: str, tmp_path: Path) -> None:

@@ -63,6 +63,14 @@ def test_two_workers_share_the_port_the_metrics_and_the_cache(
                          port, timeout=240)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
+        # start_process returns once one worker answers; the other may still be loading
+        # on a busy machine. Both report ml_ready in the shared metrics once warm.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            text = httpx.get(url + "/metrics", timeout=10).text
+            if _metric(text, r'^ml_ready\{pid="\d+"\}') == [1.0, 1.0]:
+                break
+            time.sleep(0.5)
         texts = set()
         for _ in range(12):  # a new connection each: the kernel spreads them over the workers
             r = httpx.post(url + "/v1/completions", json=BODY, timeout=60)

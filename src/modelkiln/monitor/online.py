@@ -320,7 +320,7 @@ class DriftMonitor:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="kiln-monitor", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="kiln-drift-monitor", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
