@@ -30,8 +30,15 @@ def ptrace_refusal() -> str | None:
     """py-spy's error on a plain Python child of ours, or None when it can sample here."""
     from modelkiln.bench.profiling.pyspy import pyspy_binary
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    # The child says when its interpreter is up: py-spy attached to a process still
+    # starting fails with "Failed to find python version", which is not a refusal.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "up"
         dump = subprocess.run([pyspy_binary(), "dump", "--pid", str(child.pid)],
                               capture_output=True, text=True, timeout=60)  # fmt: skip
     finally:
