@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -64,3 +65,17 @@ def _set_mode(model: Any, training: bool) -> None:
     import torch
 
     torch.nn.Module.train(model, training)
+
+
+@contextlib.contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """ONNX Runtime's quantizers log a 'consider pre-processing' warning on the root logger
+    on every call; hold it at ERROR meanwhile (used by the optimize stage and the server's
+    first-start engine build)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

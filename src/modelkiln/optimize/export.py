@@ -20,11 +20,9 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,18 +180,6 @@ def check_parity(
         for name, value in ref.items():
             report.checks.append(compare_outputs(case, name, value, got.get(name), tol, mask))
     return report
-
-
-@contextmanager
-def quiet_root_logger() -> Iterator[None]:
-    """ONNX Runtime's quantizers log a 'consider pre-processing' warning on every call."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def export_outputs(model: torch.nn.Module, spec: ModelInfo) -> list[str]:

@@ -54,7 +54,7 @@ def int4_quantize_onnx(src: Path, dst: Path, cfg: Int4Config) -> int:
         MatMulNBitsQuantizer,
     )
 
-    from modelkiln.optimize.export import quiet_root_logger
+    from modelkiln.onnxexport import quiet_root_logger
 
     exclude = [] if cfg.quantize_lm_head else output_matmuls(src)
     algo = DefaultWeightOnlyQuantConfig(

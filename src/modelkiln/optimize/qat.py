@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from modelkiln.contract import MODEL_ONNX
 from modelkiln.errors import ConfigError
+from modelkiln.onnxexport import quiet_root_logger
 from modelkiln.optimize.config import Tolerance
-from modelkiln.optimize.export import quiet_root_logger
 from modelkiln.optimize.int4 import output_matmuls
 from modelkiln.optimize.kv_export import write_kv_graph
 from modelkiln.optimize.quant_static import QUANT_OPS, reduce_range_here

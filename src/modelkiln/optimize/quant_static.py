@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from modelkiln.contract import MODEL_ONNX
 from modelkiln.errors import ConfigError
+from modelkiln.onnxexport import quiet_root_logger
 from modelkiln.optimize.config import Tolerance
-from modelkiln.optimize.export import quiet_root_logger
 from modelkiln.optimize.kv_export import write_kv_graph
 from modelkiln.optimize.quantize import _OnnxVariant, cpu_has_int8_dot
 from modelkiln.optimize.registry import VARIANTS, BuildContext

@@ -321,7 +321,7 @@ class OnnxInt8DynamicVariant(_OnnxVariant):
         """Export, then ``onnxruntime.quantization.quantize_dynamic``."""
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        from modelkiln.optimize.export import quiet_root_logger
+        from modelkiln.onnxexport import quiet_root_logger
         from modelkiln.optimize.kv_export import write_kv_graph
 
         onnx = ctx.cfg.onnx

@@ -16,15 +16,12 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from modelkiln.cpu import cpu_info
-from modelkiln.onnxexport import export_guard
+from modelkiln.onnxexport import export_guard, quiet_root_logger
 
 _INPUTS = ["input_ids", "attention_mask"]
 
@@ -79,7 +76,7 @@ def quantize_int8(source: Path, target: Path) -> None:
     flags = cpu_info().flags
     reduce = not any(flags.get(f) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
     partial = _partial(target)
-    with _quiet():
+    with quiet_root_logger():
         quantize_dynamic(source, partial, per_channel=True, reduce_range=reduce,
                          weight_type=QuantType.QInt8)  # fmt: skip
     os.replace(partial, target)
@@ -89,15 +86,3 @@ def _partial(target: Path) -> Path:
     """A per-process scratch name beside ``target``: server workers starting together
     may build the same graph; each writes its own file and the last rename wins."""
     return target.with_name(f"{target.name}.{os.getpid()}.partial")
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """quantize_dynamic logs a 'consider pre-processing' warning on the root logger."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)

@@ -21,8 +21,7 @@ from torch import nn
 
 from modelkiln.contract import MODEL_ONNX
 from modelkiln.errors import ConfigError
-from modelkiln.onnxexport import export_guard
-from modelkiln.optimize.export import quiet_root_logger
+from modelkiln.onnxexport import export_guard, quiet_root_logger
 
 if TYPE_CHECKING:
     import numpy as np
