@@ -7,12 +7,14 @@ This ingress calls the replicas through a ``DeploymentHandle`` instead, streamin
 ASGI messages back, so it can tell a dead replica from a failed request:
 
 * the replica died (``RayActorError`` / ``ActorUnavailableError``) before the response
-  started: the request (its body is held here) is sent again, to a live replica — model
-  requests are stateless, so a retry is safe; the answer then carries ``x-kiln-retries``;
+  reached the client (its status line is held until the first body part, so a replica
+  dying between the two still counts as "before"): the request (its body is held here) is
+  sent again, to a live replica — model requests are stateless, so a retry is safe; the
+  answer then carries ``x-kiln-retries``;
 * still failing after ``retries``: 503 with ``Retry-After`` in the server's OpenAI error
   shape, never Ray's 500 and never a hang;
-* the response had started (a stream cut mid-way): the connection is closed, as the
-  status line is already sent.
+* the client already has part of the response (a stream cut mid-way): the connection is
+  closed, as the status line is out.
 
 Example (what :func:`modelkiln.deploy.ray_app.build_app` binds):
     >>> KilnIngress.bind(KilnServer.bind(model, serve_fields), retries=1)
@@ -96,14 +98,25 @@ class Forwarder:
         detail = ""
         for attempt in range(self.retries + 1):
             started = False
+            held: Message | None = None  # the status line, until its first body part is here
             try:
                 async for message in self.handle.forward.remote(meta, body):
                     if message["type"] == "http.response.start":
-                        started = True
                         if attempt:  # say it was re-sent (clients and tests can count them)
                             retried = (RETRIES_HEADER, str(attempt).encode())
                             message = {**message, "headers": [*message["headers"], retried]}
+                        # Held back: a replica dying between its status line and its body
+                        # (they come as two messages) leaves the client nothing, so the
+                        # request can still be re-sent. A whole JSON answer is one body part.
+                        held = message
+                        continue
+                    if held is not None:
+                        started = True
+                        await send(held)
+                        held = None
                     await send(message)
+                if held is not None:  # a response with no body part at all
+                    await send(held)
                 return
             except REPLICA_GONE as exc:
                 if started:

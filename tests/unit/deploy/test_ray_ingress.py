@@ -25,7 +25,8 @@ OK = [{"type": "http.response.start", "status": 200, "headers": []},
 
 class _Handle:
     """``options(stream=True).forward.remote(scope, body)``; each call plays the next script:
-    ``"die"``: the replica dies before answering; ``"cut"``: it dies after the status line."""
+    ``"die"``: the replica dies before answering; ``"cut"``: it dies after the status line;
+    ``"mid"``: it dies after the status line and a first part of a streamed body."""
 
     def __init__(self, scripts: list[str]) -> None:
         self.scripts, self.calls = scripts, []  # type: list[str], list[tuple[dict, bytes]]
@@ -36,9 +37,11 @@ class _Handle:
         return self
 
     async def _stream(self, script: str) -> AsyncIterator[dict[str, Any]]:
-        if script == "cut":
+        if script in {"cut", "mid"}:
             yield OK[0]
-        if script in {"die", "cut"}:
+        if script == "mid":
+            yield {"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True}
+        if script in {"die", "cut", "mid"}:
             raise ActorDiedError()
         for message in OK:
             yield message
@@ -83,8 +86,17 @@ def test_replicas_dying_past_the_retries_give_503_with_retry_after() -> None:
     assert error["code"] == "replica_unavailable" and "ActorDiedError" in error["message"]
 
 
-def test_a_response_cut_after_its_status_line_is_not_resent() -> None:
+def test_a_replica_dying_between_status_line_and_body_is_resent() -> None:
+    # The status line is held until the first body part: the client has nothing yet.
     handle = _Handle(["cut", "ok"])
+    sent = _request(Forwarder(handle, retries=1))
+    assert len(handle.calls) == 2
+    assert sent[0]["status"] == 200 and sent[0]["headers"] == [(b"x-kiln-retries", b"1")]
+    assert sent[1:] == OK[1:]
+
+
+def test_a_stream_cut_after_its_first_body_part_is_not_resent() -> None:
+    handle = _Handle(["mid", "ok"])
     with pytest.raises(ActorDiedError):
         _request(Forwarder(handle, retries=1))
-    assert len(handle.calls) == 1  # the client already has a status line: close, do not resend
+    assert len(handle.calls) == 1  # the client already has part of the body: close, no resend
