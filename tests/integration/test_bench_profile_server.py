@@ -97,10 +97,13 @@ def test_every_worker_of_a_multi_process_server_is_sampled(tmp_path: Path) -> No
                          port, timeout=120)  # fmt: skip
     try:
         out = tmp_path / "flame"
-        res = CliRunner().invoke(app, ["profile", "--server", url, "--seconds", "1", "-o",
-                                       str(out)])  # fmt: skip
+        # No load here: --idle samples the waiting threads too (without it an idle server
+        # may show no running Python code at all, which is an error of its own).
+        res = CliRunner().invoke(app, ["profile", "--server", url, "--seconds", "1", "--idle",
+                                       "-o", str(out)])  # fmt: skip
         assert res.exit_code == 0, res.output
     finally:
         stop_process(proc)
     info = json.loads((out / "flame.json").read_text())
     assert info["pid"] == proc.pid and len(info["python_pids"]) == 3  # supervisor + 2 workers
+    assert info["idle_threads"] is True and info["samples"] > 0

@@ -38,13 +38,20 @@ def profile(
         int | None, typer.Option(help="Sample this process id (py-spy; alone or with --server).")
     ] = None,
     seconds: Annotated[float, typer.Option(help="With --server / --pid: seconds sampled.")] = 10.0,
+    idle: Annotated[
+        bool,
+        typer.Option(
+            "--idle", help="With --server / --pid: also sample waiting threads (an idle server)."
+        ),
+    ] = False,
 ) -> None:
     """Profile a model (torch.profiler / ONNX Runtime trace, top ops, memory) or a server.
 
     Writes trace.json (open it in https://ui.perfetto.dev) and profile.json (top ops, memory).
     With --server URL (or --pid PID): a py-spy flame graph SVG of the running server and its
     Python worker processes; a PID that is a wrapper (sh -c ...) is sampled through its Python
-    children.
+    children. Profile under load: py-spy leaves out waiting threads, so an idle server has
+    nothing to show unless --idle is given.
 
     Example: kiln profile runs/quickstart/train/model --batch 8 --seq 128 -o prof/
     """
@@ -55,7 +62,7 @@ def profile(
     set_verbose(_state["debug"])  # --debug also shows third-party output
     with guard(), capture_output(out / LOG_FILE):
         if server is not None or pid is not None:
-            svg = profile_server(server, out, seconds=seconds, pid=pid)
+            svg = profile_server(server, out, seconds=seconds, pid=pid, idle=idle)
             info = json.loads((svg.parent / "flame.json").read_text())
             console.print(
                 f"sampled process {info['pid']} {info['process']} "

@@ -96,3 +96,24 @@ def test_server_flame_graph_through_a_shell_wrapper_or_the_exact_refusal(tmp_pat
         sleeper.wait()
     with pytest.raises(ConfigError, match="no process on this machine"):
         profile_server("http://127.0.0.1:1", tmp_path)
+
+
+def test_an_idle_process_gets_the_idle_error_and_is_sampled_with_idle(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; print(1, flush=True); "
+                                "time.sleep(60)"], stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert sleeper.stdout is not None and sleeper.stdout.readline()  # interpreter is up
+        try:
+            profile_server(None, tmp_path / "a", seconds=1, pid=sleeper.pid)
+        except EnvironmentCheckError as exc:
+            if "ptrace" in str(exc.hint):  # sandboxes without ptrace access
+                pytest.skip(f"py-spy cannot attach here: {exc}")
+            assert "no Python code ran there" in str(exc) and "--idle" in str(exc.hint)
+        else:
+            raise AssertionError("a sleeping process gave py-spy stacks without --idle")
+        svg = profile_server(None, tmp_path / "b", seconds=1, pid=sleeper.pid, idle=True)
+        assert "sleep" in svg.read_text()
+        assert json.loads((svg.parent / "flame.json").read_text())["idle_threads"] is True
+    finally:
+        sleeper.kill()
+        sleeper.wait()

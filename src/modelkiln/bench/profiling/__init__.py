@@ -86,11 +86,19 @@ def _memory(runner: Any, inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def profile_server(
-    url: str | None, out: Path, *, seconds: float = 10.0, pid: int | None = None
+    url: str | None,
+    out: Path,
+    *,
+    seconds: float = 10.0,
+    pid: int | None = None,
+    idle: bool = False,
 ) -> Path:
-    """Sample the server behind ``url`` (or process ``pid``) with py-spy; the SVG's path."""
+    """Sample the server behind ``url`` (or process ``pid``) with py-spy; the SVG's path.
+
+    ``idle`` includes threads that wait (else an idle server has nothing to show)."""
     from modelkiln.bench.profiling.pyspy import flame_graph, server_pid
 
     if pid is None and url is None:
         raise ConfigError("give a server URL or a process id", hint="e.g. --pid 1234")
-    return flame_graph(pid if pid is not None else server_pid(str(url)), out, seconds)
+    target = pid if pid is not None else server_pid(str(url))
+    return flame_graph(target, out, seconds, idle=idle)

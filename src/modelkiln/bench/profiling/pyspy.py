@@ -151,10 +151,19 @@ def python_targets(pid: int) -> list[int]:
     return found
 
 
-def _pyspy_error(pid: int, proc: subprocess.CompletedProcess[str]) -> EnvironmentCheckError:
+def _pyspy_error(
+    pid: int, proc: subprocess.CompletedProcess[str], seconds: float
+) -> EnvironmentCheckError:
     lines = (proc.stderr + proc.stdout).strip().splitlines()
     errors = [x.strip() for x in lines if x.strip().startswith("Error")]
     detail = errors[0] if errors else f"exit code {proc.returncode}"
+    if "No stack counts found" in detail:  # attached fine; every thread was waiting
+        return EnvironmentCheckError(
+            f"py-spy sampled process {pid} for {seconds:g} s but no Python code ran there: "
+            "the server was idle (py-spy leaves out threads that wait)",
+            hint="profile while the server is under load (e.g. `kiln bench serve --url ...` "
+            "in another shell), or pass --idle to include waiting threads",
+        )
     if "python version" in detail:  # py-spy found no interpreter in that process
         return EnvironmentCheckError(
             f"py-spy could not sample process {pid} {_describe(pid)}: {detail}",
@@ -165,8 +174,13 @@ def _pyspy_error(pid: int, proc: subprocess.CompletedProcess[str]) -> Environmen
     )
 
 
-def flame_graph(pid: int, out: Path, seconds: float, rate: int = 100) -> Path:
+def flame_graph(
+    pid: int, out: Path, seconds: float, rate: int = 100, *, idle: bool = False
+) -> Path:
     """``py-spy record`` ``pid`` and its Python children for ``seconds``; returns the SVG path.
+
+    ``idle`` also samples threads that wait (py-spy's ``--idle``): an idle server then
+    shows where it waits instead of failing with "no Python code ran".
 
     Writes ``out/flame.json`` beside the SVG: which processes were sampled.
 
@@ -183,16 +197,18 @@ def flame_graph(pid: int, out: Path, seconds: float, rate: int = 100) -> Path:
         pyspy_binary(), "record", "--pid", str(pid), "--subprocesses",
         "--duration", str(max(1, round(seconds))), "--rate", str(rate),
         "--format", "flamegraph", "--output", str(svg), "--nonblocking",
+        *(["--idle"] if idle else []),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     if proc.returncode != 0 or not svg.is_file():
-        raise _pyspy_error(pid, proc)
+        raise _pyspy_error(pid, proc, seconds)
     info: dict[str, Any] = {
         "pid": pid,
         "process": _describe(pid),
         "python_pids": targets,
         "seconds": seconds,
         "rate_hz": rate,
+        "idle_threads": idle,
         "samples": _samples(proc.stdout + proc.stderr),
     }
     (out / "flame.json").write_text(json.dumps(info, indent=2) + "\n")
