@@ -29,6 +29,18 @@ rate is then tokens per *computing* second. The busy-time rate also counts the
 saturation it read the model at about half its speed, so a burst after a quiet
 spell was refused at ~2.5 s of real work under a 5 s bound.
 
+A batched engine's speed depends on its batch: MiniLM on 2 cores computes a
+batch of 16 inputs at about twice the tokens per second of a batch of one.
+Below saturation (the soak's 70 % load) the batches are small, so one rate over
+all batches reads the model at its small-batch speed; a burst then queues
+enough tokens to fill whole batches and drains at the large-batch speed, but
+was refused against the small-batch one (the soak saw 429s at 70 % load).
+:class:`BatchRates` keeps one rate per batch size (its tokens, power-of-two
+buckets) and estimates a queue's wait at the rate of the largest batches that
+queue can form (the largest measured bucket not above the queued tokens;
+buckets not measured for ``max_age_s`` are left out, so a rate from a quieter
+machine long ago does not admit too much).
+
 ``Retry-After`` is the time the measured rate needs to drain the excess.
 
 Example:
@@ -117,6 +129,57 @@ class ServiceRate:
         self._tokens += tokens
 
 
+class BatchRates:
+    """Tokens per computing second by batch size: a :class:`ServiceRate` per bucket.
+
+    A batch of ``t`` tokens falls in bucket ``t.bit_length()`` (power-of-two ranges).
+    :meth:`rate_for` answers the rate at which ``queued`` tokens drain: that of the
+    largest recently measured bucket not above ``queued``'s (the batches that queue can
+    form), else of the smallest recently measured one, else of all batches together.
+
+    Args:
+        tau_s: per bucket, busy seconds after which old batches weigh 1/e.
+        max_age_s: a bucket not measured for this long is not used (the machine may
+            have changed since).
+        clock: seconds, monotonic.
+    """
+
+    def __init__(
+        self,
+        tau_s: float = 2.0,
+        max_age_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tau_s = tau_s
+        self.max_age_s = max_age_s
+        self.overall = ServiceRate(tau_s)
+        self._clock = clock
+        self._buckets: dict[int, tuple[ServiceRate, float]] = {}  # bucket -> (rate, last seen)
+
+    def add(self, seconds: float, tokens: int) -> None:
+        """One batch: ``tokens`` computed in ``seconds``."""
+        self.overall.add(seconds, tokens)
+        bucket = max(tokens, 1).bit_length()
+        rate = self._buckets[bucket][0] if bucket in self._buckets else ServiceRate(self.tau_s)
+        rate.add(seconds, tokens)
+        self._buckets[bucket] = (rate, self._clock())
+
+    def rate_for(self, queued: int) -> float:
+        """Tokens per second at which ``queued`` tokens drain (0.0: not measured yet)."""
+        now = self._clock()
+        target = max(queued, 1).bit_length()
+        below, above = 0, 0
+        for bucket, (rate, seen) in self._buckets.items():
+            if now - seen > self.max_age_s or rate.rate <= 0:
+                continue
+            if bucket <= target:
+                below = max(below, bucket)
+            elif not above or bucket < above:
+                above = bucket
+        chosen = below or above
+        return self._buckets[chosen][0].rate if chosen else self.overall.rate
+
+
 class AdmissionController:
     """Counts admitted, unfinished requests and their tokens; refuses past any bound.
 
@@ -145,6 +208,7 @@ class AdmissionController:
         self.requests = 0
         self.tokens = 0
         self.service = ServiceRate()
+        self.batches = BatchRates(clock=clock)  # the rate once an engine reports its batches
         self._clock = clock
         self._mark = clock()  # time of the last admit / release (busy time counts from it)
         self.typical_tokens = (
@@ -152,10 +216,21 @@ class AdmissionController:
         )
         self.engine_reported = False  # True once record_batch was called: the rate is the engine's
 
+    def rate(self, queued: int | None = None) -> float:
+        """Tokens per second at which ``queued`` tokens (default: the queue's) drain; 0.0: unknown.
+
+        An engine that reports its batches: the rate of the batches that queue can form
+        (:class:`BatchRates`); otherwise tokens finished per busy second.
+        """
+        if not self.engine_reported:
+            return self.service.rate
+        return self.batches.rate_for(self.tokens if queued is None else queued)
+
     def estimated_wait(self, tokens: int = 0) -> float:
         """Seconds the queue (plus ``tokens``) needs to drain at the measured rate (0: unknown)."""
-        rate = self.service.rate
-        return (self.tokens + tokens) / rate if rate > 0 else 0.0
+        queued = self.tokens + tokens
+        rate = self.rate(queued)
+        return queued / rate if rate > 0 else 0.0
 
     def over(self) -> Overloaded | None:
         """Why a new request would be refused even before its size is known, or None.
@@ -202,6 +277,7 @@ class AdmissionController:
         """An engine's report: ``tokens`` computed in ``seconds`` (then the rate is this alone)."""
         self.engine_reported = True
         self.service.add(seconds, tokens)
+        self.batches.add(seconds, tokens)
 
     def _release(self, tokens: int) -> None:
         busy = self._tick()
@@ -219,7 +295,7 @@ class AdmissionController:
         return max(busy, 0.0)
 
     def throughput(self) -> float:
-        """The measured service rate, tokens per busy second (0.0 until measured)."""
+        """The measured service rate over all batches, tokens per second (0.0: not yet)."""
         return self.service.rate
 
     def _too_long(self, tokens: int) -> bool:
@@ -247,16 +323,17 @@ class AdmissionController:
                 f"{self.requests} requests are queued and no service rate is measured yet "
                 f"(at most {self.cold_requests} until the first ones finish)",
             )
-        excess = self.tokens + tokens - self.max_wait_s * self.service.rate
+        rate = self.rate(self.tokens + tokens)
+        excess = self.tokens + tokens - self.max_wait_s * rate
         return Overloaded(
             "queue_wait",
             self._retry_after(math.ceil(excess)),
             f"the queue needs about {wait:.1f} s to drain at the measured "
-            f"{self.service.rate:.0f} tokens/s (max_queue_wait_s={self.max_wait_s:g})",
+            f"{rate:.0f} tokens/s (max_queue_wait_s={self.max_wait_s:g})",
         )
 
     def _retry_after(self, excess_tokens: int) -> int:
-        rate = self.service.rate
+        rate = self.rate()
         if rate <= 0:
             return 1
         return int(min(60, max(1, math.ceil(excess_tokens / rate))))

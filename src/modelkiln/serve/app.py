@@ -1,9 +1,11 @@
 """The FastAPI application: OpenAI-compatible routes, probes, metrics, docs.
 
-Layers (outermost first): request (metrics by status, records for the
-observers, the guards' headers: one wrapper times each request once) -> auth
-(401) -> early 429 (serve/early.py) -> body limit (413) -> FastAPI with
-OpenAI-shaped error handlers -> routes. Models load in the background after
+Layers (outermost first): the admission door (a raw ASGI 429 from the headers
+when every model of the route is over its queue bounds, before Starlette's
+middleware, routing or request objects: serve/early.py) -> request (metrics by
+status, records for the observers, the guards' headers: one wrapper times each
+request once) -> auth (401) -> body limit (413) -> FastAPI with OpenAI-shaped
+error handlers -> routes. Models load in the background after
 startup, so ``/health`` answers at once and ``/ready`` turns 200 when every
 engine is warm.
 
@@ -23,12 +25,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp
 
 from modelkiln.contract.serving import Authenticator, ServeHooks
 from modelkiln.serve import admin, completions, embedding_routes
 from modelkiln.serve.access import APIKeyAuthenticator, AuthMiddleware
 from modelkiln.serve.config import ServeConfig
-from modelkiln.serve.early import EarlyAdmissionMiddleware
+from modelkiln.serve.early import AdmissionDoor
 from modelkiln.serve.hooks import RequestMiddleware
 from modelkiln.serve.http_errors import install_error_handlers
 from modelkiln.serve.limits import BodyLimitMiddleware
@@ -83,7 +86,7 @@ def create_app(
                 left = max(0.0, state.drain_deadline - time.monotonic())
             await state.shutdown(left)
 
-    app = FastAPI(
+    app = _KilnApp(
         title="modelkiln model server",
         version="1.0.0",
         description=_DESCRIPTION,
@@ -102,18 +105,30 @@ def create_app(
     return app
 
 
+class _KilnApp(FastAPI):
+    """FastAPI with :class:`AdmissionDoor` outside its whole middleware stack.
+
+    Starlette builds the stack (error handling, middleware, routing) on the first
+    request; the door wraps what it built, so a refused request in a flood costs no
+    Starlette layer, no ``Request`` object and no routing.
+    """
+
+    def build_middleware_stack(self) -> ASGIApp:
+        state: ServerState = self.state.kiln
+        plugged = state.hooks.authenticator
+        authenticator: Authenticator | None = plugged
+        if plugged is None and state.keys.enabled:
+            authenticator = APIKeyAuthenticator(state.keys)
+        check = authenticator.authenticate if authenticator is not None else None
+        return AdmissionDoor(super().build_middleware_stack(), state, check)
+
+
 def _add_middleware(app: FastAPI, state: ServerState) -> None:
-    """Request (metrics + hooks) -> auth -> early 429 -> body limit (the last added runs first)."""
+    """Request (metrics + hooks) -> auth -> body limit (the last added runs first)."""
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=state.cfg.max_body_bytes,
         on_reject=lambda: state.metrics.rejections.labels("too_large").inc(),
-    )
-    # Before the body limit reads the body: a flood's 429s cost no parsing (serve/early.py).
-    app.add_middleware(
-        EarlyAdmissionMiddleware,
-        state=state,
-        on_reject=lambda reason: state.metrics.rejections.labels(reason).inc(),
     )
     plugged = state.hooks.authenticator
     if plugged is not None or state.keys.enabled:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from modelkiln.serve.admission import AdmissionController, Overloaded, ServiceRate
+from modelkiln.serve.admission import AdmissionController, BatchRates, Overloaded, ServiceRate
 from modelkiln.serve.clock import FakeClock
 from modelkiln.serve.config import ModelSpec, ServeConfig
 
@@ -133,3 +133,39 @@ def test_an_engine_reporting_its_batches_sets_the_rate_without_the_idle_waits() 
         g.admit(100)  # 3000 tokens queued: 1.5 s at the engine's rate, under the 2 s bound
     with pytest.raises(Overloaded):
         g.admit(1100)  # 4100 tokens: 2.05 s
+
+
+def test_a_burst_after_small_batches_drains_at_the_large_batch_rate() -> None:
+    # Below saturation the engine runs batches of one input (100 tokens in 0.1 s: 1000
+    # tokens/s); when a burst fills its batches it runs 16 x 100 tokens in 0.8 s (2000/s).
+    clock = FakeClock()
+    g = gate(clock)
+    g.record_batch(0.8, 1600)  # one burst earlier: the large-batch speed is known
+    for _ in range(50):
+        clock.advance(0.1)
+        g.record_batch(0.1, 100)
+    assert g.throughput() < 1200  # over all batches: mostly the small-batch speed
+    assert g.rate(1600) == pytest.approx(2000.0)  # a queue that fills a batch
+    assert g.rate(100) == pytest.approx(1000.0)  # a queue of one input
+    held = [g.admit(100) for _ in range(36)]  # 3600 tokens: 1.8 s at 2000/s (3.6 s at 1000/s)
+    assert g.over() is None
+    with pytest.raises(Overloaded) as info:
+        g.admit(600)  # 4200 tokens: 2.1 s > 2.0 s at the large-batch rate
+    assert "2000 tokens/s" in info.value.message
+    assert len(held) == 36
+
+
+def test_a_batch_size_not_measured_for_a_minute_is_not_trusted() -> None:
+    clock = FakeClock()
+    rates = BatchRates(max_age_s=60.0, clock=clock.now)
+    rates.add(0.8, 1600)  # 2000 tokens/s, in a quieter minute
+    clock.advance(61)
+    rates.add(0.2, 100)  # 500 tokens/s now
+    assert rates.rate_for(1600) == pytest.approx(500.0)
+    rates.add(1.6, 1600)  # a large batch now: measured again (EWMA with the old one)
+    assert rates.rate_for(1600) < 2000
+    assert rates.rate_for(50) == pytest.approx(500.0)  # below every bucket: the smallest
+
+
+def test_before_any_batch_the_rate_for_a_queue_is_unknown() -> None:
+    assert BatchRates().rate_for(1000) == 0.0
