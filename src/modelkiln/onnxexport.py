@@ -6,9 +6,14 @@ pages of warnings; every exporter call in modelkiln runs inside
 warnings, turns any failure into one :class:`~modelkiln.errors.StageError`
 line naming the innermost cause, and restores the model's training mode.
 
+The int8 dynamic quantization of an exported graph lives here too
+(:func:`quantize_int8_dynamic`): the optimize stage's ``onnx-int8-dynamic``
+variants and the server's first-start engine build call the same function.
+
 Example:
     >>> with export_guard(model, f"ONNX export cannot handle {arch}", hint="use torch-fp32"):
     ...     torch.onnx.export(model, args, "model.onnx")
+    >>> quantize_int8_dynamic(Path("model.onnx"), Path("model-int8.onnx"))
 """
 
 from __future__ import annotations
@@ -17,11 +22,18 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from modelkiln.errors import StageError
 
-__all__ = ["export_guard", "root_cause"]
+__all__ = [
+    "cpu_has_int8_dot",
+    "export_guard",
+    "quantize_int8_dynamic",
+    "quiet_root_logger",
+    "root_cause",
+]
 
 
 def root_cause(exc: BaseException) -> str:
@@ -79,3 +91,32 @@ def quiet_root_logger() -> Iterator[None]:
         yield
     finally:
         root.setLevel(level)
+
+
+def cpu_has_int8_dot() -> bool:
+    """True when the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI, AMX-int8)."""
+    from modelkiln.cpu import cpu_info
+
+    flags = cpu_info().flags
+    return any(flags.get(f) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def quantize_int8_dynamic(
+    source: Path, target: Path, *, per_channel: bool = True, reduce_range: bool | None = None
+) -> None:
+    """ONNX Runtime dynamic int8 of the graph ``source`` into ``target``.
+
+    int8 weights (per output channel when ``per_channel``), uint8 activations
+    quantized per call. ``reduce_range`` (7-bit weights) defaults to "the CPU has
+    no int8 dot product" (:func:`cpu_has_int8_dot`): without VNNI the u8 x s8
+    multiply-adds saturate at 8 bits.
+
+    Raises:
+        ImportError: onnxruntime is not installed.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    reduce = not cpu_has_int8_dot() if reduce_range is None else reduce_range
+    with quiet_root_logger():  # "consider pre-processing" warning on every call
+        quantize_dynamic(source, target, per_channel=per_channel, reduce_range=reduce,
+                         weight_type=QuantType.QInt8)  # fmt: skip

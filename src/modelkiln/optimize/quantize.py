@@ -319,18 +319,14 @@ class OnnxInt8DynamicVariant(_OnnxVariant):
 
     def build(self, ctx: BuildContext, out: Path) -> dict[str, Any]:
         """Export, then ``onnxruntime.quantization.quantize_dynamic``."""
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        from modelkiln.onnxexport import quiet_root_logger
+        from modelkiln.onnxexport import quantize_int8_dynamic
         from modelkiln.optimize.kv_export import write_kv_graph
 
         onnx = ctx.cfg.onnx
         reduce = not cpu_has_int8_dot() if onnx.reduce_range == "auto" else onnx.reduce_range
 
-        def quantize(src: Path, dst: Path) -> None:
-            with quiet_root_logger():  # "consider pre-processing" warning on every call
-                quantize_dynamic(src, dst, per_channel=onnx.per_channel, reduce_range=reduce,
-                                 weight_type=QuantType.QInt8)  # fmt: skip
+        def quantize(src: Path, dst: Path) -> None:  # the same call as the server's engine build
+            quantize_int8_dynamic(src, dst, per_channel=onnx.per_channel, reduce_range=reduce)
 
         with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as tmp:
             raw = Path(tmp) / MODEL_ONNX

@@ -1,17 +1,25 @@
-"""Building the ONNX engines of an encoder at first start (for :mod:`.autoengine`).
+"""Building the ONNX engines of a model at first start (for :mod:`.autoengine`).
 
-The optimize stage has its own, fuller export (every output, graph fusion, KV
-graphs, gates on an evaluation set); a stage may not import another stage, and
+Encoders: the optimize stage has its own, fuller export (every output, graph
+fusion, gates on an evaluation set); a stage may not import another stage, and
 the server needs only the last hidden state of an encoder, so this is the short
-version: the TorchScript exporter with dynamic batch and sequence axes (opset 17,
-the optimize stage's default), then ONNX Runtime's dynamic int8 quantization
-with per-channel weights (7-bit weights where the CPU has no int8 dot product,
-as the optimize stage does).
+version: the TorchScript exporter with dynamic batch and sequence axes (opset
+17, the optimize stage's default).
+
+Causal LMs: the KV-cache graph of the core module :mod:`modelkiln.kvgraph`
+(:func:`~modelkiln.kvgraph.export_kv_onnx`), the very graph the optimize stage
+ships as ``model_kv.onnx`` in its ONNX variants.
+
+Both are then quantized by the core :func:`~modelkiln.onnxexport.quantize_int8_dynamic`
+(ONNX Runtime's dynamic int8 with per-channel weights; 7-bit weights where the
+CPU has no int8 dot product), the same call the optimize stage's
+``onnx-int8-dynamic`` variant makes.
 
 Example:
     >>> model = reference_model(minilm_dir)
     >>> export_encoder(model, cache / "model.onnx")
     >>> quantize_int8(cache / "model.onnx", cache / "model-int8.onnx")
+    >>> export_causal_kv(gpt2_dir, cache / "model_kv.onnx")
 """
 
 from __future__ import annotations
@@ -20,8 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from modelkiln.cpu import cpu_info
-from modelkiln.onnxexport import export_guard, quiet_root_logger
+from modelkiln.onnxexport import export_guard, quantize_int8_dynamic
 
 _INPUTS = ["input_ids", "attention_mask"]
 
@@ -71,14 +78,29 @@ def export_encoder(model: Any, target: Path) -> None:
 
 def quantize_int8(source: Path, target: Path) -> None:
     """Dynamic int8 (per-channel int8 weights, uint8 activations quantized per call)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    flags = cpu_info().flags
-    reduce = not any(flags.get(f) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
     partial = _partial(target)
-    with quiet_root_logger():
-        quantize_dynamic(source, partial, per_channel=True, reduce_range=reduce,
-                         weight_type=QuantType.QInt8)  # fmt: skip
+    quantize_int8_dynamic(source, partial)
+    os.replace(partial, target)
+
+
+def export_causal_kv(model_dir: Path, target: Path, model: Any = None) -> None:
+    """Write the fp32 KV-cache graph of the causal LM in ``model_dir`` to ``target``.
+
+    ``model``: the fp32 model already loaded (else loaded here).
+
+    Raises:
+        StageError: the exporter cannot trace this architecture with a cache.
+    """
+    from modelkiln.contract.hfmodel import inspect_model, load_torch_model
+    from modelkiln.kvgraph import export_kv_onnx
+
+    spec = inspect_model(model_dir, "causal-lm")
+    partial = _partial(target)
+    try:
+        export_kv_onnx(model if model is not None else load_torch_model(spec), spec, partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, target)
 
 

@@ -4,9 +4,11 @@ The kind of a directory is read from its ``config.json``: an architecture
 named ``*ForCausalLM`` / ``*LMHeadModel`` is served by the generation engine,
 anything else (or a directory holding only an ONNX graph) by the embedding
 engine. The backend is ONNX Runtime for a directory with an ONNX graph and no
-torch weights (an export from the optimization stage); an encoder's Hugging Face
-directory runs on the fastest engine that passes the parity gate on this machine
-(:mod:`.autoengine`); a causal LM's on torch, with a one-line hint.
+torch weights (an export from the optimization stage); a Hugging Face directory
+(encoder or causal LM) runs on the fastest engine that passes the parity gate on
+this machine (:mod:`.autoengine`: torch, or ONNX Runtime fp32 / int8 built at
+first start); with that pick switched off a causal LM runs on torch, with a
+one-line hint.
 
 Example:
     >>> engine = load_engine(ModelSpec(path="runs/x/train/model"), ServeConfig(), print)
@@ -15,16 +17,22 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from modelkiln.errors import ServingError
 from modelkiln.serve.advice import log_faster_engine_hint
-from modelkiln.serve.autoengine import pick_encoder_engine
+from modelkiln.serve.autoengine import (
+    pick_causal_engine,
+    pick_encoder_engine,
+    pick_switched_off,
+)
 from modelkiln.serve.config import ModelSpec, ServeConfig, has_torch_weights
 from modelkiln.serve.embeddings import BatchPolicy, BatchStats, EmbeddingEngine
 
+log = logging.getLogger("modelkiln.serve")
 Kind = Literal["causal_lm", "encoder"]
 _LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -123,11 +131,22 @@ def load_engine(
             hint="the generation engine's KV cache changes shape every step, which makes "
             "torch.compile recompile; set compile only on encoder models",
         )
-    log_faster_engine_hint(spec, kind, backend_name)
     try:
         from modelkiln.serve.generation.engine import ContinuousBatchingEngine
     except ImportError as exc:  # the engine lives in its own package; guard partial installs
         raise ServingError(f"the generation engine is unavailable: {exc}") from exc
+    if backend_name == "torch" and session is None:  # an HF directory: the fastest engine here
+        pick = pick_causal_engine(spec, cfg, hooked_loader=loader is not None)
+        if pick.onnx_file is not None:
+            from modelkiln.onnxrt import cpu_session
+
+            try:
+                session = cpu_session(pick.onnx_file, cfg.threads)
+                backend_name = "onnx"
+            except Exception as exc:  # boundary: a damaged cached graph -> keep torch
+                log.warning("cannot open %s (%s): serving on torch", pick.onnx_file, exc)
+        elif pick_switched_off():  # say once how to get the faster engine
+            log_faster_engine_hint(spec, kind, backend_name)
     return ContinuousBatchingEngine.from_path(
         spec.path,
         adapter=spec.adapter,
