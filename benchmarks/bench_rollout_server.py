@@ -3,6 +3,7 @@
 
 Two registry versions of a tiny random GPT-2 (2 layers, fp32, torch) behind the rollout
 gateway on loopback; completions of 4 tokens; the handbook's canary with the analysis mirror.
+The load comes from ``modelkiln.bench.run_load`` (the generator of ``kiln bench serve``).
 
     python benchmarks/bench_rollout_server.py --runs 5     # ~6-8 min on 2 cores
 """
@@ -10,14 +11,16 @@ gateway on loopback; completions of 4 tokens; the handbook's canary with the ana
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
-import random
 import shlex
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +31,12 @@ import httpx
 from _record import machine_line, update_section
 from serve_support import free_port, save_tiny_gpt2, wait_ready
 
+from modelkiln.bench import RequestResult, run_load, run_load_async
 from modelkiln.rollout.faults import FaultInjector, FaultSpec
 from modelkiln.rollout.registry import Registry
 from modelkiln.rollout.serving import build_gateway, registry_versions
 
 ADMIN = {"Authorization": "Bearer adm"}
-BODY = {"model": "tiny", "prompt": "def add(", "max_tokens": 4, "temperature": 0}
 
 
 def start_server(tmp: Path, faults: dict[str, FaultSpec]) -> tuple[str, Any, threading.Thread]:
@@ -61,61 +64,86 @@ def start_server(tmp: Path, faults: dict[str, FaultSpec]) -> tuple[str, Any, thr
     return url, server, thread
 
 
-LAST_VIEW: list[dict[str, Any]] = [{}]  # the admin view before an abort (A/A evidence)
+#: What the benchmark sends: one JSON answer per request, greedy (``run_load`` streams by
+#: default), so the analysis mirror's agreement check applies as it does to such clients.
+UNSTREAMED = {"stream": False, "stream_options": None}
+#: Overhead runs: sequential requests, alternating between the two names in blocks of this many.
+BLOCK = 5
 
 
-def rollback_seconds(
+@dataclass
+class Canary:
+    """One canary under load: its length, outcome, what the clients saw, the last admin view."""
+
+    seconds: float
+    outcome: str
+    transport_errors: int  # requests without a response
+    non_200: int  # answers with an error status
+    view: dict[str, Any]
+
+
+def canary_under_load(
     url: str, candidate: str, canary: dict[str, Any], rps: float, limit_s: float, seed: int
-) -> tuple[float, str, int]:
-    """Seconds from the start of a canary of a faulty ``candidate`` to its rollback (the
-    gateway's own clock: the two decisions' times), the outcome and failed client requests.
+) -> Canary:
+    """A canary of ``candidate`` under open-loop Poisson load (``modelkiln.bench.run_load``,
+    ``rps`` requests/s, seeded), until it ends or ``limit_s`` (then it is aborted).
 
-    Load: open loop, ``rps`` Poisson arrivals (seeded), each request on its own thread.
+    Seconds run from the start decision to the rollback decision (the gateway's clock).
     """
-    rng = random.Random(seed)
-    r = httpx.post(url + "/admin/rollout/tiny/start", headers=ADMIN,
-                   json={"candidate": candidate, "canary": canary}, timeout=30)  # fmt: skip
-    r.raise_for_status()
-    started = r.json()["decisions"][-1]["time"]
-    t0, status, failed = time.monotonic(), "running", [0]
-    view: dict[str, Any] = {}
+    return asyncio.run(_canary(url, candidate, canary, rps, limit_s, seed))
 
-    # One pooled client for all threads: a client per request costs more CPU (TLS context,
-    # pool) than the server's request on this 2-core machine, and the load would fall short.
-    client = httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_connections=64))
 
-    def one(i: int) -> None:
-        try:
-            body = BODY | {"prompt": f"def f{seed}_{i}("}
-            client.post("/v1/completions", json=body)
-        except httpx.HTTPError:
-            failed[0] += 1
-
-    i, next_at, next_poll = 0, t0, t0
-    while time.monotonic() - t0 < limit_s and status == "running":
-        now = time.monotonic()
-        if now >= next_at:
-            threading.Thread(target=one, args=(i,), daemon=True).start()  # open loop
-            i += 1
-            next_at += rng.expovariate(rps)
-        if now >= next_poll:
-            view = httpx.get(url + "/admin/rollout/tiny", headers=ADMIN, timeout=10).json()
+async def _canary(
+    url: str, candidate: str, canary: dict[str, Any], rps: float, limit_s: float, seed: int
+) -> Canary:
+    results: list[RequestResult] = []
+    prompts = [f"def f{seed}_{i}(" for i in range(int(3 * rps * limit_s) + 100)]
+    async with httpx.AsyncClient(base_url=url, headers=ADMIN, timeout=30) as admin:
+        r = await admin.post(
+            "/admin/rollout/tiny/start", json={"candidate": candidate, "canary": canary}
+        )
+        r.raise_for_status()
+        started = r.json()["decisions"][-1]["time"]
+        t0 = time.monotonic()
+        # run_load has no stop signal: it runs for limit_s, and is cancelled once the canary
+        # ended; the results come through on_result as each request completes.
+        load = asyncio.create_task(run_load_async(
+            url, prompts, kind="completions", model="tiny", max_tokens=4, rate=rps,
+            arrival="poisson", seed=seed, duration_s=limit_s, max_concurrency=64,
+            extra_body=UNSTREAMED, on_result=results.append,
+        ))  # fmt: skip
+        status, view = "running", {}
+        while status == "running" and not load.done():
+            await asyncio.sleep(0.5)
+            view = (await admin.get("/admin/rollout/tiny")).json()
             status = view["rollout"]["status"]
-            next_poll = now + 0.5
-        time.sleep(max(0.0, min(next_at, next_poll) - time.monotonic()))
-    time.sleep(2.0)  # requests in flight at the rollback finish (counted in client errors)
-    client.close()
-    if status == "running":
-        view = httpx.get(url + "/admin/rollout/tiny", headers=ADMIN, timeout=10).json()
-        LAST_VIEW[0] = view
-        httpx.post(url + "/admin/rollout/tiny/abort", headers=ADMIN, timeout=30)
-        return time.monotonic() - t0, "still running at the limit", failed[0]
-    last = view["decisions"][-1]
-    return last["time"] - started, f"{status}: {last['reason']}", failed[0]
+        if status == "running":  # the load ran its limit_s: still no decision
+            seconds, outcome = time.monotonic() - t0, "still running at the limit"
+            await admin.post("/admin/rollout/tiny/abort")
+        else:
+            last = view["decisions"][-1]
+            seconds, outcome = last["time"] - started, f"{status}: {last['reason']}"
+            await asyncio.sleep(2.0)  # the requests in flight at the rollback finish
+        load.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await load
+    transport = sum(r.status == 0 for r in results)
+    non_200 = sum(r.status not in (0, 200) for r in results)
+    return Canary(seconds, outcome, transport, non_200, view)
+
+
+def sequential_ms(url: str, model: str, prompts: list[str]) -> list[float]:
+    """Milliseconds of each of ``prompts`` sent one after another to ``model``."""
+    report = run_load(url, prompts, kind="completions", model=model, max_tokens=4,
+                      concurrency=1, num_requests=len(prompts), extra_body=UNSTREAMED)  # fmt: skip
+    bad = [r for r in report.results if not r.ok]
+    if bad:
+        raise RuntimeError(f"{model}: HTTP {bad[0].status} {bad[0].error}")
+    return [r.latency * 1000 for r in report.results]
 
 
 def overhead(n: int) -> dict[str, tuple[float, float]]:
-    """p50 / p99 ms, interleaved request by request with the served name (no routing):
+    """p50 / p99 ms, interleaved block by block with the served name (no routing):
     one version, then a 50/50 split, then the split with the analysis mirror on."""
     out: dict[str, tuple[float, float]] = {}
     phases = (
@@ -123,6 +151,7 @@ def overhead(n: int) -> dict[str, tuple[float, float]]:
         ({"steps": [50, 100], "dwell_s": 3600, "mirror_percent": 0}, "gateway, 50/50 split"),
         ({"steps": [50, 100], "dwell_s": 3600}, "gateway, 50/50 split + 100 % analysis mirror"),
     )
+    warmup = 2 * BLOCK
     with tempfile.TemporaryDirectory() as tmp:
         url, server, thread = start_server(Path(tmp), {"2": FaultSpec()})
         with httpx.Client(base_url=url, timeout=30) as c:
@@ -132,13 +161,12 @@ def overhead(n: int) -> dict[str, tuple[float, float]]:
                     c.post("/admin/rollout/tiny/start", headers=ADMIN,
                            json={"candidate": "2", "canary": canary}).raise_for_status()  # fmt: skip
                 times: dict[str, list[float]] = {"tiny.v1": [], "tiny": []}
-                for i in range(n + 10):
+                for first in range(0, n + warmup, BLOCK):
+                    block = [f"def f{i}(" for i in range(first, first + BLOCK)]
                     for model in times:
-                        body = BODY | {"model": model, "prompt": f"def f{i}("}
-                        t = time.perf_counter()
-                        c.post("/v1/completions", json=body).raise_for_status()
-                        if i >= 10:  # warm-up
-                            times[model].append((time.perf_counter() - t) * 1000)
+                        ms = sequential_ms(url, model, block)
+                        if first >= warmup:
+                            times[model] += ms
                 for model, name in (
                     ("tiny.v1", f"served name (no routing), beside {label}"),
                     ("tiny", label),
@@ -161,36 +189,37 @@ def aa_rows(url: str, seconds: float, rps: float) -> list[str]:
     """A/A on the real server: a canary of v4 (same weights, no fault) for ``seconds``."""
     if seconds <= 0:
         return []
-    sec, outcome, failed = rollback_seconds(url, "4", HANDBOOK, rps, seconds, 7)
-    view = LAST_VIEW[0] if outcome.startswith("still") else {}
+    run = canary_under_load(url, "4", HANDBOOK, rps, seconds, 7)
+    view = run.view if run.outcome.startswith("still") else {}
     checks = [d for d in view.get("decisions", []) if d["numbers"].get("log_evidence")]
     named = ("errors", "latency", "latency_p50", "slo_errors", "slo_latency")
     top = {t: max((d["numbers"]["log_evidence"][t] for d in checks), default=float("nan"))
            for t in named}  # fmt: skip
     bound = checks[-1]["numbers"]["bound"] if checks else float("nan")
     shown = ", ".join(f"{t} {v:.2f}" for t, v in top.items())
-    row = (f"| A/A: v4 = same weights, no fault | {sec:.0f} s | {failed} | {outcome[:60]}; "
+    row = (f"| A/A: v4 = same weights, no fault | {run.seconds:.0f} s | {run.transport_errors} "
+           f"| {run.non_200} | {run.outcome[:60]}; "
            f"largest log-evidence at a check: {shown} (bound {bound:.2f}) |")  # fmt: skip
     print(row, flush=True)
-    return ["", "| real-server A/A | ran | client errors | outcome |", "|---|---:|---:|---|", row]
+    return ["", "| real-server A/A | ran | client errors | non-200 | outcome |",
+            "|---|---:|---:|---:|---|", row]  # fmt: skip
 
 
 def rollback_rows(runs: int, rps: float, aa_s: float) -> list[str]:
     """``runs`` canaries of each faulty version on one server, interleaved; table rows."""
     took: dict[str, list[float]] = {v: [] for v in FAULTS}
-    rows = ["| run | injected fault (5 % canary) | s to rollback | client errors | outcome |",
-            "|---:|---|---:|---:|---|"]  # fmt: skip
+    rows = ["| run | injected fault (5 % canary) | s to rollback | client errors | non-200 | outcome |",
+            "|---:|---|---:|---:|---:|---|"]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         faults = {v: f for v, (_, f) in FAULTS.items()} | {"4": FaultSpec()}
         url, server, thread = start_server(Path(tmp), faults)
         aa = aa_rows(url, aa_s, rps)
         for run in range(runs):
             for v, (label, _) in FAULTS.items():
-                sec, outcome, failed = rollback_seconds(
-                    url, v, HANDBOOK, rps, 120, 100 * run + int(v)
-                )
-                took[v].append(sec if outcome.startswith("rolled-back") else float("inf"))
-                rows.append(f"| {run + 1} | {label} | {sec:.1f} | {failed} | {outcome[:120]} |")
+                c = canary_under_load(url, v, HANDBOOK, rps, 120, 100 * run + int(v))
+                took[v].append(c.seconds if c.outcome.startswith("rolled-back") else float("inf"))
+                rows.append(f"| {run + 1} | {label} | {c.seconds:.1f} | {c.transport_errors} "
+                            f"| {c.non_200} | {c.outcome[:120]} |")  # fmt: skip
                 print(rows[-1], flush=True)
         server.should_exit = True
         thread.join(30)
@@ -230,22 +259,26 @@ def main() -> None:
         "",
         f"Tiny random GPT-2 (2 layers, fp32, torch), three registry versions behind the rollout "
         f"gateway on loopback (v2 fails 10 % of requests, v3 answers 200 ms later), open-loop "
-        f"Poisson {args.rps:g} requests/s of 4-token completions, each sent on its own thread through one pooled client. "
+        f"Poisson {args.rps:g} requests/s (seeded) of greedy 4-token completions, unstreamed, sent by `modelkiln.bench.run_load` "
+        "(the generator of `kiln bench serve`; at most 64 in flight). "
         "The handbook's canary: 5/25/50/100 %, 10 min per stage, checks every 30 s; the analysis "
         "mirror on (default `mirror_percent: 100`: every request also runs on the other "
         "version, answer discarded) and the sequential tests updated every second "
         "(`analysis_interval_s: 1`), so a test that crosses its bound rolls back at once. "
         "Seconds count from the start decision to the rollback decision on the gateway's clock "
-        "(the fault is there from the first request). A/A: a canary of v4 (same weights as v1, no fault) "
+        "(the fault is there from the first request). The load goes on 2 s after the rollback "
+        "decision, then stops (requests still in flight then are not counted); client errors = "
+        "requests without a response, non-200 = answers with an error status (the injected "
+        "errors that reached clients). A/A: a canary of v4 (same weights as v1, no fault) "
         "under the same load first: it must not roll back; its largest log-evidence at a check "
-        "against the bound shows the margin. Overhead: requests to `tiny` (routed) "
-        "interleaved one by one with the same requests to the served name `tiny.v1` (passed "
-        "through): one version, a 50/50 split without mirror, and with the mirror (each "
+        "against the bound shows the margin. Overhead: sequential requests to `tiny` (routed) "
+        f"interleaved in blocks of {BLOCK} with the same requests to the served name `tiny.v1` (passed "
+        "through; one `run_load` run per block, concurrency 1, so the first request of a block "
+        "opens its connection; the first two blocks are warm-up): one version, a 50/50 split without mirror, and with the mirror (each "
         "request then also runs on the other version at the same time: that row is the cost "
         "of analysing, not of routing). Response cache off, a new prompt each request, the server's queue-wait admission bound raised to 60 s (`max_queue_wait_s`) so the loaded machine does not shed requests with 429. "
-        f"**Machine loaded by parallel work (load average {load0:.1f} at the start, "
-        f"{load1:.1f} at the end; 2 cores shared by ~8 agents): absolute milliseconds are "
-        "noisy.**",
+        f"**1-minute load average {load0:.1f} at the start, {load1:.1f} at the end: on a "
+        "loaded machine absolute milliseconds are noisy.**",
         "",
         *rows,
     ])  # fmt: skip

