@@ -98,6 +98,26 @@ def test_numpy_scores_match_the_torch_path() -> None:
             assert a == pytest.approx(b, abs=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scores_of_every_row_match_log_softmax(dtype: str) -> None:
+    """Every row asking (a scored slot): the view path, masked tokens and half precision."""
+    import torch
+
+    from modelkiln.serve.generation.sampling import token_scores
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)) * 4
+    logits[0, :10] = -torch.inf  # masked tokens add no entropy
+    logits = logits.to(getattr(torch, dtype))
+    tokens = [12, 0, 49]
+    got = token_scores(logits, tokens, [True, True, True])
+    logp = torch.log_softmax(logits.float(), -1)
+    for row, (lp, h) in enumerate(got):  # type: ignore[misc]
+        entropy = -(logp[row].exp() * logp[row]).nan_to_num().sum().item()
+        assert lp == pytest.approx(logp[row, tokens[row]].item(), abs=1e-5)
+        assert h == pytest.approx(entropy, abs=1e-5)
+    assert token_scores(logits, tokens, [False] * 3) == [None] * 3
+
+
 def feed(mon: DriftMonitor, n: int, prob: float, rng: np.random.Generator, rate: float) -> int:
     """``n`` requests; a share ``rate`` carries a log-prob (as the server samples them)."""
     alarms = 0

@@ -90,10 +90,15 @@ def token_scores(
 ) -> list[tuple[float, float] | None]:
     """``(log p(token), entropy)`` of each wanted row's untempered distribution, else None.
 
-    Only the wanted rows pay for the log-softmax (one pass over the vocabulary each).
-    On CPU it runs in numpy: a handful of numpy calls cost a fraction of the same
-    torch ops' dispatch, which dominates at small vocabularies and batches (this runs
-    on the engine thread every step a scored request is in the batch).
+    Only the wanted rows pay (one exp pass over the vocabulary each); a step with no
+    wanted row returns at once. On CPU it runs in numpy on a view of the logits (no
+    torch op, no copy when every row asks): this runs on the engine thread in every
+    step a scored request is in, and there per-call overhead is the cost. Each extra
+    call also stretches the gap between the model's parallel regions, which costs
+    more than the call itself when torch's intra-op threads share the cores with the
+    event loop, so the path is kept to the few numpy calls that are needed: the
+    chosen token's log-prob ``z[token] - lse`` and the entropy ``lse - sum(e * z) /
+    sum(e)`` with ``z = x - max(x)``, ``e = exp(z)``, ``lse = log(sum(e))``.
     """
     import numpy as np
 
@@ -103,16 +108,21 @@ def token_scores(
         return out
     if logits.device.type != "cpu":
         return _token_scores_torch(logits, tokens, rows, out)
-    x = logits[rows].float().numpy()
+    x = logits.float().numpy()  # fp32 logits: a view
+    if len(rows) < len(tokens):
+        x = x[rows]
     z = x - x.max(axis=1, keepdims=True)
     e = np.exp(z)
     total = e.sum(axis=1)
     lse = np.log(total)
-    with np.errstate(invalid="ignore"):  # 0 * -inf at masked tokens: 0 * log 0 counts as 0
-        entropy = lse - np.nansum(e * z, axis=1) / total
+    ez = np.einsum("ij,ij->i", e, z)  # sum(e * z) without the product array
+    if np.isnan(ez).any():  # masked tokens (-inf): 0 * log 0 counts as 0
+        with np.errstate(invalid="ignore"):
+            ez = np.nansum(e * z, axis=1)
+    entropy = lse - ez / total
     chosen = z[np.arange(len(rows)), [tokens[i] for i in rows]] - lse
     for row, lp, h in zip(rows, chosen.tolist(), entropy.tolist(), strict=True):
-        out[row] = (float(lp), float(h))
+        out[row] = (lp, h)
     return out
 
 
