@@ -184,16 +184,26 @@ def serve_cmd(model: Path, port: int, sets: list[str]) -> list[str]:
 
 
 def run_variant(src: str | None, args: argparse.Namespace, model: Path, vocab: list[str],
-                seed: int) -> list[dict]:  # fmt: skip
-    """Start a server (from ``src`` when given: a source tree put first on PYTHONPATH)."""
+                seed: int, env: dict[str, str] | None = None) -> list[dict]:  # fmt: skip
+    """Start a server (from ``src`` when given: a source tree put first on PYTHONPATH).
+
+    ``env``: variables set for the server only (an empty value unsets one).
+    """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    if src:
+    saved = dict(os.environ)
+    if src and src != ".":
         os.environ["PYTHONPATH"] = src
+    for name, value in (env or {}).items():
+        if value:
+            os.environ[name] = value
+        else:
+            os.environ.pop(name, None)
     try:
         proc, _ = spawn(serve_cmd(model, port, args.sets), url)
     finally:
-        os.environ.pop("PYTHONPATH", None)
+        os.environ.clear()
+        os.environ.update(saved)
     try:
         return one_round(url, proc.pid, args, vocab, seed)
     finally:
@@ -260,6 +270,17 @@ def report(results: dict[str, list[list[dict]]], cmd: str, load: str) -> str:
     return "\n".join(lines)
 
 
+def env_of(pairs: list[str]) -> dict[str, str]:
+    """``NAME=VALUE`` strings as a dict."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"not NAME=VALUE: {pair!r}")
+        out[name] = value
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=15.0, help="seconds per phase")
@@ -267,21 +288,43 @@ def main() -> None:
     p.add_argument("--open", type=float, default=4.0, help="open loop at this x capacity (0: off)")
     p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions (medians)")
     p.add_argument("--tokens", type=int, default=128, help="tokens per input")
-    p.add_argument("--compare", metavar="SRC", help="a second source tree served alternately")
+    p.add_argument(
+        "--compare",
+        metavar="SRC",
+        help="a second source tree served alternately ('.': this tree again)",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment of this tree's server (repeatable; NAME= unsets)",
+    )
+    p.add_argument(
+        "--compare-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment of the --compare server, e.g. OMP_WAIT_POLICY=ACTIVE",
+    )
     p.add_argument("--no-write", action="store_true", help="print, do not update the doc")
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="A.B=V",
                    help="a server config override (repeatable)")  # fmt: skip
     args = p.parse_args()
     model = minilm_dir()
     vocab = words(model)
-    variants = {"this tree": None} | ({f"before ({args.compare})": args.compare}
-                                      if args.compare else {})  # fmt: skip
+    envs = {"this": env_of(args.env), "compare": env_of(args.compare_env)}
+    this = "this tree" + (f" ({' '.join(args.env)})" if args.env else "")
+    other = f"before ({args.compare})" if args.compare != "." else "this tree"
+    other += f" ({' '.join(args.compare_env)})" if args.compare_env else ""
+    variants = {this: (None, envs["this"])} | (
+        {other: (args.compare, envs["compare"])} if args.compare else {})  # fmt: skip
     results: dict[str, list[list[dict]]] = {k: [] for k in variants}
     loads = []
     for i in range(args.rounds):
-        for label, src in variants.items():
+        for label, (src, env) in variants.items():
             print(f"round {i + 1}: {label}", flush=True)
-            results[label].append(run_variant(src, args, model, vocab, seed=100 * i))
+            results[label].append(run_variant(src, args, model, vocab, seed=100 * i, env=env))
             loads.append(os.getloadavg()[0])
     shown = "python benchmarks/bench_overload.py " + " ".join(sys.argv[1:])
     load = f"{min(loads):.1f}-{max(loads):.1f}"

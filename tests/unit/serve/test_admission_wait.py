@@ -146,7 +146,7 @@ def test_a_burst_after_small_batches_drains_at_the_large_batch_rate() -> None:
         g.record_batch(0.1, 100)
     assert g.throughput() < 1200  # over all batches: mostly the small-batch speed
     assert g.rate(1600) == pytest.approx(2000.0)  # a queue that fills a batch
-    assert g.rate(100) == pytest.approx(1000.0)  # a queue of one input
+    assert g.rate(100) == pytest.approx(g.throughput())  # one input: what runs now
     held = [g.admit(100) for _ in range(36)]  # 3600 tokens: 1.8 s at 2000/s (3.6 s at 1000/s)
     assert g.over() is None
     with pytest.raises(Overloaded) as info:
@@ -155,16 +155,32 @@ def test_a_burst_after_small_batches_drains_at_the_large_batch_rate() -> None:
     assert len(held) == 36
 
 
-def test_a_batch_size_not_measured_for_a_minute_is_not_trusted() -> None:
+def test_a_saturated_engine_keeps_the_rate_of_its_recent_batch_mix() -> None:
+    # A flood: full batches (2000 tokens/s) alternate with partial ones (1000 tokens/s);
+    # the queue drains at the mix, and the full batches' rate alone would admit too much.
+    clock = FakeClock()
+    g = gate(clock)
+    for _ in range(20):
+        clock.advance(0.8)
+        g.record_batch(0.8, 1600)
+        clock.advance(0.4)
+        g.record_batch(0.4, 400)
+    assert g.rate(20_000) == pytest.approx(g.throughput())
+    assert g.rate(20_000) < 1800
+
+
+def test_a_batch_size_not_measured_for_max_age_is_not_trusted() -> None:
     clock = FakeClock()
     rates = BatchRates(max_age_s=60.0, clock=clock.now)
     rates.add(0.8, 1600)  # 2000 tokens/s, in a quieter minute
     clock.advance(61)
     rates.add(0.2, 100)  # 500 tokens/s now
-    assert rates.rate_for(1600) == pytest.approx(500.0)
+    clock.advance(5)
+    assert rates.rate_for(1600) == pytest.approx(rates.overall.rate)
     rates.add(1.6, 1600)  # a large batch now: measured again (EWMA with the old one)
-    assert rates.rate_for(1600) < 2000
-    assert rates.rate_for(50) == pytest.approx(500.0)  # below every bucket: the smallest
+    clock.advance(5)
+    assert rates.overall.rate < rates.rate_for(1600) < 2000
+    assert rates.rate_for(50) >= 500  # below every bucket: the smallest (or the overall)
 
 
 def test_before_any_batch_the_rate_for_a_queue_is_unknown() -> None:
