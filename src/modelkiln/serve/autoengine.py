@@ -23,7 +23,12 @@ distribution (:func:`generation_gate`):
 
 - mean KL(torch fp32 || engine) <= :data:`MAX_MEAN_KL` nats per token: the
   cross-entropy, so the perplexity, of sampled text rises by at most about
-  ``e^0.01 - 1 = 1 %``;
+  ``e^0.005 - 1 = 0.5 %``. Where that sits (class B, 2026-12-02): ONNX fp32 ~0,
+  int8 dynamic 1e-4 to 2e-4 (the 27.6M GPT-2 of the peers benchmark and three
+  tiny GPT-2s with peaked distributions), 4-bit block-wise weights (ORT
+  MatMulNBits, blocks of 32 / 128) 0.007 to 0.010 on the tiny ones: the gate
+  admits 8-bit and rejects 4-bit-grade error (near-lossless on purpose, as the
+  encoder gate is);
 - greedy agreement >= :data:`MIN_AGREE`: the engine's greedy token is torch
   fp32's, or one torch fp32 scores within :data:`TIE_NATS` of its own best (a
   near-tie, where fp32 itself flips between runs of different batch shapes).
@@ -90,8 +95,8 @@ _BATCH = (16, 128)  # inputs x tokens of the timed batch (the default 2048-token
 #: Causal LMs with more weights than this stay on torch: a single-file ONNX graph is
 #: one protobuf, capped at 2 GiB (and the export holds a second copy in memory).
 MAX_EXPORT_BYTES = 2 * 2**30
-#: Generation gate: mean KL(torch fp32 || engine) per token, nats (~1 % perplexity).
-MAX_MEAN_KL = 0.01
+#: Generation gate: mean KL(torch fp32 || engine) per token, nats (~0.5 % perplexity).
+MAX_MEAN_KL = 0.005
 #: Generation gate: share of probe positions whose greedy token agrees (near-ties count).
 MIN_AGREE = 0.95
 #: Two tokens whose torch fp32 log-probs differ by less than this are a near-tie.
@@ -437,6 +442,7 @@ def gate_figures(ref: Any, got: Any) -> dict[str, Any]:
     import torch
 
     kl = torch.nn.functional.kl_div(got, ref, log_target=True, reduction="none").sum(-1)
+    kl = kl.clamp(min=0.0)  # rounding makes identical rows come out at -1e-9
     pick = got.argmax(-1, keepdim=True)
     top = ref.argmax(-1, keepdim=True)
     regret = ref.gather(-1, top) - ref.gather(-1, pick)
