@@ -14,12 +14,24 @@ from modelkiln.deploy.autoscale import (
     recommendation_gauge,
     rolling_forecasts,
 )
-from modelkiln.deploy.autoscale_backtest import backtest, reactive_policy, synthetic_trace
+from modelkiln.deploy.autoscale_backtest import (
+    Step,
+    TraceParts,
+    attribute,
+    backtest,
+    burst_blind_oracle,
+    oracle,
+    predictive_policy,
+    reactive_policy,
+    synthetic_parts,
+    synthetic_trace,
+)
 from modelkiln.deploy.autoscale_tune import (
     Scenario,
     _prepare,
     _settings,
     render_markdown,
+    run_bound,
     run_predictive,
     run_reactive,
     run_study,
@@ -125,10 +137,12 @@ def test_study_tunes_each_policy_to_its_cheapest_setting_meeting_the_goal() -> N
     scenario = Scenario(days=4, train_days=2, step_s=1800)
     grids = ({"target_util": [0.5, 0.7, 0.9], "stabilization_steps": [1], "upscale_steps": [1]},
              {"z": [0.0, 2.0], "share": [0.95], "buffer": [1.0, 1.2], "floor": [True]})  # fmt: skip
-    study = run_study([7], [8], goal=0.9, scenario=scenario, grids=grids)
+    bound_grid = {"headroom": [0.0, 4.0], "share": [0.99], "buffer": [1.0, 1.3]}
+    study = run_study([7], [8], goal=0.9, scenario=scenario, grids=grids, bound_grid=bound_grid)
     data = _prepare(scenario, 7)
     for runner, grid, chosen in ((run_reactive, grids[0], study.reactive_setting),
-                                 (run_predictive, grids[1], study.predictive_setting)):  # fmt: skip
+                                 (run_predictive, grids[1], study.predictive_setting),
+                                 (run_bound, bound_grid, study.bound_setting)):  # fmt: skip
         scored = [(s, runner(scenario, data, s)) for s in _settings(grid)]
         meeting = [(s, r) for s, r in scored if r.within_target >= 0.9]
         best = (min(meeting, key=lambda sr: sr[1].replica_seconds) if meeting
@@ -136,8 +150,22 @@ def test_study_tunes_each_policy_to_its_cheapest_setting_meeting_the_goal() -> N
         assert chosen == best[0]
     assert [row[0] for row in study.rows] == [7, 8]
     assert all(row[3].within_target >= 0.99 for row in study.rows)  # the oracle sizes per step
+    assert set(study.bound) == {7, 8}
+    # Held-out seed 8 only: every replayed step is attributed once by hour and once by burst.
+    att = study.attribution["predictive"]
+    replayed = (scenario.days - scenario.train_days) * scenario.season
+    assert (
+        sum(att.steps[k] for k in ("calm", "burst, unseen", "burst, seen") if k in att.steps)
+        == sum(v for k, v in att.steps.items() if k.endswith(" h"))
+        == replayed
+    )
+    _seed, _r, p, o = study.rows[1]
+    assert sum(v for k, v in att.excess_s.items() if k.endswith(" h")) == pytest.approx(
+        p.replica_seconds - o.replica_seconds
+    )
     text = render_markdown(study)
     assert "| 7 (tuning) |" in text and "| 8 |" in text and "Held-out mean" in text
+    assert "Burst-blind bound" in text and "| burst, unseen |" in text
 
 
 def test_prometheus_range_query_and_gauge() -> None:
@@ -150,3 +178,74 @@ def test_prometheus_range_query_and_gauge() -> None:
     registry = CollectorRegistry()
     recommendation_gauge(registry).set(4)
     assert b"modelkiln_recommended_replicas 4.0" in generate_latest(registry)
+
+
+def test_synthetic_parts_add_up_to_the_trace() -> None:
+    parts = synthetic_parts(days=5, step_s=300, seed=3)
+    trace = synthetic_trace(days=5, step_s=300, seed=3)
+    assert parts.trace == trace and len(parts.bursts) == 15
+    start, _length, height = parts.bursts[0]
+    assert parts.in_burst(start) and parts.burst_age(start) == 0
+    assert parts.burst_rate(start) >= height
+    assert parts.burst_rate(start, started_by=start - 1) == pytest.approx(
+        parts.burst_rate(start) - sum(h for s, _n, h in parts.bursts if s == start)
+    )
+    calm = [max(0.0, c + n) for c, n in zip(parts.calm, parts.noise, strict=True)]
+    assert synthetic_parts(days=5, step_s=300, seed=3, burst_scale=0).trace == calm
+
+
+def _flat_parts(steps: int, burst: tuple[int, int, float]) -> TraceParts:
+    return TraceParts([4.0] * steps, [0.0] * steps, [burst])
+
+
+def test_burst_blind_bound_sees_a_burst_only_lead_steps_after_it_starts() -> None:
+    model = QueueModel(1.0, 8, 2.0, buffer=1.0, max_replicas=20, share=0.99)
+    parts = _flat_parts(20, (12, 4, 40.0))  # 4 req/s, then 44 req/s for steps 12-15
+    res = burst_blind_oracle(parts, 10, 60, model, lead=2)
+    # Steps 12 and 13 run on the calm sizing (overloaded: all late); 14 and 15 are sized.
+    calm_n, burst_n = model.replicas(4.0), model.replicas(44.0)
+    assert model.within_target(44.0, calm_n) == 0.0  # overloaded
+    ok = 6 * 4.0 * model.within_target(4.0, calm_n)  # steps 10-11 and 16-19
+    ok += 2 * 44.0 * model.within_target(44.0, burst_n)
+    assert res.within_target == pytest.approx(ok / (6 * 4.0 + 4 * 44.0))
+    assert res.replica_seconds == 60 * (8 * calm_n + 2 * burst_n)
+    roomy = burst_blind_oracle(parts, 10, 60, model, lead=2, headroom=40.0)
+    assert roomy.within_target > 0.99 > res.within_target  # head-room absorbs the unseen steps
+
+
+def test_predictive_scale_down_window_holds_the_highest_recent_count() -> None:
+    model = QueueModel(1.0, 8, 2.0, buffer=1.0, max_replicas=20)
+    forecasts = [[40.0], [4.0], [4.0], [4.0], [40.0]]
+    high, low = model.replicas(40.0), model.replicas(4.0)
+    at_once = predictive_policy(model, forecasts, lead=1)
+    held = predictive_policy(model, forecasts, lead=1, down_steps=3)
+    got_at_once = [at_once([0.0] * (t + 1), 0) for t in range(5)]
+    got_held = [held([0.0] * (t + 1), 0) for t in range(5)]
+    assert got_at_once == [high, low, low, low, high]
+    assert got_held == [high, high, high, low, high]  # down after 3 low decisions, up at once
+
+
+def test_attribution_splits_cost_and_lateness_by_day_part_and_burst() -> None:
+    model = QueueModel(1.0, 8, 2.0, buffer=1.0, max_replicas=20, share=0.99)
+    step_s, train = 3600, 24  # hourly steps: one replayed day
+    parts = TraceParts([4.0] * 48, [0.0] * 48, [(36, 3, 40.0)])  # a burst at 12:00-15:00
+    trace = parts.trace
+    mine: list[Step] = []
+    theirs: list[Step] = []
+
+    def policy(history: list[float], serving: int) -> int:
+        return model.replicas(history[-1]) + 1  # reactive, one spare replica
+
+    res = backtest(trace, train, step_s, model, policy, "p", startup_steps=1, log=mine)
+    best = oracle(trace, train, step_s, model, log=theirs)
+    att = attribute(parts, train, step_s, mine, theirs, lead=2)
+    assert att.steps == {"00-06 h": 6, "06-12 h": 6, "12-18 h": 6, "18-24 h": 6, "calm": 21,
+                         "burst, unseen": 2, "burst, seen": 1}  # fmt: skip
+    total = res.replica_seconds - best.replica_seconds
+    assert sum(att.excess_s[k] for k in ("calm", "burst, unseen", "burst, seen")) == total
+    # Nearly all the late requests are in the burst's first two hours (no replica could be
+    # ready); the rest is the M/M/c tail of the calm steps.
+    late = sum(att.late.values()) / 2  # each step counted twice: day part + burst state
+    assert att.late["burst, unseen"] == pytest.approx(late, rel=1e-3) and late > 0
+    assert att.late["12-18 h"] == pytest.approx(late, rel=1e-3)
+    assert 1 - late / att.requests == pytest.approx(res.within_target)
