@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import shlex
 import statistics
@@ -31,7 +30,7 @@ import httpx
 from _record import machine_line, update_section
 from serve_support import free_port, save_tiny_gpt2, wait_ready
 
-from modelkiln.bench import RequestResult, run_load, run_load_async
+from modelkiln.bench import run_load, run_load_async
 from modelkiln.rollout.faults import FaultInjector, FaultSpec
 from modelkiln.rollout.registry import Registry
 from modelkiln.rollout.serving import build_gateway, registry_versions
@@ -64,11 +63,9 @@ def start_server(tmp: Path, faults: dict[str, FaultSpec]) -> tuple[str, Any, thr
     return url, server, thread
 
 
-#: What the benchmark sends: one JSON answer per request, greedy (``run_load`` streams by
-#: default), so the analysis mirror's agreement check applies as it does to such clients.
-UNSTREAMED = {"stream": False, "stream_options": None}
-#: Overhead runs: sequential requests, alternating between the two names in blocks of this many.
-BLOCK = 5
+#: Overhead runs: sequential requests alternate between the two names; the first this many
+#: of each name are warm-up.
+WARMUP = 10
 
 
 @dataclass
@@ -80,6 +77,8 @@ class Canary:
     transport_errors: int  # requests without a response
     non_200: int  # answers with an error status
     view: dict[str, Any]
+    requests: int = 0  # sent (each one awaited to its end)
+    client_cpu_ms: float = 0.0  # the load generator's CPU per request
 
 
 def canary_under_load(
@@ -96,7 +95,6 @@ def canary_under_load(
 async def _canary(
     url: str, candidate: str, canary: dict[str, Any], rps: float, limit_s: float, seed: int
 ) -> Canary:
-    results: list[RequestResult] = []
     prompts = [f"def f{seed}_{i}(" for i in range(int(3 * rps * limit_s) + 100)]
     async with httpx.AsyncClient(base_url=url, headers=ADMIN, timeout=30) as admin:
         r = await admin.post(
@@ -105,12 +103,14 @@ async def _canary(
         r.raise_for_status()
         started = r.json()["decisions"][-1]["time"]
         t0 = time.monotonic()
-        # run_load has no stop signal: it runs for limit_s, and is cancelled once the canary
-        # ended; the results come through on_result as each request completes.
+        # Greedy and unstreamed (one JSON answer per request), so the analysis mirror's
+        # agreement check applies as it does to such clients. The load runs until ``stop``
+        # (or limit_s); then no more are sent and those in flight are awaited.
+        stop = asyncio.Event()
         load = asyncio.create_task(run_load_async(
             url, prompts, kind="completions", model="tiny", max_tokens=4, rate=rps,
             arrival="poisson", seed=seed, duration_s=limit_s, max_concurrency=64,
-            extra_body=UNSTREAMED, on_result=results.append,
+            stream=False, until=stop.is_set,
         ))  # fmt: skip
         status, view = "running", {}
         while status == "running" and not load.done():
@@ -123,27 +123,33 @@ async def _canary(
         else:
             last = view["decisions"][-1]
             seconds, outcome = last["time"] - started, f"{status}: {last['reason']}"
-            await asyncio.sleep(2.0)  # the requests in flight at the rollback finish
-        load.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await load
+            await asyncio.sleep(2.0)  # the load goes on 2 s past the rollback
+        stop.set()
+        report = await load
+    results = report.results
     transport = sum(r.status == 0 for r in results)
     non_200 = sum(r.status not in (0, 200) for r in results)
-    return Canary(seconds, outcome, transport, non_200, view)
+    cpu_ms = 1000 * (report.client_cpu_s or 0.0) / max(len(results), 1)
+    return Canary(seconds, outcome, transport, non_200, view, len(results), cpu_ms)
 
 
-def sequential_ms(url: str, model: str, prompts: list[str]) -> list[float]:
-    """Milliseconds of each of ``prompts`` sent one after another to ``model``."""
-    report = run_load(url, prompts, kind="completions", model=model, max_tokens=4,
-                      concurrency=1, num_requests=len(prompts), extra_body=UNSTREAMED)  # fmt: skip
+def sequential_ms(url: str, pairs: list[tuple[str, str]]) -> dict[str, list[float]]:
+    """Milliseconds of each ``(model, prompt)`` of ``pairs`` sent one after another, in
+    order, over one keep-alive connection (one ``run_load`` run), by model."""
+    report = run_load(url, pairs, kind="completions", max_tokens=4, concurrency=1,
+                      num_requests=len(pairs), stream=False)  # fmt: skip
     bad = [r for r in report.results if not r.ok]
     if bad:
-        raise RuntimeError(f"{model}: HTTP {bad[0].status} {bad[0].error}")
-    return [r.latency * 1000 for r in report.results]
+        raise RuntimeError(f"HTTP {bad[0].status} {bad[0].error}")
+    out: dict[str, list[float]] = {}
+    # Concurrency 1: the results come back in the order of ``pairs``.
+    for (model, _), r in zip(pairs, report.results, strict=True):
+        out.setdefault(model, []).append(r.latency * 1000)
+    return out
 
 
 def overhead(n: int) -> dict[str, tuple[float, float]]:
-    """p50 / p99 ms, interleaved block by block with the served name (no routing):
+    """p50 / p99 ms, interleaved request by request with the served name (no routing):
     one version, then a 50/50 split, then the split with the analysis mirror on."""
     out: dict[str, tuple[float, float]] = {}
     phases = (
@@ -151,7 +157,6 @@ def overhead(n: int) -> dict[str, tuple[float, float]]:
         ({"steps": [50, 100], "dwell_s": 3600, "mirror_percent": 0}, "gateway, 50/50 split"),
         ({"steps": [50, 100], "dwell_s": 3600}, "gateway, 50/50 split + 100 % analysis mirror"),
     )
-    warmup = 2 * BLOCK
     with tempfile.TemporaryDirectory() as tmp:
         url, server, thread = start_server(Path(tmp), {"2": FaultSpec()})
         with httpx.Client(base_url=url, timeout=30) as c:
@@ -160,13 +165,9 @@ def overhead(n: int) -> dict[str, tuple[float, float]]:
                     c.post("/admin/rollout/tiny/abort", headers=ADMIN)  # 409 when none: fine
                     c.post("/admin/rollout/tiny/start", headers=ADMIN,
                            json={"candidate": "2", "canary": canary}).raise_for_status()  # fmt: skip
-                times: dict[str, list[float]] = {"tiny.v1": [], "tiny": []}
-                for first in range(0, n + warmup, BLOCK):
-                    block = [f"def f{i}(" for i in range(first, first + BLOCK)]
-                    for model in times:
-                        ms = sequential_ms(url, model, block)
-                        if first >= warmup:
-                            times[model] += ms
+                pairs = [(model, f"def f{i}(") for i in range(n + WARMUP)
+                         for model in ("tiny.v1", "tiny")]  # fmt: skip
+                times = {m: ms[WARMUP:] for m, ms in sequential_ms(url, pairs).items()}
                 for model, name in (
                     ("tiny.v1", f"served name (no routing), beside {label}"),
                     ("tiny", label),
@@ -197,19 +198,20 @@ def aa_rows(url: str, seconds: float, rps: float) -> list[str]:
            for t in named}  # fmt: skip
     bound = checks[-1]["numbers"]["bound"] if checks else float("nan")
     shown = ", ".join(f"{t} {v:.2f}" for t, v in top.items())
-    row = (f"| A/A: v4 = same weights, no fault | {run.seconds:.0f} s | {run.transport_errors} "
-           f"| {run.non_200} | {run.outcome[:60]}; "
+    row = (f"| A/A: v4 = same weights, no fault | {run.seconds:.0f} s | {run.requests} "
+           f"| {run.transport_errors} | {run.non_200} | {run.outcome[:60]}; "
            f"largest log-evidence at a check: {shown} (bound {bound:.2f}) |")  # fmt: skip
     print(row, flush=True)
-    return ["", "| real-server A/A | ran | client errors | non-200 | outcome |",
-            "|---|---:|---:|---:|---|", row]  # fmt: skip
+    return ["", "| real-server A/A | ran | requests | client errors | non-200 | outcome |",
+            "|---|---:|---:|---:|---:|---|", row]  # fmt: skip
 
 
 def rollback_rows(runs: int, rps: float, aa_s: float) -> list[str]:
     """``runs`` canaries of each faulty version on one server, interleaved; table rows."""
     took: dict[str, list[float]] = {v: [] for v in FAULTS}
-    rows = ["| run | injected fault (5 % canary) | s to rollback | client errors | non-200 | outcome |",
-            "|---:|---|---:|---:|---:|---|"]  # fmt: skip
+    rows = ["| run | injected fault (5 % canary) | s to rollback | requests | client errors "
+            "| non-200 | outcome |", "|---:|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    cpu_ms: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         faults = {v: f for v, (_, f) in FAULTS.items()} | {"4": FaultSpec()}
         url, server, thread = start_server(Path(tmp), faults)
@@ -218,8 +220,9 @@ def rollback_rows(runs: int, rps: float, aa_s: float) -> list[str]:
             for v, (label, _) in FAULTS.items():
                 c = canary_under_load(url, v, HANDBOOK, rps, 120, 100 * run + int(v))
                 took[v].append(c.seconds if c.outcome.startswith("rolled-back") else float("inf"))
-                rows.append(f"| {run + 1} | {label} | {c.seconds:.1f} | {c.transport_errors} "
-                            f"| {c.non_200} | {c.outcome[:120]} |")  # fmt: skip
+                cpu_ms.append(c.client_cpu_ms)
+                rows.append(f"| {run + 1} | {label} | {c.seconds:.1f} | {c.requests} "
+                            f"| {c.transport_errors} | {c.non_200} | {c.outcome[:120]} |")  # fmt: skip
                 print(rows[-1], flush=True)
         server.should_exit = True
         thread.join(30)
@@ -234,6 +237,9 @@ def rollback_rows(runs: int, rps: float, aa_s: float) -> list[str]:
         rows.append(
             f"| {label} | {len(xs)} | {statistics.median(xs):.1f} | {max(xs):.1f} | {ok}/{len(xs)} |"
         )
+    if cpu_ms:
+        rows += ["", f"Load generator CPU: median {statistics.median(cpu_ms):.2f} ms per request "
+                     f"over the {len(cpu_ms)} canaries (`LoadReport.client_cpu_s`)."]  # fmt: skip
     return rows + aa
 
 
@@ -267,14 +273,16 @@ def main() -> None:
         "(`analysis_interval_s: 1`), so a test that crosses its bound rolls back at once. "
         "Seconds count from the start decision to the rollback decision on the gateway's clock "
         "(the fault is there from the first request). The load goes on 2 s after the rollback "
-        "decision, then stops (requests still in flight then are not counted); client errors = "
+        "decision, then stops sending (`run_load`'s `until`); the requests in flight then are "
+        "awaited and counted. Client errors = "
         "requests without a response, non-200 = answers with an error status (the injected "
         "errors that reached clients). A/A: a canary of v4 (same weights as v1, no fault) "
         "under the same load first: it must not roll back; its largest log-evidence at a check "
         "against the bound shows the margin. Overhead: sequential requests to `tiny` (routed) "
-        f"interleaved in blocks of {BLOCK} with the same requests to the served name `tiny.v1` (passed "
-        "through; one `run_load` run per block, concurrency 1, so the first request of a block "
-        "opens its connection; the first two blocks are warm-up): one version, a 50/50 split without mirror, and with the mirror (each "
+        "alternating request by request with the same requests to the served name `tiny.v1` "
+        "(passed through; one `run_load` run per phase with `(model, prompt)` pairs, "
+        f"concurrency 1, one keep-alive connection; the first {WARMUP} of each name are "
+        "warm-up): one version, a 50/50 split without mirror, and with the mirror (each "
         "request then also runs on the other version at the same time: that row is the cost "
         "of analysing, not of routing). Response cache off, a new prompt each request, the server's queue-wait admission bound raised to 60 s (`max_queue_wait_s`) so the loaded machine does not shed requests with 429. "
         f"**1-minute load average {load0:.1f} at the start, {load1:.1f} at the end: on a "

@@ -87,7 +87,12 @@ class SLO:
     def met(self, r: RequestResult) -> bool:
         """Whether ``r`` succeeded within every bound (TPOT only checked when defined)."""
         ttft = r.ttft_response
-        if not r.ok or ttft is None or ttft > self.ttft_s:
+        if not r.ok:
+            return False
+        if ttft is None:  # not measured (unstreamed): meets no finite TTFT bound
+            if self.ttft_s != float("inf"):
+                return False
+        elif ttft > self.ttft_s:
             return False
         if self.e2e_s is not None and r.response > self.e2e_s:
             return False

@@ -7,6 +7,7 @@ JSON-ready result: the summary, the SLO verdict, and every request (``--json``).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +55,7 @@ class ServeBenchConfig(KilnModel):
     requests: int | None = Field(None, ge=1, description="Requests per run.")
     duration_s: float | None = Field(None, gt=0, description="Seconds of sending per run.")
     max_tokens: int = Field(64, ge=1, description="Output tokens per request.")
+    stream: bool = Field(True, description="Stream completions (False: latency only, no TTFT).")
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS),
                                description="Prompts, cycled.")  # fmt: skip
     seed: int = Field(0, description="Arrival seed.")
@@ -73,6 +75,11 @@ def _check_mode(cfg: ServeBenchConfig) -> str:
         )
     if chosen[0] == "search" and not cfg.slo:
         raise ConfigError("--search needs --slo", hint="e.g. --slo ttft_p95=500ms,tpot_p95=50ms")
+    if not cfg.stream and cfg.slo and re.search(r"(ttft|tpot|itl)_p", cfg.slo.lower()):
+        raise ConfigError(
+            "--no-stream measures latency only: an SLO on ttft, tpot or itl cannot be judged",
+            hint="bound the response time instead, e.g. --slo e2e_p95=2s",
+        )
     if chosen[0] != "replay" and cfg.requests is None and cfg.duration_s is None:
         raise ConfigError("give --requests N or --duration S", hint="e.g. --requests 200")
     return chosen[0]
@@ -97,6 +104,7 @@ def run_serve_bench(cfg: ServeBenchConfig, progress: Progress = QUIET) -> dict[s
         "kind": cfg.kind, "model": model, "max_tokens": cfg.max_tokens, "seed": cfg.seed,
         "api_key": cfg.api_key, "timeout_s": cfg.timeout_s, "num_requests": cfg.requests,
         "duration_s": cfg.duration_s, "max_concurrency": cfg.max_concurrency,
+        "stream": cfg.stream,
     }  # fmt: skip
 
     def load(task: str, **options: Any) -> LoadReport:

@@ -118,6 +118,12 @@ def serve(
     ] = None,
     duration: Annotated[float | None, typer.Option(help="Seconds of sending per run.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Output tokens per request.")] = 64,
+    no_stream: Annotated[
+        bool,
+        typer.Option(
+            "--no-stream", help="Completions/chat unstreamed: latency only (no TTFT/TPOT/ITL)."
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Arrival seed.")] = 0,
     api_key: Annotated[
         str | None, typer.Option(envvar="KILN_API_KEY", help="Bearer token.")
@@ -157,6 +163,7 @@ def serve(
             requests=requests,
             duration_s=duration,
             max_tokens=max_tokens,
+            stream=not no_stream,
             seed=seed,
             api_key=api_key,
         )

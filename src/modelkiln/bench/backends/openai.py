@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import ssl
 import time
-from typing import Any, cast
+from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -25,7 +26,15 @@ import httptools
 from modelkiln.bench.results import RequestResult
 from modelkiln.errors import ConfigError, ServingError
 
-__all__ = ["Client", "check_url", "list_models"]
+__all__ = ["Check", "Client", "check_url", "list_models"]
+
+#: What a 200 answer's body must hold to count as ok: ``"embedding"`` (an embeddings
+#: answer: a bytes search for an ``"embedding":`` key, no parse), ``"choices"`` (a
+#: non-streamed completion: the small body is parsed and its usage read), or ``None``
+#: (not checked; SSE answers are checked event by event).
+Check = Literal["embedding", "choices"] | None
+_EMBEDDING = re.compile(rb'"embedding"\s*:\s*[\["]')  # a list of floats, or base64
+_TAIL = 64  # bytes kept from the previous body piece, so a key cut in two is still found
 
 
 class _Stale(Exception):
@@ -39,11 +48,18 @@ class _Exchange:
     is handled at once, so TTFT and ITL are stamped when its bytes were read.
     """
 
-    def __init__(self, result: RequestResult, t0: float, sse: bool, timeout_s: float) -> None:
+    def __init__(
+        self, result: RequestResult, t0: float, sse: bool, timeout_s: float, check: Check = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         self.result = result
         self.t0 = t0
         self.sse = sse
+        self.check = None if sse else check
+        self.found = False  # the check passed
+        self.head = b""  # the start of a checked body, for the error message
+        self.tail = b""  # "embedding": the end of the body so far (a key may be cut in two)
+        self.kept = bytearray()  # "choices": the whole body (parsed at the end)
         self.done: asyncio.Future[bool] = loop.create_future()  # True: reuse the connection
         self.started = False  # a response byte arrived
         self.framed = False  # Content-Length or chunked (else the body ends with the connection)
@@ -68,6 +84,8 @@ class _Exchange:
         self.timer.cancel()
         if self.result.status != 200:
             self.result.error = self.error_body.decode("utf-8", "replace")[:300]
+        elif self.check is not None:
+            self._verify()
         if not self.done.done():
             self.done.set_result(keep_alive)
 
@@ -83,6 +101,9 @@ class _Exchange:
             if len(self.error_body) < 4096:
                 self.error_body += data
             return
+        if self.check is not None:
+            self._scan(data)
+            return
         if not self.sse or self.ended:
             return
         buf = self.pending + data if self.pending else data
@@ -92,6 +113,37 @@ class _Exchange:
         for event in events:
             if not self.ended:
                 self._event(event)
+
+    def _scan(self, data: bytes) -> None:
+        """Keep what the body check needs of the next 200 body piece (cheap: no parse)."""
+        if len(self.head) < 200:
+            self.head += data[: 200 - len(self.head)]
+        if self.check == "choices":
+            self.kept += data
+        elif not self.found:
+            buf = self.tail + data
+            self.found = _EMBEDDING.search(buf) is not None
+            self.tail = buf[-_TAIL:]
+
+    def _verify(self) -> None:
+        """A 200 answer ended: an error unless its body holds what ``check`` asks for."""
+        result = self.result
+        shown = self.head.decode("utf-8", "replace")
+        if self.check == "embedding":
+            if not self.found:
+                result.error = f'HTTP 200 without an "embedding" in the body: {shown[:160]!r}'
+            return
+        try:
+            answer = json.loads(self.kept)
+            choices = answer["choices"]
+        except (ValueError, KeyError, TypeError):
+            choices = None
+        if not choices or not isinstance(choices, list):
+            result.error = f"HTTP 200 without a completion (no choices): {shown[:160]!r}"
+            return
+        usage = answer.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            result.completion_tokens = usage["completion_tokens"]
 
     def _event(self, event: bytes) -> None:
         if event.startswith(b"data: ") and b"\n" not in event:
@@ -233,12 +285,14 @@ class Client:
         return conn
 
     async def post(
-        self, route: str, body: dict[str, Any], result: RequestResult, origin: float
-    ) -> float:
+        self, route: str, body: dict[str, Any], result: RequestResult, origin: float,
+        check: Check = None,
+    ) -> float:  # fmt: skip
         """POST ``body`` as JSON to ``route`` and fill ``result`` (SSE when ``stream`` is set).
 
         ``result.start`` is set once a connection slot is free (``origin`` is the run's
         start); returns that send time (``perf_counter``) for the caller's latency.
+        ``check``: what a non-streamed 200 body must hold (else ``result.error`` says so).
         """
         data = json.dumps(body).encode()
         request = (f"POST {self.prefix}{route} HTTP/1.1\r\n{self.headers}"
@@ -250,7 +304,7 @@ class Client:
                 conn = self.idle.pop() if self.idle else await self._connect()
                 if conn.closed:
                     continue
-                exchange = _Exchange(result, t0, bool(body.get("stream")), self.timeout_s)
+                exchange = _Exchange(result, t0, bool(body.get("stream")), self.timeout_s, check)
                 conn.send(request, exchange)
                 try:
                     keep = await exchange.done
