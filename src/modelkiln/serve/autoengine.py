@@ -200,7 +200,10 @@ def pick_causal_engine(spec: ModelSpec, cfg: ServeConfig, hooked_loader: bool = 
     skip = skip_reason(spec, hooked_loader, "causal_lm")
     if skip is not None:
         return Pick("torch", None, skip)
-    return _cached_pick(spec, cfg, _decide_causal, _causal_reason, "a minute or two")
+    # the gate's bounds and the timed batch are part of the key: changing either re-decides
+    terms = (MAX_MEAN_KL, MIN_AGREE, TIE_NATS, _PROBES, _STEPS, cfg.generation.max_num_seqs)
+    key = "-" + hashlib.sha256(repr(terms).encode()).hexdigest()[:8]
+    return _cached_pick(spec, cfg, _decide_causal, _causal_reason, "a minute or two", key)
 
 
 def _cached_pick(
@@ -209,15 +212,17 @@ def _cached_pick(
     decide: Callable[[ModelSpec, ServeConfig, Path], dict[str, Any]],
     describe: Callable[[dict[str, Any]], str],
     duration: str,
+    key: str = "",
 ) -> Pick:
-    """The decision cached for ``spec`` on this machine, else ``decide`` it now and cache it."""
+    """The decision cached for ``spec`` on this machine (and ``key``), else ``decide`` it now
+    and cache it."""
     path = Path(spec.path)
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         return Pick("torch", None, "onnxruntime is not installed (the onnx extra)")
     where = cache_dir() / "serve-engines" / model_hash(path)[:20]
-    decision_file = where / f"decision-{_machine()}.json"
+    decision_file = where / f"decision-{_machine()}{key}.json"
     if decision_file.is_file():
         data = json.loads(decision_file.read_text(encoding="utf-8"))
         pick = _from_decision(data, where, describe)
