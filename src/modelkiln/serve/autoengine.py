@@ -67,12 +67,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -223,12 +224,29 @@ def _cached_pick(
         return Pick("torch", None, "onnxruntime is not installed (the onnx extra)")
     where = cache_dir() / "serve-engines" / model_hash(path)[:20]
     decision_file = where / f"decision-{_machine()}{key}.json"
-    if decision_file.is_file():
-        data = json.loads(decision_file.read_text(encoding="utf-8"))
-        pick = _from_decision(data, where, describe)
-        log.info("engine of %s: %s (decided at first start; %s)", spec.served_name,
-                 data["engine"], pick.reason)  # fmt: skip
-        return pick
+    if not decision_file.is_file():
+        where.mkdir(parents=True, exist_ok=True)
+        # --workers N start together: one builds and times (alone on the cores), the rest
+        # wait for its decision instead of timing N engines at once
+        with _exclusive(where / f"{decision_file.stem}.lock"):
+            if not decision_file.is_file():
+                return _build(spec, cfg, decide, describe, duration, where, decision_file)
+    data = json.loads(decision_file.read_text(encoding="utf-8"))
+    pick = _from_decision(data, where, describe)
+    log.info("engine of %s: %s (decided at first start; %s)", spec.served_name,
+             data["engine"], pick.reason)  # fmt: skip
+    return pick
+
+
+def _build(
+    spec: ModelSpec,
+    cfg: ServeConfig,
+    decide: Callable[[ModelSpec, ServeConfig, Path], dict[str, Any]],
+    describe: Callable[[dict[str, Any]], str],
+    duration: str,
+    where: Path,
+    decision_file: Path,
+) -> Pick:
     log.info(
         "first start of %s: building its ONNX engines and timing them once (%s; "
         "cached in %s)", spec.served_name, duration, where,
@@ -243,11 +261,27 @@ def _cached_pick(
     data["seconds"] = round(time.monotonic() - t0, 1)
     scratch = decision_file.with_name(f"{decision_file.name}.{os.getpid()}.partial")
     scratch.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(scratch, decision_file)  # another worker never reads a half-written decision
+    os.replace(scratch, decision_file)  # a reader never sees a half-written decision
     pick = _from_decision(data, where, describe)
     log.info("engine of %s: %s (%s; took %.0f s)", spec.served_name, data["engine"],
              pick.reason, data["seconds"])  # fmt: skip
     return pick
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``lock_file`` (no-op where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: workers may build side by side (partial files + rename)
+        yield
+        return
+    with lock_file.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _from_decision(

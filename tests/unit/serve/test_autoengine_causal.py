@@ -220,3 +220,39 @@ def test_gate_figures_pass_near_ties_and_fail_real_differences() -> None:
     assert not bad["pass"] and bad["mean_kl"] > autoengine.MAX_MEAN_KL
     broken = autoengine.gate_figures(ref, torch.full_like(ref, math.nan))
     assert not broken["pass"]
+
+
+def test_workers_starting_together_build_once(
+    lm_dir: tuple[Any, Path], picking: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--workers N: one process builds and times, the others wait for its decision."""
+    import threading
+    import time
+
+    _, path = lm_dir
+    calls: list[int] = []
+
+    def slow_decide(spec: ModelSpec, cfg: ServeConfig, where: Path) -> dict[str, Any]:
+        calls.append(1)
+        time.sleep(0.3)
+        row = {"mean_kl": 0.0, "agree": 1.0, "max_dlogp": 0.0, "pass": True, "tok_s": 1.0}
+        return {
+            "engine": "torch-fp32",
+            "file": None,
+            "batch": 32,
+            "candidates": {"torch-fp32": row},
+        }
+
+    monkeypatch.setattr(autoengine, "_decide_causal", slow_decide)
+    picks: list[Any] = []
+    threads = [
+        threading.Thread(
+            target=lambda: picks.append(autoengine.pick_causal_engine(spec(path), cfg(path)))
+        )
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(picks) == 3 and len(set(picks)) == 1
