@@ -126,45 +126,95 @@ class DynamicBatcher:
             return None
         return max(min(heads), self.idle_since) + self.policy.max_wait_s
 
-    def next_batch(self, *, flush: bool = False) -> list[EmbedItem] | None:
-        """The batch to run now, or None to keep waiting; ``flush`` ignores the max wait."""
+    def next_batch(self, *, flush: bool = False, full_only: bool = False) -> list[EmbedItem] | None:
+        """The batch to run now, or None to keep waiting.
+
+        ``flush`` ignores the max wait; ``full_only`` (the engine still has a batch
+        running) returns only a full batch, which the model can start the moment the
+        running one ends.
+        """
         if not self._buckets:
             return None
         now = self.clock.now()
-        ready = [
-            (bucket.items[0].arrival, limit)
-            for limit, bucket in self._buckets.items()
-            if flush
-            or self._is_full(bucket.items)
-            or now - max(bucket.items[0].arrival, self.idle_since) >= self.policy.max_wait_s
-        ]
+        wait = self.policy.max_wait_s
+        full = {limit for limit, b in self._buckets.items() if self._is_full(b.items)}
+        busy = bool(full) or full_only  # the model has work: idle_since says nothing
+        ready = []
+        for limit, bucket in self._buckets.items():
+            head = bucket.items[0].arrival
+            if flush or limit in full:
+                ready.append((head, limit))
+            elif busy and now - head >= wait:
+                # while full batches keep the model busy, idle_since keeps moving: a bucket
+                # that does not fill would starve; past its max wait it goes, oldest first.
+                ready.append((head, limit))
+            elif not busy and now - max(head, self.idle_since) >= wait:
+                ready.append((head, limit))
         if not ready:
             return None
         _, limit = min(ready)
-        return self._take(limit)
+        batch = self._plan(limit)
+        if full_only and not flush and not self._batch_full(batch):
+            return None
+        self._commit(batch)
+        return batch
 
     def _is_full(self, items: Sequence[EmbedItem]) -> bool:
         if len(items) >= self.policy.max_batch_size:
             return True
         return len(items) * max(i.n_tokens for i in items) >= self.policy.max_batch_tokens
 
-    def _take(self, limit: int) -> list[EmbedItem]:
-        bucket = self._buckets[limit]
+    def _batch_full(self, batch: Sequence[EmbedItem]) -> bool:
+        """No further input of the batch's width fits (count or token budget)."""
+        width = max(i.n_tokens for i in batch)
+        return (
+            len(batch) >= self.policy.max_batch_size
+            or (len(batch) + 1) * width > self.policy.max_batch_tokens
+        )
+
+    def _plan(self, limit: int) -> list[EmbedItem]:
+        """Bucket ``limit``'s inputs first-in first-out within the budget, topped up with the
+        oldest shorter inputs of lower buckets that pad by at most half (the bucket rule).
+
+        A bucket boundary then never splits inputs of nearly one length into two part-full
+        batches (stdlib slices of ~128 tokens land in buckets 128 and 256)."""
+        policy = self.policy
         batch: list[EmbedItem] = []
         longest = 0
-        for item in bucket.items:
+        for item in self._buckets[limit].items:
             width = max(longest, item.n_tokens)
-            fits = (len(batch) + 1) * width <= self.policy.max_batch_tokens
-            if batch and (not fits or len(batch) >= self.policy.max_batch_size):
-                break
+            fits = (len(batch) + 1) * width <= policy.max_batch_tokens
+            if batch and (not fits or len(batch) >= policy.max_batch_size):
+                return batch
             batch.append(item)
             longest = width
-        bucket.items = bucket.items[len(batch) :]
-        if not bucket.items:
-            del self._buckets[limit]
-        for item in batch:
-            del self._where[item.item_id]
+        if len(batch) >= policy.max_batch_size or longest > policy.max_batch_tokens:
+            return batch
+        lower = [b.items for lim, b in self._buckets.items() if lim < limit]
+        if not lower:
+            return batch
+        extra = sorted(
+            (i for items in lower for i in items if 2 * i.n_tokens >= longest),
+            key=lambda i: i.arrival,
+        )
+        for item in extra:  # every one is shorter than ``longest``: the width stays
+            if len(batch) >= policy.max_batch_size:
+                break
+            if (len(batch) + 1) * longest > policy.max_batch_tokens:
+                break
+            batch.append(item)
         return batch
+
+    def _commit(self, batch: list[EmbedItem]) -> None:
+        """Take ``batch``'s inputs out of their buckets."""
+        taken: dict[int, set[int]] = {}
+        for item in batch:
+            taken.setdefault(self._where.pop(item.item_id), set()).add(item.item_id)
+        for limit, item_ids in taken.items():
+            bucket = self._buckets[limit]
+            bucket.items = [i for i in bucket.items if i.item_id not in item_ids]
+            if not bucket.items:
+                del self._buckets[limit]
 
 
 class EncoderBackend(Protocol):
@@ -197,12 +247,18 @@ class BatchStats:
 class EmbeddingEngine:
     """Queues inputs from coroutines and runs dynamic batches on one worker thread.
 
+    Up to ``pipeline_depth`` (2) batches are handed to the worker at once: while one runs,
+    the next full one waits in the worker's queue, so the model never waits for the event
+    loop between batches under load.
+
     Args:
         backend: the encoder runner.
         policy: batching policy.
         model_name: name reported to clients.
         on_batch: called on the event loop after every batch (metrics).
     """
+
+    pipeline_depth = 2
 
     def __init__(
         self,
@@ -222,7 +278,7 @@ class EmbeddingEngine:
         self._wake: asyncio.Event | None = None
         self._accepting = False
         self._stopping = False
-        self._running = 0
+        self._running = 0  # inputs submitted to the worker and not yet answered
         self._stats = {"batches": 0.0, "inputs": 0.0, "tokens_in": 0.0, "batch_size": 0.0}
 
     @property
@@ -309,13 +365,26 @@ class EmbeddingEngine:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        assert self._wake is not None and self._executor is not None
+        assert self._wake is not None
+        inflight: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            inflight.discard(task)
+            if not inflight:
+                self.batcher.mark_idle()
+            self._poke()
+
         while True:
-            batch = self.batcher.next_batch()
+            batch = None
+            if len(inflight) < self.pipeline_depth:
+                # With a batch running, queue the next one only when it is full: the worker
+                # starts it the moment the running one ends, instead of idling until the
+                # event loop has answered the last batch's requests (the hand-off gap).
+                batch = self.batcher.next_batch(full_only=bool(inflight))
             if batch is None:
-                if self._stopping and not self.batcher.pending:
+                if self._stopping and not self.batcher.pending and not inflight:
                     return
-                due = self.batcher.next_due()
+                due = None if inflight else self.batcher.next_due()
                 self._wake.clear()
                 timeout = None if due is None else max(0.0, due - self.batcher.clock.now())
                 with contextlib.suppress(TimeoutError):
@@ -323,13 +392,14 @@ class EmbeddingEngine:
                 continue
             batch = [i for i in batch if not i.payload[1].done()]
             if batch:
-                await self._run(loop, batch)
-                self.batcher.mark_idle()
+                task = loop.create_task(self._run(loop, batch))
+                inflight.add(task)
+                task.add_done_callback(finished)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[EmbedItem]) -> None:
         assert self._executor is not None
         started = self.batcher.clock.now()
-        self._running = len(batch)
+        self._running += len(batch)
         seqs = [item.payload[0] for item in batch]
         t0 = time.perf_counter()
         try:
@@ -340,7 +410,7 @@ class EmbeddingEngine:
                 _fail(item, ServingError(f"the encoder failed on this batch: {exc!r}"))
             return
         finally:
-            self._running = 0
+            self._running -= len(batch)
         for item, row in zip(batch, out, strict=True):
             if not item.payload[1].done():
                 item.payload[1].set_result(row)
