@@ -261,10 +261,12 @@ def report(results: dict[str, list[list[dict]]], cmd: str, load: str) -> str:
         "event loop's thread and the other threads (the model), in % of one core, inside the "
         "phase's window; 200s per server CPU second is goodput with the machine's "
         "share taken out (what the overload handling itself costs). Admission: "
-        "estimated queue wait (queued tokens / measured tokens per busy second) against "
-        "`max_queue_wait_s` (default min(5 s, deadline / 4)); 429s decided from the headers "
-        "before the body is parsed are held up to `reject_hold_s` (a timer), so clients that "
-        "resend at once cannot starve the model. Goals (issue 18): goodput >= 90 % of "
+        "estimated queue wait (queued tokens / the encoder's measured tokens per computing "
+        "second, per batch size) against `max_queue_wait_s` (default min(5 s, deadline / 4)); "
+        "429s decided from the headers by the app's outermost ASGI layer (before Starlette's "
+        "middleware, routing and body parsing) are held up to `reject_hold_s` (timers on a "
+        "0.25 s grid), so clients that resend at once cannot starve the model. "
+        "Goals (issue 18): goodput >= 90 % of "
         "capacity, p99 <= 3x, zero transport errors, zero 5xx."
     )
     return "\n".join(lines)
