@@ -172,7 +172,9 @@ async def run_load_async(
     its kind (no ``"embedding"`` key, no ``choices``) counts as an error.
     ``max_concurrency`` caps requests in flight in the open modes: the rest wait on
     the client, and that wait is part of their response time. ``on_result`` is called
-    with each request's result as it completes (a progress bar).
+    with each request's result as it completes (a progress bar). The report's
+    ``client_cpu_s`` is this process's CPU time over the run: the client's alone only
+    when the server runs in another process.
 
     Raises:
         ConfigError: the arguments do not describe a run.
