@@ -256,3 +256,26 @@ def test_workers_starting_together_build_once(
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(picks) == 3 and len(set(picks)) == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "want"),
+    [
+        ({}, "PASSIVE"),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+        ({"GOMP_SPINCOUNT": "1000"}, None),
+    ],
+)
+def test_the_server_quiets_openmp_unless_the_user_set_it(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], want: str | None
+) -> None:
+    from modelkiln.serve.__main__ import quiet_openmp
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    quiet_openmp()
+    import os
+
+    assert os.environ.get("OMP_WAIT_POLICY") == want
