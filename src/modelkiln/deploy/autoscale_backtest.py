@@ -84,7 +84,8 @@ def synthetic_parts(
     for start in rng.choice(steps, size=max(1, days * 3), replace=False):
         length = int(rng.integers(2, 6))  # drawn before the height (the traces of earlier runs)
         height = burst_scale * peak * rng.uniform(0.15, 0.35)
-        bursts.append((int(start), min(length, steps - int(start)), float(height)))
+        if height > 0:  # (drawn all the same: burst_scale 0 keeps the noise of the traces)
+            bursts.append((int(start), min(length, steps - int(start)), float(height)))
     noise = rng.normal(0.0, 0.04 * peak, steps)
     return TraceParts([float(x) for x in rate], [float(x) for x in noise], bursts)
 

@@ -191,7 +191,8 @@ def test_synthetic_parts_add_up_to_the_trace() -> None:
         parts.burst_rate(start) - sum(h for s, _n, h in parts.bursts if s == start)
     )
     calm = [max(0.0, c + n) for c, n in zip(parts.calm, parts.noise, strict=True)]
-    assert synthetic_parts(days=5, step_s=300, seed=3, burst_scale=0).trace == calm
+    quiet = synthetic_parts(days=5, step_s=300, seed=3, burst_scale=0)
+    assert quiet.trace == calm and quiet.bursts == [] and not quiet.in_burst(start)
 
 
 def _flat_parts(steps: int, burst: tuple[int, int, float]) -> TraceParts:
