@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="--set A.B=V for the 'after' server (repeatable)")  # fmt: skip
     p.add_argument("--before-set", dest="before_sets", action="append", default=[])
     p.add_argument("--after-src", type=Path, help="run 'after' from this src/ (default: this tree)")
+    p.add_argument("--extra-src", action="append", default=[], metavar="NAME=SRC",
+                   help="one more server run from another src/ tree (repeatable)")  # fmt: skip
     p.add_argument("--variant", action="append", default=[], metavar="NAME=A.B=V",
                    help="one more 'after' server with one extra --set (repeatable)")  # fmt: skip
     p.add_argument("--offline-batches", type=int, nargs="*", default=[32])
@@ -83,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="kiln-encpath-"))
     sets = ["max_queue_wait_s=300", *a.sets]  # admit all 64 clients, as bench_peers run B
     wanted = [servers.kiln("after", model, "minilm", tmp, sets)]
+    srcs: dict[str, Path] = {}
+    for spec in a.extra_src:
+        name, _, path = spec.partition("=")
+        srcs[name] = Path(path)
+        wanted.append(servers.kiln(name, model, "minilm", tmp, sets))
     for spec in a.variant:
         name, _, extra = spec.partition("=")
         wanted.append(servers.kiln(name, model, "minilm", tmp, [*sets, extra]))
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for server in wanted:
             env_pp = os.environ.get("PYTHONPATH")
-            src = a.compare if server.name == "before" else a.after_src
+            src = a.compare if server.name == "before" else srcs.get(server.name, a.after_src)
             if src is not None:
                 os.environ["PYTHONPATH"] = str(src)
             try:

@@ -190,20 +190,10 @@ class TorchEncoderBackend:
         pooling: pooling and normalization.
         compile: run the forward pass through ``torch.compile(dynamic=True)`` (one graph
             for every batch shape; the first call compiles for tens of seconds).
-        trace: run the forward pass as a TorchScript trace (:func:`trace_encoder`): the
-            whole pass runs in C++ without the GIL, so the event loop's Python between
-            requests no longer stalls the model between its ops (and vice versa). Falls
-            back to eager when the trace fails or differs from eager on a probe.
     """
 
     def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        pooling: Pooling | None = None,
-        *,
-        compile: bool = False,
-        trace: bool = False,
+        self, model: Any, tokenizer: Any, pooling: Pooling | None = None, *, compile: bool = False
     ) -> None:
         self.model = model.eval()
         self.compiled = compile
@@ -219,9 +209,6 @@ class TorchEncoderBackend:
         limit = getattr(model.config, "max_position_embeddings", None)
         self.max_length = _max_length(tokenizer, self.pooling, limit)
         self.pad_id = int(tokenizer.pad_token_id or 0)
-        self._traced: Any = None
-        if trace and not compile:
-            self._traced = trace_encoder(self.model, self.pad_id)
 
     @classmethod
     def from_path(
@@ -232,14 +219,13 @@ class TorchEncoderBackend:
         *,
         compile: bool = False,
         loader: Callable[[Path], Any] | None = None,
-        trace: bool = False,
     ) -> TorchEncoderBackend:
         """Load an encoder saved with ``save_pretrained`` plus its tokenizer.
 
         ``loader`` (a plug-in's, e.g. encrypted weights) is asked first for the model.
 
         ``device`` defaults to CUDA when available, else CPU; ``precision="auto"``
-        picks bf16 only where it is fast (fp32 on AVX2-only CPUs). ``trace``: see the class.
+        picks bf16 only where it is fast (fp32 on AVX2-only CPUs).
 
         Raises:
             ServingError: the directory holds no loadable encoder or tokenizer.
@@ -270,7 +256,7 @@ class TorchEncoderBackend:
         # The light tokenizer on torch too: same ids, and transformers' Python wrapper
         # around the Rust tokenizer was ~1/6 of the event loop's CPU under load.
         tokenizer = _load_tokenizer(path, light=True)
-        return cls(model, tokenizer, Pooling.from_dir(path), compile=compile, trace=trace)
+        return cls(model, tokenizer, Pooling.from_dir(path), compile=compile)
 
     def encode(self, batch: list[list[int]]) -> np.ndarray:
         """Embed a batch of token-id sequences (right-padded here)."""
@@ -279,12 +265,10 @@ class TorchEncoderBackend:
         ids, mask = pad_batch(batch, self.pad_id)
         with torch.inference_mode():
             mask_t = torch.from_numpy(mask).to(self.device)
-            ids_t = torch.from_numpy(ids).to(self.device)
-            if self._traced is not None:
-                hidden = _last_hidden(self._traced(ids_t, mask_t)).float()
-            else:
-                hidden = self._forward(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
-                hidden = hidden.float()  # [B, T, D]
+            out = self._forward(
+                input_ids=torch.from_numpy(ids).to(self.device), attention_mask=mask_t
+            )
+            hidden = out.last_hidden_state.float()  # [B, T, D]
             if self.pooling.mode == "cls":
                 vectors = hidden[:, 0]
             else:
@@ -298,51 +282,6 @@ class TorchEncoderBackend:
         """Two small forward passes (the first one allocates)."""
         for n in (1, 2):
             self.encode([[self.pad_id] * 8] * n)
-
-
-def _last_hidden(out: Any) -> Any:
-    """``last_hidden_state`` of a traced model's output (a dict, or a tuple with it first)."""
-    return out["last_hidden_state"] if isinstance(out, dict) else out[0]
-
-
-def trace_encoder(model: Any, pad_id: int) -> Any | None:
-    """``model`` traced with TorchScript, or None when tracing fails or the trace differs.
-
-    Traced on a padded batch (so the attention-mask path is the one recorded, right for
-    padded and unpadded batches alike), then checked against eager on other shapes
-    (another batch size and length, no padding, longer than the trace): the largest
-    difference of ``last_hidden_state`` must stay within 1e-3 of eager's scale.
-    """
-    import warnings
-
-    import torch
-
-    vocab = int(model.config.vocab_size)
-    gen = torch.Generator().manual_seed(0)
-    low = min(5, vocab - 1)
-
-    def batch(lengths: list[int]) -> tuple[Any, Any]:
-        seqs = [torch.randint(low, vocab, (n,), generator=gen).tolist() for n in lengths]
-        ids, mask = pad_batch(seqs, pad_id)
-        device = next(model.parameters()).device
-        return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
-
-    try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's warnings about Python ints
-            traced = torch.jit.trace(model, batch([7, 12, 4]), strict=False, check_trace=False)
-            for lengths in ([9, 9], [3, 20, 11, 6, 15], [40]):
-                ids, mask = batch(lengths)
-                want = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-                got = _last_hidden(traced(ids, mask)).float()
-                scale = float(want.abs().max()) or 1.0
-                if got.shape != want.shape or float((got - want).abs().max()) > 1e-3 * scale:
-                    log.info("encoder trace differs from eager: runs eager")
-                    return None
-    except Exception as exc:  # boundary: tracing raises many kinds; eager still works
-        log.info("encoder trace failed (%s): runs eager", exc)
-        return None
-    return traced
 
 
 class OnnxEncoderBackend:
