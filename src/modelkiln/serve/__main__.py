@@ -189,9 +189,12 @@ def quiet_openmp() -> None:
     region by default (``GOMP_SPINCOUNT`` 300,000). A server between two engine steps
     runs its event loop, tokenizer and HTTP parsing on the same cores, which the
     spinning threads then hold: issue 18 measured a loaded server streaming a GPT-2
-    6x slower with them (64 tokens in 61.8 s vs 9.8 s at load 16). libgomp reads the
-    variable once, when it is loaded, so this must run before torch is imported.
-    A user's own ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept as it is.
+    6x slower with them (64 tokens in 61.8 s vs 9.8 s at load 16). The price on an
+    otherwise idle machine: ~11 % for a torch causal-LM engine (class B), none for the
+    default ONNX Runtime one (docs/BENCHMARKS.md ``serve-default-engine``); a dedicated
+    machine may set ``OMP_WAIT_POLICY=ACTIVE``. libgomp reads the variable once, when
+    it is loaded, so this must run before torch is imported. A user's own
+    ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept as it is.
     """
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
