@@ -272,7 +272,7 @@ def _render_bound(study: Study) -> str:
 
 def _render_attribution(study: Study) -> str:
     p, r = study.attribution["predictive"], study.attribution["reactive"]
-    total = sum(p.steps[k] for k in ("calm", "burst, unseen", "burst, seen"))
+    total = sum(p.steps.get(k, 0) for k in ("calm", "burst, unseen", "burst, seen"))
     lines = [
         "Held-out seeds summed: replica-seconds above the oracle's and late requests "
         "(% of all requests), by part of the replay:",

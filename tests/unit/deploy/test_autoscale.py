@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -166,6 +167,9 @@ def test_study_tunes_each_policy_to_its_cheapest_setting_meeting_the_goal() -> N
     text = render_markdown(study)
     assert "| 7 (tuning) |" in text and "| 8 |" in text and "Held-out mean" in text
     assert "Burst-blind bound" in text and "| burst, unseen |" in text
+    quiet = run_study([7], [8], goal=0.9, scenario=replace(scenario, burst_scale=0.0),
+                      grids=grids, bound_grid=bound_grid)  # fmt: skip
+    assert "| calm | 100.0 % |" in render_markdown(quiet)  # no burst steps without bursts
 
 
 def test_prometheus_range_query_and_gauge() -> None:
