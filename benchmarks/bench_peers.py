@@ -141,6 +141,19 @@ def drive(run: Run, server: servers.Server, prompts: list[str], kind: str, clien
     return out
 
 
+def picked_engine(model: Path) -> str:
+    """The engine the default ``kiln serve`` picked for ``model`` at its first start on this
+    machine (its cached decision), or ``torch`` when it made none (pick off, small model)."""
+    from modelkiln.hardware import cache_dir
+    from modelkiln.serve.autoengine import model_hash
+
+    where = cache_dir() / "serve-engines" / model_hash(model)[:20]
+    decisions = sorted(where.glob("decision-*.json"), key=lambda p: p.stat().st_mtime)
+    if not decisions:
+        return "torch (no first-start pick)"
+    return str(json.loads(decisions[-1].read_text())["engine"])
+
+
 def start_all(run: Run, wanted: list[servers.Server]) -> list[servers.Server]:
     """Start the servers one after another (cold starts never overlap); skip failures."""
     up = []
@@ -194,6 +207,7 @@ def embeddings(run: Run) -> dict[str, Any]:
     if run.ok("infinity"):
         wanted.append(servers.infinity(run.peers, model, "minilm"))
     up = start_all(run, wanted)
+    run.result.setdefault("modelkiln_default_engine", {})["embeddings"] = picked_engine(model)
     for server in up:  # warm-up phase, its own fresh inputs
         drive(run, server, slices.take(2 * a.emb_clients), "embeddings", a.emb_clients)
     engines = [offline.encoder_backend(model, onnx=False), offline.encoder_backend(int8, onnx=True)]
@@ -241,6 +255,7 @@ def completions(run: Run) -> dict[str, Any]:
         except RuntimeError as exc:
             run.result["skipped"]["CTranslate2 int8"] = str(exc)
     up = start_all(run, wanted)
+    run.result.setdefault("modelkiln_default_engine", {})["completions"] = picked_engine(model)
     for server in up:
         drive(run, server, slices.take(a.streams), "completions", a.streams, 16)
     dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(precision, "float32")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-CLASS_B = "class B: AMD EPYC Zen 4, AVX-512 + AVX512-BF16 + VNNI, no AMX"
 DEFAULT, INT8 = "modelkiln default", "modelkiln onnx-int8"
 
 
@@ -86,23 +85,23 @@ def _lm_table(part: dict[str, Any]) -> str:
     return head + "\n" + "\n".join(rows)
 
 
-def _emb_goals(part: dict[str, Any]) -> list[str]:
+def _emb_goals(part: dict[str, Any], engine: str | None) -> list[str]:
     med = part["median"]
 
     def get(name: str, key: str = "throughput_rps") -> float | None:
         return med.get(name, {}).get(key)
 
     off = {k: v.get("forward_sps") for k, v in med.items() if k.startswith("offline")}
-    torch_off = next((v for k, v in off.items() if "torch" in k), None)
     ort_off = next((v for k, v in off.items() if "ONNX" in k), None)
+    own_name, own_off = _engine_offline(engine, off)
     best_served = max((v for v in (get(DEFAULT), get(INT8)) if v), default=None)
     best_off = max((v for v in off.values() if v), default=None)
     inf = get("infinity-emb bf16 torch")
     return [
         _goal("served embeddings, best modelkiln server vs best offline engine (any)",
               best_served, best_off, 0.9),
-        _goal("served embeddings, default server vs its own engine offline (torch, auto)",
-              get(DEFAULT), torch_off, 0.9),
+        _goal(f"served embeddings, default server ({engine or '?'}, picked at first start) vs "
+              f"the same engine offline ({own_name})", get(DEFAULT), own_off, 0.9),
         _goal("served embeddings, int8 server vs its own engine offline (ORT int8)",
               get(INT8), ort_off, 0.9),
         _goal("served embeddings, best modelkiln server vs infinity-emb bf16", best_served, inf, 1.5),
@@ -110,7 +109,7 @@ def _emb_goals(part: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
-def _lm_goals(part: dict[str, Any], precision: str) -> list[str]:
+def _lm_goals(part: dict[str, Any], engine: str | None) -> list[str]:
     med = part["median"]
 
     def get(name: str) -> float | None:
@@ -119,10 +118,11 @@ def _lm_goals(part: dict[str, Any], precision: str) -> list[str]:
     best_served = max((v for v in (get(DEFAULT), get(INT8)) if v), default=None)
     offline = {k: v.get("output_tokens_per_s") for k, v in med.items() if k.startswith("offline")}
     best_off = max((v for v in offline.values() if v), default=None)
+    own_name, own_off = _engine_offline(engine, offline)
     q8 = get("llama-server Q8_0")
     return [
-        _goal(f"served completions, default server ({precision}) vs HF generate static batch "
-              f"({precision})", get(DEFAULT), get(f"offline HF generate {precision}"), 0.9),
+        _goal(f"served completions, default server ({engine or '?'}, picked at first start) vs "
+              f"the same engine as a static batch ({own_name})", get(DEFAULT), own_off, 0.9),
         _goal("served completions, int8 server vs the same int8 KV graph as a static batch (ORT)",
               get(INT8), get("offline ORT int8 KV graph"), 0.9),
         _goal("served completions, best modelkiln server vs best offline static batch (any engine)",
@@ -132,6 +132,31 @@ def _lm_goals(part: dict[str, Any], precision: str) -> list[str]:
         _goal("CTranslate2 int8 offline vs best modelkiln server",
               get("offline CTranslate2 int8"), best_served, 0.0),
     ]  # fmt: skip
+
+
+def _machine_load(load: dict[str, Any]) -> str:
+    """What the 1-minute load average sampled before each phase says about the machine."""
+    span = f"{_f(load.get('min'), 1)}-{_f(load.get('max'), 1)} (mean {_f(load.get('mean'), 1)})"
+    if (load.get("max") or 0.0) <= 3.0:  # this run alone keeps ~2 runnable on 2 cores
+        return (f"**Machine otherwise idle**: the 1-minute load average sampled before each "
+                f"phase was {span}, which is this run's own servers and client.")  # fmt: skip
+    return (
+        f"**Machine loaded by other work**: the 1-minute load average sampled before each "
+        f"phase was {span}; this run itself adds ~2. Absolute figures are low and noisy."
+    )
+
+
+def _engine_offline(engine: str | None, offline: dict[str, Any]) -> tuple[str, float | None]:
+    """The offline row that runs the same engine as the default server (picked at first start)."""
+    if engine is None:
+        return "?", None
+    if engine.startswith("onnx-int8"):
+        name = next((k for k in offline if "int8" in k and ("ORT" in k or "ONNX" in k)), "")
+    elif engine.startswith("torch"):
+        name = next((k for k in offline if "torch" in k or "HF generate" in k), "")
+    else:  # onnx-fp32: no offline row of that engine is measured
+        name = ""
+    return (name or f"{engine} (not measured offline)"), offline.get(name)
 
 
 def render(result: dict[str, Any]) -> str:
@@ -145,14 +170,12 @@ def render(result: dict[str, Any]) -> str:
     parts = [
         f"""## Peers: `kiln serve` vs infinity-emb, llama.cpp `llama-server`, CTranslate2
 
-{result["machine"]} CPU {CLASS_B}. modelkiln at commit `{result["modelkiln_commit"]}`.
+{result["machine"]} modelkiln at commit `{result["modelkiln_commit"]}`.
 
 Command: `.venv/bin/python benchmarks/bench_peers.py{" " if result["command"].split("bench_peers.py")[1].strip() else ""}{result["command"].split("bench_peers.py")[1].strip()}`
 (peers installed first by `bash benchmarks/peers/setup_peers.sh`, into `/work/peers`). Run took {result.get("minutes")} min.
 
-**Machine loaded by parallel work**: 2 cores shared with 6 other helpers' builds, tests and
-benchmarks; the 1-minute load average sampled before each phase was {_f(load.get("min"), 1)}-{_f(load.get("max"), 1)}
-(mean {_f(load.get("mean"), 1)}; this run itself adds ~2). Absolute figures are low and noisy; the ratios
+{_machine_load(load)} The ratios
 come from {args.rounds} interleaved rounds (server order rotated each round), medians.
 The load generator is modelkiln's own (`modelkiln.bench`, closed loop, keep-alive raw HTTP on
 httptools) in the benchmark process, sharing the cores with the server under test; its CPU is shown.
@@ -168,7 +191,8 @@ Peers: {peers}. Skipped: {skipped}.
         parts.append(f"""### Embeddings: all-MiniLM-L6-v2, {args.emb_clients} clients, ~128-token stdlib slices
 
 Each phase sends up to {args.emb_requests} fresh slices (never repeated in the run, so no response
-cache answers; a phase stops sending after {args.phase_seconds:g} s), `encoding_format: {args.encoding}`. Servers: `kiln serve --model-path <MiniLM dir>` (defaults),
+cache answers; a phase stops sending after {args.phase_seconds:g} s), `encoding_format: {args.encoding}`. Servers: `kiln serve --model-path <MiniLM dir>` (defaults; it picked
+{(result.get("modelkiln_default_engine") or {}).get("embeddings", "?")} at its first start),
 `kiln serve` on the `onnx-int8-dynamic` variant built by the optimize library, and
 `infinity_emb v2 --engine torch --dtype bfloat16` (its other defaults). Offline: modelkiln's
 encoder backends on batches of 32 of the same kind of inputs, no HTTP.
@@ -183,8 +207,9 @@ encoder backends on batches of 32 of the same kind of inputs, no HTTP.
 GPT-2 with 6 layers x 512, vocabulary 16,384 (byte-level BPE trained on the stdlib), random
 init, EOS never the greedy choice (so every request makes {args.tokens} tokens; the
 "tokens / request" column checks it). Each phase: {args.waves} x {args.streams} requests with fresh
-32-token stdlib prompts, greedy, streamed. `kiln serve` runs {prec} by default here (precision
-auto). llama-server: `-t 2 -np {args.streams} -c {args.streams * 320} -cb`, `ignore_eos: true`
+32-token stdlib prompts, greedy, streamed. The default `kiln serve` picked
+{(result.get("modelkiln_default_engine") or {}).get("completions", "?")} at its first start
+(torch precision auto would be {prec}). llama-server: `-t 2 -np {args.streams} -c {args.streams * 320} -cb`, `ignore_eos: true`
 per request. Offline static batches of {args.streams}: HF `generate` at {prec}, the int8
 variant's KV graph in ONNX Runtime, CTranslate2 int8 (`compute_type=int8`, 2 threads,
 `min_length`=`max_length`={args.tokens}).
@@ -192,9 +217,10 @@ variant's KV graph in ONNX Runtime, CTranslate2 int8 (`compute_type=int8`, 2 thr
 {_lm_table(c)}
 """)
     goals = []
+    engines = result.get("modelkiln_default_engine") or {}
     if "embeddings" in result:
-        goals += _emb_goals(result["embeddings"])
+        goals += _emb_goals(result["embeddings"], engines.get("embeddings"))
     if "completions" in result:
-        goals += _lm_goals(result["completions"], result.get("modelkiln_default_lm_precision", "?"))
+        goals += _lm_goals(result["completions"], engines.get("completions"))
     parts.append("### Goals (issue 18, issue 14 part 6)\n\n" + "\n".join(goals) + "\n")
     return "\n".join(parts)

@@ -1,11 +1,12 @@
 """One-line advice at load time: how to get the faster engine the user did not ask for.
 
-``kiln serve --model-path <HF dir>`` runs a causal LM on torch unless told
-otherwise; on CPUs the ONNX Runtime variant (the KV-cache graph, int8 after
-``kiln optimize``) decodes faster (issue 18 measured 962 tok/s for the ONNX
-int8 variant of a 27.6M GPT-2 against 443 for HF ``generate`` fp32). A new
-user does not know that variant exists, so the server says it once.
-"""
+``kiln serve --model-path <HF dir>`` picks a causal LM's engine at first start
+(:mod:`modelkiln.serve.autoengine`: the ONNX Runtime KV-cache graph, fp32 or int8,
+when it passes the gate and decodes faster). Where that pick did not run
+(``MODELKILN_SERVE_PICK=0``) the model stays on torch, and on CPUs the ONNX
+engine usually decodes faster (issue 18 measured 962 tok/s for the ONNX int8
+variant of a 27.6M GPT-2 against 443 for HF ``generate`` fp32), so the server
+says once how to get it."""
 
 from __future__ import annotations
 
