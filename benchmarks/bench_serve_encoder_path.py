@@ -11,7 +11,7 @@ reported. ``--profile-s N`` records the "after" server with py-spy for N s durin
 phase (``--profile-out`` names the SVG/speedscope file).
 
     flock /tmp/kiln-bench.lock .venv/bin/python benchmarks/bench_serve_encoder_path.py \
-        --rounds 3 --compare /tmp/enc-base/src
+        --rounds 5 --requests 1500 --compare /tmp/enc-base/src
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=64)
-    p.add_argument("--requests", type=int, default=320, help="requests per phase (at most)")
+    p.add_argument("--requests", type=int, default=1500,
+                   help="requests per phase (at most; 1500 = ~15 s at 100 req/s: a short phase "
+                        "is mostly ramp and drain)")  # fmt: skip
     p.add_argument("--phase-seconds", type=float, default=25.0)
     p.add_argument("--compare", type=Path, help="a 'before' source tree (its src/ directory)")
     p.add_argument("--set", dest="sets", action="append", default=[],
