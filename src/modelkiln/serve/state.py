@@ -170,6 +170,8 @@ class ServerState:
             self.cfg.max_queued_requests,
             self.cfg.max_queued_tokens,
             max_wait_s=self.cfg.queue_wait_s,
+            # a continuous-batching engine starts a request at once while it has a free slot
+            slots=self.cfg.generation.max_num_seqs if kind == "causal_lm" else 0,
         )
         self.models[name] = ServedModel(name, version, kind, engine, gate)
 

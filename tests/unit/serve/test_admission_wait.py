@@ -185,3 +185,25 @@ def test_a_batch_size_not_measured_for_max_age_is_not_trusted() -> None:
 
 def test_before_any_batch_the_rate_for_a_queue_is_unknown() -> None:
     assert BatchRates().rate_for(1000) == 0.0
+
+
+def test_a_continuous_batching_engine_with_a_free_slot_admits_past_the_wait_bound() -> None:
+    # 32 slots: the 32nd stream starts at once (decodes beside the others), so the
+    # drain estimate (when all of them finish) is no wait; the 33rd would queue.
+    clock = FakeClock()
+    g = gate(clock, slots=32)
+    serve_at(g, clock, rate=1000.0)
+    held = [g.admit(160) for _ in range(31)]  # 4,960 tokens: 5 s to drain, past 2 s
+    assert g.estimated_wait(160) > 2.0 and g.over() is None
+    held.append(g.admit(160))  # the 32nd: a free slot
+    assert g.over() is not None  # the 33rd waits for a slot: the wait bound applies
+    with pytest.raises(Overloaded) as info:
+        g.admit(160)
+    assert info.value.reason == "queue_wait"
+    plain = gate(clock)  # no slots (an encoder's batcher): the bound applies from the start
+    serve_at(plain, clock, rate=1000.0)
+    kept = [plain.admit(160) for _ in range(12)]  # 1,920 tokens: 1.9 s
+    with pytest.raises(Overloaded):
+        plain.admit(160)
+    for t in held + kept:
+        t.release()
