@@ -247,8 +247,9 @@ def report(results: dict[str, list[list[dict]]], cmd: str, load: str) -> str:
         "",
         machine_line(),
         "",
-        f"The machine was loaded by parallel work (6 other helpers; load average {load}): "
-        "absolute figures are noisy; the ratios within a round are the point.",
+        f"1-minute load average during the run: {load} (this run's own server and client "
+        "keep about 2 runnable on 2 cores; more means other work shared the machine). The "
+        "ratios within a round are the point.",
         "",
         f"Command: `{cmd}`. Medians over the rounds; each round measures its own capacity "
         "(64 clients) and its ratios.",

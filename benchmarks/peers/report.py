@@ -137,7 +137,7 @@ def _lm_goals(part: dict[str, Any], engine: str | None) -> list[str]:
 def _machine_load(load: dict[str, Any]) -> str:
     """What the 1-minute load average sampled before each phase says about the machine."""
     span = f"{_f(load.get('min'), 1)}-{_f(load.get('max'), 1)} (mean {_f(load.get('mean'), 1)})"
-    if (load.get("max") or 0.0) <= 3.0:  # this run alone keeps ~2 runnable on 2 cores
+    if (load.get("mean") or 0.0) <= 2.5:  # this run alone keeps ~2 runnable on 2 cores
         return (f"**Machine otherwise idle**: the 1-minute load average sampled before each "
                 f"phase was {span}, which is this run's own servers and client.")  # fmt: skip
     return (
