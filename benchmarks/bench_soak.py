@@ -124,8 +124,9 @@ def report(rows: list[dict[str, Any]], capacity: float, rate: float, cmd: str,
         "",
         machine_line(),
         "",
-        f"The machine was shared with 6 other helpers' work (load average {min(loads):.1f}-"
-        f"{max(loads):.1f} during the run): the capacity and latencies move with it.",
+        f"1-minute load average during the run: {min(loads):.1f}-{max(loads):.1f} (the "
+        "server and its client alone keep about 2 runnable on 2 cores; more means other work "
+        "shared the machine, and the capacity and latencies move with it).",
         "",
         f"Command: `{cmd}`. Capacity (64 closed-loop clients) {capacity:.1f} req/s; open loop "
         f"at {rate:.1f} req/s for {len(rows)} minutes.",
