@@ -144,11 +144,9 @@ def drive(run: Run, server: servers.Server, prompts: list[str], kind: str, clien
 def picked_engine(model: Path) -> str:
     """The engine the default ``kiln serve`` picked for ``model`` at its first start on this
     machine (its cached decision), or ``torch`` when it made none (pick off, small model)."""
-    from modelkiln.hardware import cache_dir
-    from modelkiln.serve.autoengine import model_hash
+    from modelkiln.serve.autoengine import engines_dir
 
-    where = cache_dir() / "serve-engines" / model_hash(model)[:20]
-    decisions = sorted(where.glob("decision-*.json"), key=lambda p: p.stat().st_mtime)
+    decisions = sorted(engines_dir(model).glob("decision-*.json"), key=lambda p: p.stat().st_mtime)
     if not decisions:
         return "torch (no first-start pick)"
     return str(json.loads(decisions[-1].read_text())["engine"])

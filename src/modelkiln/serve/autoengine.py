@@ -207,6 +207,11 @@ def pick_causal_engine(spec: ModelSpec, cfg: ServeConfig, hooked_loader: bool = 
     return _cached_pick(spec, cfg, _decide_causal, _causal_reason, "a minute or two", key)
 
 
+def engines_dir(path: Path) -> Path:
+    """Where the engines built for the model at ``path`` and their decisions are cached."""
+    return cache_dir() / "serve-engines" / model_hash(path)[:20]
+
+
 def _cached_pick(
     spec: ModelSpec,
     cfg: ServeConfig,
@@ -222,7 +227,7 @@ def _cached_pick(
         import onnxruntime  # noqa: F401
     except ImportError:
         return Pick("torch", None, "onnxruntime is not installed (the onnx extra)")
-    where = cache_dir() / "serve-engines" / model_hash(path)[:20]
+    where = engines_dir(path)
     decision_file = where / f"decision-{_machine()}{key}.json"
     if not decision_file.is_file():
         where.mkdir(parents=True, exist_ok=True)

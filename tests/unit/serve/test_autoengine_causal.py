@@ -43,15 +43,6 @@ def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     return model, path
 
 
-@pytest.fixture
-def picking(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """The tiny model counts as large enough to pick for; a cache of this test's own."""
-    monkeypatch.setattr(autoengine, "MIN_WEIGHT_BYTES", 0)
-    monkeypatch.setenv("MODELKILN_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv(autoengine.PICK_ENV, raising=False)
-    return tmp_path / "cache"
-
-
 def spec(path: Path, **kw: Any) -> ModelSpec:
     return ModelSpec(path=path, name="lm", **kw)
 

@@ -18,15 +18,6 @@ from modelkiln.serve.encoders import OnnxEncoderBackend
 from modelkiln.serve.loading import load_engine
 
 
-@pytest.fixture
-def picking(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """The tiny encoder counts as large enough to pick for; a cache of this test's own."""
-    monkeypatch.setattr(autoengine, "MIN_WEIGHT_BYTES", 0)
-    monkeypatch.setenv("MODELKILN_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv(autoengine.PICK_ENV, raising=False)
-    return tmp_path / "cache"
-
-
 def spec(**kw: Any) -> ModelSpec:
     return ModelSpec(path=tiny_encoder_dir(), name="enc", precision="fp32", **kw)
 
