@@ -310,6 +310,8 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="environment of the --compare server, e.g. OMP_WAIT_POLICY=ACTIVE",
     )
+    p.add_argument("--section", default="serve-overload",
+                   help="the docs/BENCHMARKS.md section to write (e.g. serve-overload-class-a for another CPU class)")  # fmt: skip
     p.add_argument("--no-write", action="store_true", help="print, do not update the doc")
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="A.B=V",
                    help="a server config override (repeatable)")  # fmt: skip
@@ -334,7 +336,7 @@ def main() -> None:
     md = report(results, shown.strip(), load)
     print(md)
     if not args.no_write:
-        update_section("serve-overload", md)
+        update_section(args.section, md)
 
 
 if __name__ == "__main__":

@@ -194,6 +194,8 @@ def embeddings(run: Run) -> dict[str, Any]:
     """The embeddings half: kiln serve (default, int8 variant), infinity-emb, offline."""
     from transformers import AutoTokenizer
 
+    from modelkiln.hardware import model_matmul_shape, precision_decision
+
     a = run.args
     model = artifacts.minilm_dir()
     slices = Slices(AutoTokenizer.from_pretrained(str(model)), 126, stdlib_files())
@@ -202,8 +204,11 @@ def embeddings(run: Run) -> dict[str, Any]:
     sets = run.args.kiln_set
     wanted = [servers.kiln("modelkiln default", model, "minilm", run.dir, sets),
               servers.kiln("modelkiln onnx-int8", int8, "minilm", run.dir, sets)]  # fmt: skip
-    if run.ok("infinity"):
-        wanted.append(servers.infinity(run.peers, model, "minilm"))
+    if run.ok("infinity"):  # at the precision measured faster here, as modelkiln's own choice
+        fast = precision_decision("auto", "cpu", model_matmul_shape(model)).value
+        dtype = "bfloat16" if fast == "bf16" else "float32"
+        run.result["infinity_dtype"] = dtype
+        wanted.append(servers.infinity(run.peers, model, "minilm", dtype))
     up = start_all(run, wanted)
     run.result.setdefault("modelkiln_default_engine", {})["embeddings"] = picked_engine(model)
     for server in up:  # warm-up phase, its own fresh inputs
@@ -306,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=128, help="new tokens per completion")
     p.add_argument("--waves", type=int, default=2, help="requests per phase = waves x streams")
     p.add_argument("--json", type=Path, help="JSON output (default: <peers>/results/<stamp>/)")
+    p.add_argument("--section", default="peers",
+                   help="the docs/BENCHMARKS.md section to write (e.g. peers-class-a for another CPU class)")  # fmt: skip
     p.add_argument("--no-record", action="store_true", help="do not touch docs/BENCHMARKS.md")
     p.add_argument("--kiln-set", action="append", default=[], metavar="A.B=V",
                    help="pass --set A.B=V to every kiln serve (e.g. max_queue_wait_s=300)")  # fmt: skip
@@ -330,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     print(f"JSON: {out}")
     if not run.args.no_record:
-        update_section("peers", md)
+        update_section(run.args.section, md)
     return 0
 
 

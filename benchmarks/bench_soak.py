@@ -44,6 +44,36 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def host_ticks() -> tuple[int, int]:
+    """(steal, all) jiffies of the machine from /proc/stat: CPU the hypervisor took away."""
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return values[7], sum(values)
+
+
+class Meter:
+    """Per-window deltas: the server's CPU, the client's CPU, the host's steal time."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.last = self._read()
+
+    def _read(self) -> tuple[float, float, int, int]:
+        return (cpu_s(self.pid), time.process_time(), *host_ticks())
+
+    def window(self) -> dict[str, float]:
+        now = self._read()
+        server, client, steal, total = (a - b for a, b in zip(now, self.last, strict=True))
+        self.last = now
+        return {"server_cpu_s": server, "client_cpu_s": client,
+                "steal": steal / total if total else 0.0}  # fmt: skip
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -54,6 +84,7 @@ async def soak(url: str, pid: int, rate: float, minutes: float, vocab: list[str]
     """Open loop at ``rate`` req/s; one row per minute."""
     rng = random.Random(7)
     client = Client(url, None, timeout_s=120.0, max_connections=4096)
+    meter = Meter(pid)
     windows: list[dict[str, Any]] = []
     current: dict[str, Any] = {"ok": [], "errors": 0, "statuses": {}}
     t0 = time.perf_counter()
@@ -79,22 +110,26 @@ async def soak(url: str, pid: int, rate: float, minutes: float, vocab: list[str]
     while (due := due + rng.expovariate(rate)) < end:
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
         if time.perf_counter() >= next_mark:
-            windows.append(close_window(current, pid, len(windows) + 1))
+            windows.append(close_window(current, pid, len(windows) + 1, meter))
             current = {"ok": [], "errors": 0, "statuses": {}}
             next_mark += 60.0
         task = asyncio.create_task(one())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     await asyncio.gather(*tasks)
-    windows.append(close_window(current, pid, len(windows) + 1))
+    windows.append(close_window(current, pid, len(windows) + 1, meter))
     client.close()
     return windows
 
 
-def close_window(w: dict[str, Any], pid: int, minute: int) -> dict[str, Any]:
+def close_window(w: dict[str, Any], pid: int, minute: int, meter: Meter) -> dict[str, Any]:
+    answered = max(1, len(w["ok"]) + w["errors"])
+    cpu = meter.window()
     row = {"minute": minute, "ok": len(w["ok"]), "errors": w["errors"], "statuses": w["statuses"],
            "p50": pct(w["ok"], 0.5), "p99": pct(w["ok"], 0.99), "rss_mib": rss_mib(pid),
-           "load": os.getloadavg()[0], "latencies": w["ok"]}  # fmt: skip
+           "load": os.getloadavg()[0], "server_ms": 1e3 * cpu["server_cpu_s"] / answered,
+           "client_ms": 1e3 * cpu["client_cpu_s"] / answered, "steal": cpu["steal"],
+           "latencies": w["ok"]}  # fmt: skip
     print({k: v for k, v in row.items() if k != "latencies"}, flush=True)
     return row
 
@@ -138,12 +173,18 @@ def report(rows: list[dict[str, Any]], capacity: float, rate: float, cmd: str,
         f"- latency drift, last 3 minutes vs first 3: p50 {pct(head, 0.5):.2f} -> "
         f"{pct(tail, 0.5):.2f} s, p99 {pct(head, 0.99):.2f} -> {pct(tail, 0.99):.2f} s",
         "",
-        "| minute | 200s | errors | p50 s | p99 s | RSS MiB | load avg |",
-        "|---|---|---|---|---|---|---|",
+        "Server CPU per request is the server process's CPU (all threads) over the minute's "
+        "answers: if it climbs while the rate stays put, the server itself got slower; steal is "
+        "the share of the machine's CPU time the hypervisor gave to other guests.",
+        "",
+        "| minute | 200s | errors | p50 s | p99 s | RSS MiB | server CPU ms/req "
+        "| client CPU ms/req | steal | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['minute']} | {r['ok']} | {r['errors']} {r['statuses'] or ''} "
                      f"| {r['p50']:.2f} | {r['p99']:.2f} | {r['rss_mib']:.0f} "
+                     f"| {r['server_ms']:.1f} | {r['client_ms']:.2f} | {r['steal']:.1%} "
                      f"| {r['load']:.1f} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -154,6 +195,8 @@ def main() -> None:
     p.add_argument("--load", type=float, default=0.7, help="fraction of the measured capacity")
     p.add_argument("--capacity", type=float, help="req/s (skip the capacity phase)")
     p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--section", default="serve-soak",
+                   help="the docs/BENCHMARKS.md section to write (e.g. serve-soak-class-a for another CPU class)")  # fmt: skip
     p.add_argument("--no-write", action="store_true", help="print, do not update the doc")
     p.add_argument("--src", help="serve this source tree instead (put first on PYTHONPATH)")
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="A.B=V",
@@ -192,7 +235,7 @@ def main() -> None:
     md = report(rows, capacity, rate, shown.strip(), rejected)
     print(md)
     if not args.no_write:
-        update_section("serve-soak", md)
+        update_section(args.section, md)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ def _emb_goals(part: dict[str, Any], engine: str | None) -> list[str]:
     own_name, own_off = _engine_offline(engine, off)
     best_served = max((v for v in (get(DEFAULT), get(INT8)) if v), default=None)
     best_off = max((v for v in off.values() if v), default=None)
-    inf = get("infinity-emb bf16 torch")
+    inf_name = next((k for k in med if k.startswith("infinity-emb")), "infinity-emb")
+    inf = get(inf_name)
     return [
         _goal("served embeddings, best modelkiln server vs best offline engine (any)",
               best_served, best_off, 0.9),
@@ -104,8 +105,8 @@ def _emb_goals(part: dict[str, Any], engine: str | None) -> list[str]:
               f"the same engine offline ({own_name})", get(DEFAULT), own_off, 0.9),
         _goal("served embeddings, int8 server vs its own engine offline (ORT int8)",
               get(INT8), ort_off, 0.9),
-        _goal("served embeddings, best modelkiln server vs infinity-emb bf16", best_served, inf, 1.5),
-        _goal("served embeddings, default server vs infinity-emb bf16", get(DEFAULT), inf, 1.5),
+        _goal(f"served embeddings, best modelkiln server vs {inf_name}", best_served, inf, 1.5),
+        _goal(f"served embeddings, default server vs {inf_name}", get(DEFAULT), inf, 1.5),
     ]  # fmt: skip
 
 
@@ -194,7 +195,8 @@ Each phase sends up to {args.emb_requests} fresh slices (never repeated in the r
 cache answers; a phase stops sending after {args.phase_seconds:g} s), `encoding_format: {args.encoding}`. Servers: `kiln serve --model-path <MiniLM dir>` (defaults; it picked
 {(result.get("modelkiln_default_engine") or {}).get("embeddings", "?")} at its first start),
 `kiln serve` on the `onnx-int8-dynamic` variant built by the optimize library, and
-`infinity_emb v2 --engine torch --dtype bfloat16` (its other defaults). Offline: modelkiln's
+`infinity_emb v2 --engine torch --dtype {result.get("infinity_dtype", "bfloat16")}` (its other defaults; the
+precision modelkiln measured as the faster one on this CPU). Offline: modelkiln's
 encoder backends on batches of 32 of the same kind of inputs, no HTTP.
 
 {_emb_table(e)}
