@@ -57,7 +57,8 @@ from peers.report import render
 ROOT = Path(__file__).resolve().parent.parent
 KEEP = ("throughput_rps", "output_tokens_per_s", "ok", "errors", "latency_p50_ms",
         "latency_p99_ms", "ttft_p50_ms", "ttft_p95_ms", "tpot_p50_ms", "itl_p95_ms",
-        "client_cpu_s", "client_cpu_util", "client_cpu_per_request_ms", "duration_s", "first_error")  # fmt: skip
+        "client_cpu_s", "client_cpu_util", "client_cpu_per_request_ms", "duration_s", "first_error",
+        "engine_busy_share", "engine_tokens_per_busy_s", "engine_mean_batch")  # fmt: skip
 
 
 class Run:
@@ -123,6 +124,7 @@ def drive(run: Run, server: servers.Server, prompts: list[str], kind: str, clien
     from modelkiln.bench import run_load
 
     run.sample_load()
+    before = engine_stats(server) if kind == "completions" else None
     body = dict(server.extra_body)
     if kind == "embeddings":
         body["encoding_format"] = run.args.encoding
@@ -138,7 +140,39 @@ def drive(run: Run, server: servers.Server, prompts: list[str], kind: str, clien
     if kind == "completions":  # every request must have made exactly max_tokens tokens
         made = {r.completion_tokens for r in rep.results if r.ok}
         out["tokens_per_request"] = sorted(made)
+    after = engine_stats(server) if before else None
+    if before and after and rep.duration_s > 0:
+        busy, made, steps = (after[k] - before[k] for k in ("busy_seconds", "tokens_out", "steps"))
+        out["engine_busy_share"] = busy / rep.duration_s
+        out["engine_tokens_per_busy_s"] = made / max(busy, 1e-9)
+        out["engine_mean_batch"] = made / max(steps, 1.0)
     return out
+
+
+def engine_stats(server: servers.Server) -> dict[str, float] | None:
+    """A kiln server's generation-engine counters (``ml_engine_*`` on /metrics), else None.
+
+    Splits a served rate into how much of the phase the engine computed (busy share) and how
+    fast it went while it did (tokens per busy second), the part comparable with an offline
+    static batch (busy time is each step as the event loop sees it, so the hand-off to and
+    from the engine's thread is inside it); the rest of the wall time the engine had no work
+    (between the last token of a request and the next request's arrival).
+    """
+    if not server.name.startswith("modelkiln"):
+        return None
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:  # nosec B310
+            text = resp.read().decode()
+    except OSError:
+        return None
+    out = {}
+    for line in text.splitlines():
+        for key in ("busy_seconds", "tokens_out", "steps"):
+            if line.startswith(f"ml_engine_{key}{{"):
+                out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out if len(out) == 3 else None
 
 
 def picked_engine(model: Path) -> str:

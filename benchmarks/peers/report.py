@@ -30,6 +30,14 @@ def _cpu(m: dict[str, Any]) -> str:
             f"({_f(100 * (m.get('client_cpu_util') or 0), 1)} % of a core)")  # fmt: skip
 
 
+def _engine(m: dict[str, Any]) -> str:
+    """A kiln server's engine: share of the phase it computed, its rate then, batch per step."""
+    if m.get("engine_busy_share") is None:
+        return "–"
+    return (f"{_f(100 * m['engine_busy_share'], 0)} % / {_f(m.get('engine_tokens_per_busy_s'))} "
+            f"/ {_f(m.get('engine_mean_batch'), 1)}")  # fmt: skip
+
+
 def _rounds(figs: list[dict[str, Any]], key: str, digits: int) -> str:
     return " / ".join(_f(f.get(key), digits) for f in figs)
 
@@ -74,14 +82,15 @@ def _lm_table(part: dict[str, Any]) -> str:
             f"| {_rounds(figs, 'output_tokens_per_s', 0)} "
             f"| {_f(m.get('ttft_p50_ms'))} / {_f(m.get('ttft_p95_ms'))} "
             f"| {_f(m.get('tpot_p50_ms'), 1)} | {_f(m.get('itl_p95_ms'), 1)} "
-            f"| {_errors(figs)} | {made} | {_cpu(m)} |"
+            f"| {_errors(figs)} | {made} | {_cpu(m)} | {_engine(m)} |"
         )
     for name, figs in part["offline"].items():
         rows.append(f"| {name}, static batch | **{_f(med[name].get('output_tokens_per_s'))}** "
-                    f"| {_rounds(figs, 'output_tokens_per_s', 0)} | – | – | – | – | – | – |")  # fmt: skip
+                    f"| {_rounds(figs, 'output_tokens_per_s', 0)} | – | – | – | – | – | – | – |")  # fmt: skip
     head = ("| setup | output tok/s, median | per round | TTFT p50 / p95 ms | TPOT p50 ms "
-            "| ITL p95 ms | errors (all rounds) | tokens / request | client CPU |\n"
-            "|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+            "| ITL p95 ms | errors (all rounds) | tokens / request | client CPU "
+            "| engine busy / tok/s while busy / tokens per step |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     return head + "\n" + "\n".join(rows)
 
 

@@ -89,10 +89,10 @@ def save_tiny_gpt2(path: Path) -> Path:
 
     tok = code_tokenizer()
     torch.manual_seed(0)
-    special = {"eos_token_id": 0, "bos_token_id": 0, "pad_token_id": 1}
     cfg = GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=len(tok), **special
-    )
+        n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=len(tok),
+        eos_token_id=0, bos_token_id=0, pad_token_id=1,
+    )  # fmt: skip
     GPT2LMHeadModel(cfg).eval().save_pretrained(path)
     save_tokenizer(tok, path)
     return path
