@@ -18,12 +18,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(cmd: list[str], url: str, timeout: float = 180) -> tuple[subprocess.Popen[bytes], float]:
-    """Start a server; return it and the seconds from spawn to the first /ready 200."""
+def spawn(
+    cmd: list[str], url: str, timeout: float = 180, log: Path | None = None
+) -> tuple[subprocess.Popen[bytes], float]:
+    """Start a server; return it and the seconds from spawn to the first /ready 200.
+
+    Its output is dropped, or appended to ``log``.
+    """
     import httpx
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (the child keeps it)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     while time.perf_counter() - t0 < timeout:
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd} exited with {proc.returncode}")

@@ -198,6 +198,9 @@ def main() -> None:
     p.add_argument("--section", default="serve-soak",
                    help="the docs/BENCHMARKS.md section to write (e.g. serve-soak-class-a for another CPU class)")  # fmt: skip
     p.add_argument("--no-write", action="store_true", help="print, do not update the doc")
+    p.add_argument("--server-log", type=Path, metavar="PATH",
+                   help="the server's own log at info level goes here (admission refusals say "
+                   "what their wait estimate was made of)")  # fmt: skip
     p.add_argument("--src", help="serve this source tree instead (put first on PYTHONPATH)")
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="A.B=V",
                    help="a server config override (repeatable)")  # fmt: skip
@@ -208,12 +211,12 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "modelkiln.serve", "--model-path", str(model), "--name",
            "default", "--port", str(port), "--set", "cache.enabled=false",
-           "--log-level", "warning"]  # fmt: skip
+           "--log-level", "info" if args.server_log else "warning"]  # fmt: skip
     cmd += [x for kv in args.sets for x in ("--set", kv)]
     if args.src:
         os.environ["PYTHONPATH"] = args.src
     try:
-        proc, _ = spawn(cmd, url, timeout=600)
+        proc, _ = spawn(cmd, url, timeout=600, log=args.server_log)
     finally:
         os.environ.pop("PYTHONPATH", None)  # a first start builds and times the engines
     try:

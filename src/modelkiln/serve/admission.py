@@ -55,12 +55,15 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
 from types import TracebackType
 
 from modelkiln.errors import ServingError
+
+log = logging.getLogger(__name__)
 
 
 class Overloaded(ServingError):
@@ -176,6 +179,15 @@ class BatchRates:
         rate.add(seconds, tokens)
         self._buckets[bucket] = (rate, self._clock())
 
+    def describe(self) -> str:
+        """The measured rates by batch size, for logs: ``<=tokens: rate (age s)``."""
+        now = self._clock()
+        parts = [
+            f"<={(1 << b) - 1}: {rate.rate:.0f} ({now - seen:.0f} s ago)"
+            for b, (rate, seen) in sorted(self._buckets.items())
+        ]
+        return ", ".join(parts) + f"; overall {self.overall.rate:.0f}"
+
     def rate_for(self, queued: int) -> float:
         """Tokens per second at which ``queued`` tokens drain (0.0: not measured yet)."""
         now = self._clock()
@@ -239,6 +251,7 @@ class AdmissionController:
             0.0  # EWMA of admitted requests' tokens: the size :meth:`over` assumes
         )
         self.engine_reported = False  # True once record_batch was called: the rate is the engine's
+        self._logged = -math.inf  # when the last refusal was logged (at most one per 10 s)
 
     def rate(self, queued: int | None = None) -> float:
         """Tokens per second at which ``queued`` tokens (default: the queue's) drain; 0.0: unknown.
@@ -349,6 +362,15 @@ class AdmissionController:
             )
         rate = self.rate(self.tokens + tokens)
         excess = self.tokens + tokens - self.max_wait_s * rate
+        now = self._clock()
+        if now - self._logged >= 10.0:  # what the estimate was made of, for the operator
+            self._logged = now
+            log.info(
+                "refusing (queue_wait): %d requests / %d tokens queued, about %.1f s at %.0f "
+                "tokens/s; rates by batch tokens: %s",
+                self.requests, self.tokens + tokens, wait, rate,
+                self.batches.describe() if self.engine_reported else "not reported",
+            )  # fmt: skip
         return Overloaded(
             "queue_wait",
             self._retry_after(math.ceil(excess)),

@@ -89,7 +89,8 @@ class _DrainingServer(uvicorn.Server):
 
 
 @contextlib.contextmanager
-def _quiet_signals() -> Iterator[None]:
+def quiet_signals() -> Iterator[None]:
+    """Ignore SIGTERM / SIGINT's default handlers while uvicorn runs (main thread only)."""
     # uvicorn re-raises the signal it caught after shutting down; with the default
     # handlers that would turn a clean drain into "killed by SIGTERM" (exit 143).
     if threading.current_thread() is not threading.main_thread():
@@ -103,13 +104,18 @@ def _quiet_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def _build(
+def build_server(
     cfg: ServeConfig,
     log_level: str,
     started: float | None,
     engines: dict[str, Any] | None = None,
     hooks: ServeHooks | None = None,
 ) -> tuple[_DrainingServer, list[BaseException]]:
+    """The uvicorn server for ``cfg`` (not started) and the list its fatal error lands in.
+
+    Shared by :func:`serve`, the in-process :class:`ModelServer` and each
+    ``--workers`` process (:mod:`.workers`), so all three are the same server.
+    """
     fatal: list[BaseException] = []
     holder: dict[str, _DrainingServer] = {}
 
@@ -148,11 +154,11 @@ def serve(cfg: ServeConfig, *, log_level: str = "info", hooks: ServeHooks | None
     Raises:
         ServingError: a model could not be loaded (the server stops at once).
     """
-    server, fatal = _build(cfg, log_level, process_started(), hooks=hooks)
+    server, fatal = build_server(cfg, log_level, process_started(), hooks=hooks)
     # uvicorn.Config made its handler from sys.stderr, which is the third-party log while
     # `python -m modelkiln.serve` captures it: uvicorn's lines are the server's own.
     keep_on_terminal("uvicorn")
-    with _quiet_signals():
+    with quiet_signals():
         server.run()
     if fatal:
         raise ServingError(f"the server stopped: {fatal[0]}") from fatal[0]
@@ -225,7 +231,7 @@ class ModelServer:
         Raises:
             ServingError: the server did not become ready within ``timeout`` s.
         """
-        self._server, self._fatal = _build(
+        self._server, self._fatal = build_server(
             self.config, log_level, time.monotonic(), self.engines, self.hooks
         )
         self._thread = threading.Thread(target=self._server.run, name="kiln-server", daemon=True)

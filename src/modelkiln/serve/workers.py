@@ -212,15 +212,15 @@ def serve_worker(cfg: Any, sock: socket.socket, *, log_level: str, hooks: Any) -
     # The server module's own build and signal handling, so a worker is exactly the
     # single-process server apart from the socket and the metrics it renders.
     from modelkiln.logs import keep_on_terminal
-    from modelkiln.serve.server import _build, _quiet_signals, process_started
+    from modelkiln.serve.server import build_server, process_started, quiet_signals
 
-    server, fatal = _build(worker_config(cfg), log_level, process_started(), hooks=hooks)
+    server, fatal = build_server(worker_config(cfg), log_level, process_started(), hooks=hooks)
     state = server.kiln_state
     # One instance's render, swapped: the metrics module stays the single-process one.
     state.metrics.render = aggregated_render(state.metrics.registry)  # type: ignore[method-assign]
     server.config.app = _WarmBeforeAccepting(server.config.app, state)
     keep_on_terminal("uvicorn")
-    with _quiet_signals():
+    with quiet_signals():
         server.run(sockets=[sock])
     if fatal:
         raise ServingError(f"the server stopped: {fatal[0]}") from fatal[0]
