@@ -52,7 +52,7 @@ def kiln(name: str, model_dir: Path, served: str, log_dir: Path, sets: list[str]
     """``kiln serve --model-path DIR`` with its defaults (name, port, log file, and ``--set``s)."""
     port = free_port()
     cmd = [str(KILN), "serve", "--model-path", str(model_dir), "--name", served,
-           "--port", str(port), "--log-level", "warning",
+           "--port", str(port), "--log-level", "info",  # its own lines: refusals say why
            "--log-file", str(log_dir / f"{name}.serve.log")]  # fmt: skip
     for item in sets:
         cmd += ["--set", item]

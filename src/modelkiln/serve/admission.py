@@ -15,7 +15,9 @@ they take 1 s or 20 s to drain; the estimate keeps admitted latency near
 ``max_wait_s`` + service time whatever the inputs' lengths and the CPU.
 Until a rate is measured (the first completions finish) at most
 ``cold_requests`` are queued: a flood arriving at a fresh server would
-otherwise all be admitted before the first batch says how slow it is.
+otherwise all be admitted before the first batch says how slow it is. The
+embedding engine times one full batch when it starts and the server records it
+here (:meth:`record_batch`), so a served encoder has a rate before its first request.
 
 Why not CoDel: CoDel sheds on the *sojourn* time of requests already queued,
 i.e. after the server has parsed, tokenized and queued them; the estimate

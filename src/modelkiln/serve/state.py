@@ -173,6 +173,12 @@ class ServerState:
             # a continuous-batching engine starts a request at once while it has a free slot
             slots=self.cfg.generation.max_num_seqs if kind == "causal_lm" else 0,
         )
+        calibrate = getattr(engine, "calibrate", None)
+        if calibrate is not None:  # a rate from the start: no cold-queue refusals
+            calibration = await calibrate()
+            gate.record_batch(*calibration)
+            log.info("%s: a full batch of %d tokens took %.2f s (the queue-wait estimate's "
+                     "first rate)", name, calibration[1], calibration[0])  # fmt: skip
         self.models[name] = ServedModel(name, version, kind, engine, gate)
 
     async def wait_ready(self, timeout: float | None = None) -> bool:

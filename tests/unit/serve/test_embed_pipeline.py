@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from modelkiln.errors import ServingError
 from modelkiln.serve.clock import FakeClock
 from modelkiln.serve.embeddings import BatchPolicy, DynamicBatcher, EmbeddingEngine, EmbedItem
 
@@ -143,3 +144,19 @@ def test_a_partial_batch_still_runs_after_its_wait_when_nothing_else_comes() -> 
         await engine.shutdown(1.0)
 
     asyncio.run(scenario())
+
+
+def test_calibrate_times_one_full_batch_of_128_token_inputs() -> None:
+    async def scenario() -> tuple[tuple[float, int], list[list[int]]]:
+        backend = GatedBackend(open_gates=True)
+        engine = EmbeddingEngine(backend, BatchPolicy(max_batch_tokens=1024, max_batch_size=64))
+        with pytest.raises(ServingError, match="not running"):
+            await engine.calibrate()
+        await engine.start()
+        seconds_tokens = await engine.calibrate()
+        await engine.shutdown(1.0)
+        return seconds_tokens, backend.started[-1]
+
+    (seconds, tokens), batch = asyncio.run(scenario())
+    assert tokens % 1024 == 0 and 1024 <= tokens <= 20 * 1024 and seconds > 0  # whole batches
+    assert len(batch) == 8 and {len(s) for s in batch} == {128}  # 1024 tokens / 128 per input

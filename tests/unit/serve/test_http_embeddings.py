@@ -215,3 +215,27 @@ def test_slow_batches_give_504_past_the_deadline() -> None:
 
     r = run(go())
     assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_a_fresh_server_admits_64_at_once_as_its_start_measured_a_rate(
+    calibrated: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server times a full batch at start; without it, a fresh server queues only 32."""
+    from modelkiln.serve.embeddings import EmbeddingEngine
+
+    if not calibrated:  # the control: what a fresh server did before
+        monkeypatch.delattr(EmbeddingEngine, "calibrate")
+
+    async def go() -> list[int]:
+        app = create_app(config(models=[encoder_spec()], cache={"enabled": False}))
+        async with client(app) as c:
+            bodies = [{"model": "enc", "input": f"def f{i}(x): return x + {i}"} for i in range(64)]
+            rs = await asyncio.gather(*(c.post("/v1/embeddings", json=b) for b in bodies))
+            return [r.status_code for r in rs]
+
+    statuses = run(go())
+    if calibrated:
+        assert statuses == [200] * 64
+    else:
+        assert statuses.count(429) >= 1 and set(statuses) == {200, 429}
