@@ -1,4 +1,5 @@
-"""Server processes for the serving benchmarks: a free port, start-and-wait-ready, stop."""
+"""Server processes for the serving benchmarks: a free port, start-and-wait-ready, stop, and
+reading a server's ``/metrics``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def metric_samples(url: str, timeout: float = 10.0) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of ``url``/metrics as (name, labels, value), parsed by prometheus-client."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=timeout) as resp:  # nosec B310: loopback
+        text = resp.read().decode()
+    return [(s.name, s.labels, s.value)
+            for family in text_string_to_metric_families(text) for s in family.samples]  # fmt: skip
 
 
 def free_port() -> int:

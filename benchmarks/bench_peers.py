@@ -50,6 +50,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from _record import machine_line, update_section
+from _servers import metric_samples
 from peers import artifacts, offline, servers
 from peers.inputs import Slices, stdlib_files
 from peers.report import render
@@ -160,18 +161,15 @@ def engine_stats(server: servers.Server) -> dict[str, float] | None:
     """
     if not server.name.startswith("modelkiln"):
         return None
-    import urllib.request
-
     try:
-        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:  # nosec B310
-            text = resp.read().decode()
+        samples = metric_samples(server.url)
     except OSError:
         return None
-    out = {}
-    for line in text.splitlines():
-        for key in ("busy_seconds", "tokens_out", "steps"):
-            if line.startswith(f"ml_engine_{key}{{"):
-                out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    out: dict[str, float] = {}
+    for name, _, value in samples:
+        key = name.removeprefix("ml_engine_")
+        if key in ("busy_seconds", "tokens_out", "steps"):
+            out[key] = out.get(key, 0.0) + value
     return out if len(out) == 3 else None
 
 
@@ -240,9 +238,9 @@ def embeddings(run: Run) -> dict[str, Any]:
               servers.kiln("modelkiln onnx-int8", int8, "minilm", run.dir, sets)]  # fmt: skip
     if run.ok("infinity"):  # at the precision measured faster here, as modelkiln's own choice
         fast = precision_decision("auto", "cpu", model_matmul_shape(model)).value
-        dtype = "bfloat16" if fast == "bf16" else "float32"
-        run.result["infinity_dtype"] = dtype
-        wanted.append(servers.infinity(run.peers, model, "minilm", dtype))
+        peer = servers.infinity(run.peers, model, "minilm", fast)
+        run.result["infinity_dtype"] = peer.cmd[peer.cmd.index("--dtype") + 1]
+        wanted.append(peer)
     up = start_all(run, wanted)
     run.result.setdefault("modelkiln_default_engine", {})["embeddings"] = picked_engine(model)
     for server in up:  # warm-up phase, its own fresh inputs

@@ -43,7 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from _record import machine_line, update_section
-from _servers import free_port, spawn, stop
+from _servers import free_port, metric_samples, spawn, stop
 
 
 def minilm_dir() -> Path:
@@ -187,13 +187,11 @@ def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def scrape(url: str) -> dict[str, float]:
-    import httpx
-
+    """Batch-size, cold-start and queue-time samples of the server, summed over labels."""
     values: dict[str, float] = {}
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(("ml_batch_size_", "ml_cold_start_seconds", "ml_queue_time_seconds_")):
-            name, value = line.rsplit(" ", 1)
-            values[name.split("{")[0]] = values.get(name.split("{")[0], 0.0) + float(value)
+    for name, _, value in metric_samples(url):
+        if name.startswith(("ml_batch_size_", "ml_cold_start_seconds", "ml_queue_time_seconds_")):
+            values[name] = values.get(name, 0.0) + value
     return values
 
 

@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from _record import machine_line, update_section
-from _servers import free_port, spawn, stop
+from _servers import free_port, metric_samples, spawn, stop
 from bench_overload import minilm_dir, phase, words
 
 from modelkiln.bench.backends.openai import Client
@@ -148,14 +148,8 @@ def close_window(w: dict[str, Any], pid: int, minute: int, meter: Meter) -> dict
 
 def rejections(url: str) -> dict[str, float]:
     """``ml_rejections_total`` by reason, from the server's /metrics."""
-    import httpx
-
-    out = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("ml_rejections_total{"):
-            reason = line.split('reason="', 1)[1].split('"', 1)[0]
-            out[reason] = float(line.rsplit(" ", 1)[1])
-    return out
+    return {labels["reason"]: value for name, labels, value in metric_samples(url)
+            if name == "ml_rejections_total"}  # fmt: skip
 
 
 def report(rows: list[dict[str, Any]], capacity: float, rate: float, cmd: str,

@@ -59,23 +59,22 @@ def kiln(name: str, model_dir: Path, served: str, log_dir: Path, sets: list[str]
     return Server(name, cmd, served, "/ready", port=port)
 
 
-def infinity(peers: Path, model_dir: Path, served: str, dtype: str = "bfloat16") -> Server:
-    """infinity-emb v2, torch engine, ``dtype`` (its defaults otherwise: batch size 32).
+def infinity(peers: Path, model_dir: Path, served: str, precision: str = "bf16") -> Server:
+    """infinity-emb v2, torch engine, at ``precision`` (its defaults otherwise: batch size 32).
 
-    The caller passes the precision modelkiln measured as the faster one on this CPU:
-    bf16 on AVX512-BF16 / AMX, float32 on AVX2-only CPUs, where bf16 runs 40x slower.
+    The caller passes the precision modelkiln measured as the faster one on this CPU
+    ("bf16" on AVX512-BF16 / AMX; anything else runs float32: on AVX2-only CPUs bf16 is
+    40x slower).
     """
+    name = "bf16" if precision == "bf16" else "fp32"
+    dtype = {"bf16": "bfloat16", "fp32": "float32"}[name]
     port = free_port()
     cmd = [str(peers / "infinity" / "venv" / "bin" / "infinity_emb"), "v2",
            "--model-id", str(model_dir), "--served-model-name", served,
            "--engine", "torch", "--dtype", dtype, "--device", "cpu",
            "--host", "127.0.0.1", "--port", str(port), "--url-prefix", "/v1",
            "--no-model-warmup", "--log-level", "warning"]  # fmt: skip
-    return Server(f"infinity-emb {INFINITY_DTYPES[dtype]} torch", cmd, served, "/v1/models",
-                  port=port)  # fmt: skip
-
-
-INFINITY_DTYPES = {"bfloat16": "bf16", "float32": "fp32"}  # infinity's names -> the table's
+    return Server(f"infinity-emb {name} torch", cmd, served, "/v1/models", port=port)
 
 
 def llama_server(peers: Path, gguf: Path, served: str, label: str, slots: int) -> Server:
