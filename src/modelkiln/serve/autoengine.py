@@ -263,6 +263,8 @@ def _build(
         log.warning("cannot build the ONNX engines of %s (%s): serving on torch",
                     spec.served_name, exc)  # fmt: skip
         return Pick("torch", None, f"ONNX build failed: {exc}")
+    finally:
+        return_freed_memory()
     data["seconds"] = round(time.monotonic() - t0, 1)
     scratch = decision_file.with_name(f"{decision_file.name}.{os.getpid()}.partial")
     scratch.write_text(json.dumps(data, indent=2), encoding="utf-8")
@@ -271,6 +273,27 @@ def _build(
     log.info("engine of %s: %s (%s; took %.0f s)", spec.served_name, data["engine"],
              pick.reason, data["seconds"])  # fmt: skip
     return pick
+
+
+def return_freed_memory() -> None:
+    """Give the heap that the candidate engines freed back to the OS (glibc; else a no-op).
+
+    A first start builds, gates and times three engines, then drops all but the one
+    it serves. Their memory goes back to the allocator, but glibc's malloc keeps freed
+    pages mapped: the first-start process served with ~540 MiB more RSS than a restart
+    with the cached decision (27.6 M GPT-2, class A, 1,275 vs 732 MiB). ``gc.collect``
+    frees what cycles still hold; ``malloc_trim(0)`` then returns the free pages of
+    every arena. Hand-written because no library wraps it (it is one libc call).
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own C library
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to trim
+        return
+    trim(0)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,9 @@ import asyncio
 import json
 import logging
 import math
+import platform
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -270,3 +273,31 @@ def test_the_server_quiets_openmp_unless_the_user_set_it(
     import os
 
     assert os.environ.get("OMP_WAIT_POLICY") == want
+
+
+_TRIM_PROBE = """
+from modelkiln.serve.autoengine import return_freed_memory
+def rss():
+    lines = open("/proc/self/status").read().splitlines()
+    return [int(l.split()[1]) // 1024 for l in lines if l.startswith("VmRSS")][0]
+big, keep = [], []
+for _ in range(40_000):  # 312 MiB in 8 KiB blocks, each pinned in place by a small one after it
+    big.append(bytes(8192)); keep.append(bytes(600))
+del big
+freed = rss()
+return_freed_memory()
+print(freed, rss())
+"""
+
+
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's (a no-op elsewhere)"
+)
+def test_return_freed_memory_gives_freed_heap_back() -> None:
+    """What a first start does after timing its candidates: freed heap that glibc kept mapped
+    (the 27.6 M GPT-2's first start served with 964 MiB RSS against 374 after a restart;
+    673 with this) goes back to the OS. In a fresh process, so the figure is its own."""
+    out = subprocess.run([sys.executable, "-c", _TRIM_PROBE], capture_output=True, text=True,
+                         check=True, timeout=120).stdout  # fmt: skip
+    freed, trimmed = map(int, out.split())
+    assert trimmed < freed - 100, (freed, trimmed)  # MiB: freeing alone returned nothing
